@@ -1,0 +1,223 @@
+// dlkern::max_pool2d: the op schemas and the CPU kernels.
+//
+// Semantics are ATen's max_pool2d_with_indices: windows scanned rows outer, columns inner; an element replaces the
+// running max when it is greater or NaN (first of equal values wins, NaN propagates); the running max starts at
+// -inf (lowest for integers) with the index of the window's first in-bounds element; indices are flat h*W + w.
+#include <ATen/Dispatch.h>
+#include <ATen/NumericUtils.h>  // at::_isnan
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "max_pool2d.h"
+
+namespace dlkern {
+namespace {
+
+constexpr int64_t kGrainSize = 32768;  // elements of work per parallel task, as ATen's GRAIN_SIZE
+
+int64_t ceil_div(int64_t a, int64_t b) { return a <= 0 ? 0 : (a + b - 1) / b; }
+
+// First in-bounds tap of a window starting at `start` (may be negative, inside the padding).
+int64_t first_valid(int64_t start, int64_t dilation) {
+  return start >= 0 ? start : start + ceil_div(-start, dilation) * dilation;
+}
+
+// NCHW: one task is one output row of one plane. The taps are the outer loops and the output columns the inner,
+// contiguous one, so the compare-and-select vectorizes; every output still sees its taps rows-outer, columns-inner.
+template <typename scalar_t>
+void max_pool2d_nchw(const scalar_t* in, scalar_t* out, int64_t* ind, const MaxPool2dShape& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = s.N * s.C * s.OH;
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, s.OW * s.kH * s.kW));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> maxval(s.OW);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t plane = row / s.OH;
+      const int64_t oh = row % s.OH;
+      const scalar_t* in_plane = in + plane * s.H * s.W;
+      int64_t* ind_row = ind + row * s.OW;
+      scalar_t* out_row = out + row * s.OW;
+      const int64_t hstart = oh * s.sH - s.pH;
+      const int64_t ih0 = first_valid(hstart, s.dH);
+      for (int64_t ow = 0; ow < s.OW; ++ow) {
+        maxval[ow] = lower_bound<acc_t>();
+        ind_row[ow] = ih0 * s.W + first_valid(ow * s.sW - s.pW, s.dW);
+      }
+      for (int64_t kh = 0; kh < s.kH; ++kh) {
+        const int64_t ih = hstart + kh * s.dH;
+        if (ih < 0 || ih >= s.H) continue;
+        const scalar_t* in_row = in_plane + ih * s.W;
+        for (int64_t kw = 0; kw < s.kW; ++kw) {
+          const int64_t offset = kw * s.dW - s.pW;  // iw = ow * sW + offset
+          const int64_t ow_begin = offset >= 0 ? 0 : ceil_div(-offset, s.sW);
+          const int64_t ow_end = std::min(s.OW, ceil_div(s.W - offset, s.sW));
+          for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
+            const int64_t iw = ow * s.sW + offset;
+            const acc_t val = static_cast<acc_t>(in_row[iw]);
+            const bool take = (val > maxval[ow]) || at::_isnan(val);
+            maxval[ow] = take ? val : maxval[ow];
+            ind_row[ow] = take ? ih * s.W + iw : ind_row[ow];
+          }
+        }
+      }
+      for (int64_t ow = 0; ow < s.OW; ++ow) out_row[ow] = static_cast<scalar_t>(maxval[ow]);
+    }
+  });
+}
+
+// NHWC: one task is one output pixel; the channel loop is innermost and contiguous.
+template <typename scalar_t>
+void max_pool2d_nhwc(const scalar_t* in, scalar_t* out, int64_t* ind, const MaxPool2dShape& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = s.C;
+  const int64_t pixels = s.N * s.OH * s.OW;
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, C * s.kH * s.kW));
+  at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> maxval(C);
+    for (int64_t pixel = begin; pixel < end; ++pixel) {
+      const int64_t n = pixel / (s.OH * s.OW);
+      const int64_t oh = (pixel / s.OW) % s.OH;
+      const int64_t ow = pixel % s.OW;
+      const int64_t hstart = oh * s.sH - s.pH;
+      const int64_t wstart = ow * s.sW - s.pW;
+      const int64_t first_index = first_valid(hstart, s.dH) * s.W + first_valid(wstart, s.dW);
+      const scalar_t* in_image = in + n * s.H * s.W * C;
+      int64_t* ind_pixel = ind + pixel * C;
+      for (int64_t c = 0; c < C; ++c) {
+        maxval[c] = lower_bound<acc_t>();
+        ind_pixel[c] = first_index;
+      }
+      for (int64_t kh = 0; kh < s.kH; ++kh) {
+        const int64_t ih = hstart + kh * s.dH;
+        if (ih < 0 || ih >= s.H) continue;
+        for (int64_t kw = 0; kw < s.kW; ++kw) {
+          const int64_t iw = wstart + kw * s.dW;
+          if (iw < 0 || iw >= s.W) continue;
+          const int64_t index = ih * s.W + iw;
+          const scalar_t* in_pixel = in_image + index * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t val = static_cast<acc_t>(in_pixel[c]);
+            const bool take = (val > maxval[c]) || at::_isnan(val);
+            maxval[c] = take ? val : maxval[c];
+            ind_pixel[c] = take ? index : ind_pixel[c];
+          }
+        }
+      }
+      scalar_t* out_pixel = out + pixel * C;
+      for (int64_t c = 0; c < C; ++c) out_pixel[c] = static_cast<scalar_t>(maxval[c]);
+    }
+  });
+}
+
+// Backward scatters grad_output into its argmax. Each task owns whole planes (NCHW) or whole images (NHWC), so
+// every grad_input element is summed by one thread in a fixed order: deterministic. Sums run in opmath precision.
+template <typename scalar_t>
+void max_pool2d_backward_nchw(const scalar_t* go, const int64_t* ind, scalar_t* gi, const MaxPool2dShape& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t plane_in = s.H * s.W, plane_out = s.OH * s.OW;
+  at::parallel_for(0, s.N * s.C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(plane_in);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const scalar_t* go_plane = go + plane * plane_out;
+      const int64_t* ind_plane = ind + plane * plane_out;
+      for (int64_t o = 0; o < plane_out; ++o) {
+        const int64_t index = ind_plane[o];
+        if (index >= 0 && index < plane_in) acc[index] += static_cast<acc_t>(go_plane[o]);
+      }
+      scalar_t* gi_plane = gi + plane * plane_in;
+      for (int64_t i = 0; i < plane_in; ++i) gi_plane[i] = static_cast<scalar_t>(acc[i]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void max_pool2d_backward_nhwc(const scalar_t* go, const int64_t* ind, scalar_t* gi, const MaxPool2dShape& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = s.C, plane_in = s.H * s.W, plane_out = s.OH * s.OW;
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(plane_in * C);
+    for (int64_t n = begin; n < end; ++n) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const scalar_t* go_image = go + n * plane_out * C;
+      const int64_t* ind_image = ind + n * plane_out * C;
+      for (int64_t o = 0; o < plane_out; ++o) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t index = ind_image[o * C + c];
+          if (index >= 0 && index < plane_in) acc[index * C + c] += static_cast<acc_t>(go_image[o * C + c]);
+        }
+      }
+      scalar_t* gi_image = gi + n * plane_in * C;
+      for (int64_t i = 0; i < plane_in * C; ++i) gi_image[i] = static_cast<scalar_t>(acc[i]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef dilation, bool ceil_mode) {
+  const MaxPool2dShape s = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode);
+  const auto format = memory_format_of(s);
+  const auto sizes = output_sizes(input, s);
+  at::Tensor out = at::empty(sizes, input.options().memory_format(format));
+  at::Tensor ind = at::empty(sizes, input.options().dtype(at::kLong).memory_format(format));
+  if (out.numel() == 0) return {out, ind};
+  const at::Tensor in = input.contiguous(format);
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dlkern::max_pool2d", [&] {
+    if (s.channels_last) {
+      max_pool2d_nhwc<scalar_t>(in.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), ind.data_ptr<int64_t>(),
+                                s);
+    } else {
+      max_pool2d_nchw<scalar_t>(in.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), ind.data_ptr<int64_t>(),
+                                s);
+    }
+  });
+  return {out, ind};
+}
+
+at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                   const at::Tensor& indices, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  const MaxPool2dShape s = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode);
+  check_backward_args(grad_output, input, indices, s);
+  const auto format = memory_format_of(s);
+  at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(format));
+  if (grad_input.numel() == 0) return grad_input;
+  const at::Tensor go = grad_output.contiguous(format);
+  const at::Tensor ind = indices.contiguous(format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dlkern::max_pool2d_backward",
+                                  [&] {
+    if (s.channels_last) {
+      max_pool2d_backward_nhwc<scalar_t>(go.const_data_ptr<scalar_t>(), ind.const_data_ptr<int64_t>(),
+                                         grad_input.data_ptr<scalar_t>(), s);
+    } else {
+      max_pool2d_backward_nchw<scalar_t>(go.const_data_ptr<scalar_t>(), ind.const_data_ptr<int64_t>(),
+                                         grad_input.data_ptr<scalar_t>(), s);
+    }
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dlkern, m) {
+  m.def(
+      "max_pool2d(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, bool ceil_mode)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[] kernel_size, int[] stride,"
+      " int[] padding, int[] dilation, bool ceil_mode) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dlkern, CPU, m) {
+  m.impl("max_pool2d", &max_pool2d_cpu);
+  m.impl("max_pool2d_backward", &max_pool2d_backward_cpu);
+}
+
+}  // namespace dlkern
