@@ -1,0 +1,48 @@
+"""What every Triton-backed op shares: where its kernels can run, and a launch counter.
+
+CUDA tensors run dlkern's Triton kernels. CPU tensors run them in Triton's interpreter when TRITON_INTERPRET=1
+was set before triton was imported (how the tests check the kernels without a GPU); otherwise the op computes
+the same result with a PyTorch composite and warns once.
+
+Every launch goes through :func:`launch`, which counts it by kernel name in :data:`launch_counts`, so a test can
+prove that a Triton kernel really ran (a silent fallback to PyTorch would leave the count unchanged).
+"""
+
+import collections
+import os
+import warnings
+
+import torch
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+launch_counts = collections.Counter()
+_warned = set()
+
+
+def runs_triton(tensor, op_name):
+    """True when `op_name` should launch its Triton kernel for `tensor`; warns once per op when it cannot."""
+    if tensor.device.type == "cuda" or (INTERPRETING and tensor.device.type == "cpu"):
+        return True
+    if op_name not in _warned:
+        _warned.add(op_name)
+        warnings.warn(
+            f"dlkern.{op_name}: Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before triton is "
+            f"imported, to run them on the CPU in Triton's interpreter); computing {tensor.device.type} tensors "
+            "with an equivalent PyTorch composite instead",
+            stacklevel=3,
+        )
+    return False
+
+
+def kernel_name(kernel):
+    """The Python name of a @triton.jit function, also through @triton.autotune/@triton.heuristics wrappers."""
+    while hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel.__name__
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, counted in :data:`launch_counts`."""
+    launch_counts[kernel_name(kernel)] += 1
+    return kernel[grid](*args, **kwargs)
