@@ -4,7 +4,7 @@
 // running max when it is greater or NaN (first of equal values wins, NaN propagates); the running max starts at
 // -inf (lowest for integers) with the index of the window's first in-bounds element; indices are flat h*W + w.
 #include <ATen/Dispatch.h>
-#include <ATen/NumericUtils.h>  // at::_isnan
+
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "max_pool2d.h"
@@ -28,8 +29,38 @@ int64_t first_valid(int64_t start, int64_t dilation) {
   return start >= 0 ? start : start + ceil_div(-start, dilation) * dilation;
 }
 
-// NCHW: one task is one output row of one plane. The taps are the outer loops and the output columns the inner,
-// contiguous one, so the compare-and-select vectorizes; every output still sees its taps rows-outer, columns-inner.
+// The running argmax is kept as a tap number (kh * kW + kw) of the same width as the compared values: GCC
+// vectorizes a float compare-and-select only when the selected integers are 32-bit too. It becomes a flat
+// index once, at the end.
+template <typename acc_t>
+using tap_t = std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t>;
+
+// One tap of n windows at once: window i compares src[i * step] with its running max and takes it (and `tap`)
+// when it is greater, or NaN. A compile-time STEP (0: use src_step), restrict pointers, a plain count and no
+// branches let the loop vectorize.
+template <int64_t STEP, typename scalar_t, typename acc_t, typename tap_type>
+inline void update_max(const scalar_t* __restrict__ src, int64_t src_step, int64_t n, tap_type tap,
+                       acc_t* __restrict__ maxval, tap_type* __restrict__ maxtap) {
+  const int64_t step = STEP ? STEP : src_step;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t val = static_cast<acc_t>(src[i * step]);
+    const bool take = (val > maxval[i]) | (val != val);  // val != val: NaN (never for integers)
+    maxval[i] = take ? val : maxval[i];
+    maxtap[i] = take ? tap : maxtap[i];
+  }
+}
+
+// The tap of the window's first in-bounds element, which is ATen's initial argmax.
+inline int64_t first_tap(int64_t hstart, int64_t wstart, const MaxPool2dShape& s) {
+  return (first_valid(hstart, s.dH) - hstart) / s.dH * s.kW + (first_valid(wstart, s.dW) - wstart) / s.dW;
+}
+
+inline int64_t tap_index(int64_t tap, int64_t hstart, int64_t wstart, const MaxPool2dShape& s) {
+  return (hstart + tap / s.kW * s.dH) * s.W + wstart + tap % s.kW * s.dW;
+}
+
+// NCHW: one task is one output row of one plane. The taps are the outer loops and the output columns the inner
+// one, so the compare-and-select vectorizes; every output still sees its taps rows-outer, columns-inner.
 template <typename scalar_t>
 void max_pool2d_nchw(const scalar_t* in, scalar_t* out, int64_t* ind, const MaxPool2dShape& s) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -37,17 +68,15 @@ void max_pool2d_nchw(const scalar_t* in, scalar_t* out, int64_t* ind, const MaxP
   const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, s.OW * s.kH * s.kW));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> maxval(s.OW);
+    std::vector<tap_t<acc_t>> maxtap(s.OW);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / s.OH;
       const int64_t oh = row % s.OH;
       const scalar_t* in_plane = in + plane * s.H * s.W;
-      int64_t* ind_row = ind + row * s.OW;
-      scalar_t* out_row = out + row * s.OW;
       const int64_t hstart = oh * s.sH - s.pH;
-      const int64_t ih0 = first_valid(hstart, s.dH);
       for (int64_t ow = 0; ow < s.OW; ++ow) {
         maxval[ow] = lower_bound<acc_t>();
-        ind_row[ow] = ih0 * s.W + first_valid(ow * s.sW - s.pW, s.dW);
+        maxtap[ow] = first_tap(hstart, ow * s.sW - s.pW, s);
       }
       for (int64_t kh = 0; kh < s.kH; ++kh) {
         const int64_t ih = hstart + kh * s.dH;
@@ -57,16 +86,25 @@ void max_pool2d_nchw(const scalar_t* in, scalar_t* out, int64_t* ind, const MaxP
           const int64_t offset = kw * s.dW - s.pW;  // iw = ow * sW + offset
           const int64_t ow_begin = offset >= 0 ? 0 : ceil_div(-offset, s.sW);
           const int64_t ow_end = std::min(s.OW, ceil_div(s.W - offset, s.sW));
-          for (int64_t ow = ow_begin; ow < ow_end; ++ow) {
-            const int64_t iw = ow * s.sW + offset;
-            const acc_t val = static_cast<acc_t>(in_row[iw]);
-            const bool take = (val > maxval[ow]) || at::_isnan(val);
-            maxval[ow] = take ? val : maxval[ow];
-            ind_row[ow] = take ? ih * s.W + iw : ind_row[ow];
+          if (ow_end <= ow_begin) continue;
+          const scalar_t* src = in_row + ow_begin * s.sW + offset;
+          const int64_t n = ow_end - ow_begin;
+          const tap_t<acc_t> tap = kh * s.kW + kw;
+          acc_t* mv = maxval.data() + ow_begin;
+          tap_t<acc_t>* mt = maxtap.data() + ow_begin;
+          if (s.sW == 1) {
+            update_max<1>(src, 1, n, tap, mv, mt);
+          } else if (s.sW == 2) {
+            update_max<2>(src, 2, n, tap, mv, mt);
+          } else {
+            update_max<0>(src, s.sW, n, tap, mv, mt);
           }
         }
       }
-      for (int64_t ow = 0; ow < s.OW; ++ow) out_row[ow] = static_cast<scalar_t>(maxval[ow]);
+      for (int64_t ow = 0; ow < s.OW; ++ow) {
+        out[row * s.OW + ow] = static_cast<scalar_t>(maxval[ow]);
+        ind[row * s.OW + ow] = tap_index(maxtap[ow], hstart, ow * s.sW - s.pW, s);
+      }
     }
   });
 }
@@ -80,37 +118,30 @@ void max_pool2d_nhwc(const scalar_t* in, scalar_t* out, int64_t* ind, const MaxP
   const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, C * s.kH * s.kW));
   at::parallel_for(0, pixels, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> maxval(C);
+    std::vector<tap_t<acc_t>> maxtap(C);
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const int64_t n = pixel / (s.OH * s.OW);
       const int64_t oh = (pixel / s.OW) % s.OH;
       const int64_t ow = pixel % s.OW;
       const int64_t hstart = oh * s.sH - s.pH;
       const int64_t wstart = ow * s.sW - s.pW;
-      const int64_t first_index = first_valid(hstart, s.dH) * s.W + first_valid(wstart, s.dW);
       const scalar_t* in_image = in + n * s.H * s.W * C;
-      int64_t* ind_pixel = ind + pixel * C;
-      for (int64_t c = 0; c < C; ++c) {
-        maxval[c] = lower_bound<acc_t>();
-        ind_pixel[c] = first_index;
-      }
+      std::fill(maxval.begin(), maxval.end(), lower_bound<acc_t>());
+      std::fill(maxtap.begin(), maxtap.end(), first_tap(hstart, wstart, s));
       for (int64_t kh = 0; kh < s.kH; ++kh) {
         const int64_t ih = hstart + kh * s.dH;
         if (ih < 0 || ih >= s.H) continue;
         for (int64_t kw = 0; kw < s.kW; ++kw) {
           const int64_t iw = wstart + kw * s.dW;
           if (iw < 0 || iw >= s.W) continue;
-          const int64_t index = ih * s.W + iw;
-          const scalar_t* in_pixel = in_image + index * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t val = static_cast<acc_t>(in_pixel[c]);
-            const bool take = (val > maxval[c]) || at::_isnan(val);
-            maxval[c] = take ? val : maxval[c];
-            ind_pixel[c] = take ? index : ind_pixel[c];
-          }
+          update_max<1>(in_image + (ih * s.W + iw) * C, 1, C, tap_t<acc_t>(kh * s.kW + kw), maxval.data(),
+                        maxtap.data());
         }
       }
-      scalar_t* out_pixel = out + pixel * C;
-      for (int64_t c = 0; c < C; ++c) out_pixel[c] = static_cast<scalar_t>(maxval[c]);
+      for (int64_t c = 0; c < C; ++c) {
+        out[pixel * C + c] = static_cast<scalar_t>(maxval[c]);
+        ind[pixel * C + c] = tap_index(maxtap[c], hstart, wstart, s);
+      }
     }
   });
 }

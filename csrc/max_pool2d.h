@@ -107,6 +107,9 @@ inline MaxPool2dShape check_max_pool2d(const at::Tensor& input, at::IntArrayRef 
   TORCH_CHECK(s.kW / 2 >= s.pW && s.kH / 2 >= s.pH,
               "pad should be smaller than or equal to half of kernel size, but got padW = ", s.pW,
               ", padH = ", s.pH, ", kW = ", s.kW, ", kH = ", s.kH);
+  // ATen keeps kH and kW in `int`; dlkern numbers the taps of a window in 32 bits as well.
+  TORCH_CHECK(s.kH * s.kW <= std::numeric_limits<int32_t>::max(), "max_pool2d: kernel of ", s.kH, "x", s.kW,
+              " has more than 2**31 - 1 elements");
   TORCH_CHECK(s.OW >= 1 && s.OH >= 1, "Given input size: (", s.C, "x", s.H, "x", s.W, "). ",
               "Calculated output size: (", s.C, "x", s.OH, "x", s.OW, "). ", "Output size is too small");
   return s;

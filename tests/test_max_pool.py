@@ -1,0 +1,324 @@
+"""dlkern.functional.max_pool2d against torch.nn.functional.max_pool2d: values, indices and strides equal,
+gradients, errors, opcheck, torch.compile, and the CUDA build."""
+
+import itertools
+import re
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import dlkern
+import dlkern.functional as F
+from helpers import DEVICES, FLOAT_DTYPES, HAS_CUDA, assert_close
+
+INT_DTYPES = [torch.uint8, torch.int8, torch.int32, torch.int64]
+
+# Odd and even planes, a 3-D input, an empty batch, one channel, and planes barely larger than the window.
+SHAPES = [(2, 3, 7, 9), (2, 3, 8, 8), (1, 1, 5, 6), (3, 7, 8), (0, 3, 6, 6), (2, 4, 3, 3)]
+
+# Every argument that changes the result, including invalid combinations: where PyTorch raises, dlkern must
+# raise the same error; everywhere else it must return the same values and indices.
+ARGS = [
+    dict(kernel_size=k, stride=s, padding=p, dilation=d, ceil_mode=c)
+    for k, s, p, d, c in itertools.product(
+        [1, 2, 3, (2, 3)], [None, 1, 2, (1, 2)], [0, 1, (0, 1)], [1, 2, (1, 2)], [False, True]
+    )
+]
+
+
+def make_input(shape, dtype, device, channels_last=False, pattern="random"):
+    """Inputs with many ties (small integers), or NaN and -inf sprinkled in."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, pattern)).encode()))
+    if dtype.is_floating_point:
+        x = torch.randint(-4, 5, shape, generator=g).to(dtype)
+        if pattern == "random":
+            x = torch.randn(shape, generator=g).to(dtype)
+        elif pattern == "nan_inf":
+            r = torch.rand(shape, generator=g)
+            x = torch.where(r < 0.15, float("nan"), x.float()).to(dtype)
+            x = torch.where(r > 0.7, float("-inf"), x.float()).to(dtype)
+    else:
+        lo = 0 if dtype == torch.uint8 else -4
+        x = torch.randint(lo, lo + 9, shape, generator=g).to(dtype)
+    x = x.to(device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x
+
+
+def torch_error(fn):
+    try:
+        fn()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def check_forward(x, args):
+    """dlkern and PyTorch agree exactly on x with args: the same error, or the same values, indices, strides."""
+    expected_error = torch_error(lambda: TF.max_pool2d(x, **args))
+    if expected_error is not None:
+        with pytest.raises(RuntimeError, match=re.escape(expected_error.splitlines()[0])):
+            F.max_pool2d(x, **args)
+        return False
+    out, idx = F.max_pool2d(x, **args, return_indices=True)
+    ref_out, ref_idx = TF.max_pool2d(x, **args, return_indices=True)
+    msg = f"shape={tuple(x.shape)} stride={x.stride()} dtype={x.dtype} args={args}"
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{msg}\n{m}")
+    assert torch.equal(idx, ref_idx), msg
+    assert idx.dtype == torch.int64
+    assert (out.stride(), idx.stride()) == (ref_out.stride(), ref_idx.stride()), msg
+    return True
+
+
+# integers have no NaN or inf
+DTYPE_PATTERNS = [(d, p) for d in FLOAT_DTYPES for p in ["random", "ties", "nan_inf"]] + [
+    (d, "ties") for d in INT_DTYPES
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, pattern", DTYPE_PATTERNS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_forward_matches_torch(device, dtype, pattern, channels_last):
+    compared = 0
+    for shape in SHAPES:
+        if channels_last and len(shape) != 4:
+            continue
+        x = make_input(shape, dtype, device, channels_last, pattern)
+        for args in ARGS:
+            compared += check_forward(x, args)
+    assert compared > 500  # most of the grid is valid: the comparison really ran
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    base = torch.randn(2, 6, 9, 11, device=device)
+    for x in [base.transpose(2, 3), base[:, ::2, 1:, ::2], base.permute(1, 0, 2, 3), base[0].transpose(0, 2)]:
+        for args in [dict(kernel_size=2), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)]:
+            assert check_forward(x, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_backward_matches_torch(device, dtype, channels_last):
+    """Gradients against PyTorch's autograd in float64 on the same values (overlapping windows add up)."""
+    cases = [
+        ((2, 3, 8, 8), dict(kernel_size=2)),
+        ((2, 3, 7, 9), dict(kernel_size=3, stride=1, padding=1)),  # overlapping windows
+        ((2, 3, 7, 9), dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), ceil_mode=True)),
+        ((3, 7, 8), dict(kernel_size=3, stride=2, padding=1)),
+        ((0, 3, 6, 6), dict(kernel_size=2)),
+    ]
+    for shape, args in cases:
+        if channels_last and len(shape) != 4:
+            continue
+        x = make_input(shape, dtype, device, channels_last, "ties").requires_grad_()
+        out = F.max_pool2d(x, **args)
+        grad_out = torch.randn(out.shape, device=device).to(dtype)
+        (grad,) = torch.autograd.grad(out, x, grad_out)
+
+        x64 = x.detach().double().requires_grad_()
+        ref_out = TF.max_pool2d(x64, **args)
+        (ref_grad,) = torch.autograd.grad(ref_out, x64, grad_out.double())
+        assert_close(grad, ref_grad)
+        assert grad.stride() == x.stride() or grad.numel() == 0
+        # PyTorch's own low-precision backward, too: identical where windows do not overlap
+        (torch_grad,) = torch.autograd.grad(TF.max_pool2d(x, **args), x, grad_out)
+        if args.get("stride") is None:
+            assert torch.equal(grad, torch_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    # distinct values: no ties, so the max is differentiable
+    x = (torch.randperm(2 * 3 * 7 * 6, device=device).double().view(2, 3, 7, 6) / 10).requires_grad_()
+    for args in [
+        dict(kernel_size=2),
+        dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+        dict(kernel_size=(2, 3), stride=1, dilation=(2, 1)),
+    ]:
+        assert torch.autograd.gradcheck(lambda t: F.max_pool2d(t, **args), (x,))
+        assert torch.autograd.gradgradcheck(lambda t: F.max_pool2d(t, **args), (x,))
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: F.max_pool2d(t, 3, 1, 1), (x_cl,))
+
+
+def test_single_argument_forms():
+    x = torch.randn(1, 2, 9, 9)
+    same = [
+        (dict(kernel_size=3), dict(kernel_size=(3, 3), stride=[3, 3], padding=(0, 0), dilation=(1, 1))),
+        (dict(kernel_size=[3], stride=(2,)), dict(kernel_size=3, stride=2)),
+        (dict(kernel_size=2, stride=[]), dict(kernel_size=2, stride=2)),
+        (dict(kernel_size=torch.Size([2, 2])), dict(kernel_size=2)),
+    ]
+    for a, b in same:
+        assert torch.equal(F.max_pool2d(x, **a), TF.max_pool2d(x, **b))
+
+
+BAD_ARGS = [
+    ((1, 4, 4), dict(kernel_size=0), "stride should not be zero"),
+    ((1, 4, 4), dict(kernel_size=2, stride=0), "stride should not be zero"),
+    ((1, 4, 4), dict(kernel_size=2, stride=-1), "stride should be greater than zero"),
+    ((1, 4, 4), dict(kernel_size=0, stride=1), "kernel size should be greater than zero"),
+    ((1, 4, 4), dict(kernel_size=2, dilation=0), "dilation should be greater than zero"),
+    ((1, 4, 4), dict(kernel_size=2, padding=-1), "pad must be non-negative"),
+    ((1, 4, 4), dict(kernel_size=2, padding=2), "pad should be at most half of effective kernel size"),
+    ((1, 9, 9), dict(kernel_size=3, padding=2, dilation=2), "pad should be smaller than or equal to half"),
+    ((1, 4, 4), dict(kernel_size=5), "Output size is too small"),
+    ((1, 4, 4), dict(kernel_size=(1, 2, 3)), "kernel_size must either be a single int, or a tuple of two ints"),
+    ((1, 4, 4), dict(kernel_size=2, stride=(1, 2, 3)), "stride must either be omitted, a single int"),
+    ((1, 4, 4), dict(kernel_size=2, padding=(0, 0, 0)), "padding must either be a single int"),
+    ((1, 4, 4), dict(kernel_size=2, dilation=(1, 1, 1)), "dilation must be either a single int"),
+    ((4, 4), dict(kernel_size=2), "non-empty 3D or 4D"),
+    ((1, 1, 4, 4, 4), dict(kernel_size=2), "non-empty 3D or 4D"),
+    ((0, 4, 4), dict(kernel_size=2), "Expected 3D or 4D .* with optional 0 dim batch size"),
+    ((1, 0, 4, 4), dict(kernel_size=2), "Expected 3D or 4D .* with optional 0 dim batch size"),
+]
+
+
+@pytest.mark.parametrize("shape, args, message", BAD_ARGS)
+def test_bad_arguments_raise_like_torch(shape, args, message):
+    x = torch.randn(shape)
+    with pytest.raises(RuntimeError, match=message):
+        TF.max_pool2d(x, **args)  # the message is PyTorch's own
+    with pytest.raises(RuntimeError, match=message):
+        F.max_pool2d(x, **args)
+    # the fake (meta) function that torch.compile traces with rejects the same arguments
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        fake = torch.empty(shape)
+        with pytest.raises(RuntimeError, match=message):
+            F.max_pool2d(fake, **args)
+
+
+def test_bad_types_and_dtypes():
+    x = torch.randn(1, 4, 4)
+    with pytest.raises(TypeError, match="argument 'kernel_size' must be an int or a tuple of ints"):
+        F.max_pool2d(x, 2.5)
+    with pytest.raises(TypeError, match="argument 'stride' must be an int or a tuple of ints"):
+        F.max_pool2d(x, 2, stride="2")
+    with pytest.raises(TypeError, match="argument 'padding'"):
+        F.max_pool2d(x, 2, padding=True)
+    with pytest.raises(TypeError, match="argument 'input' must be a Tensor"):
+        F.max_pool2d([[1.0]], 2)
+    with pytest.raises(RuntimeError, match="not implemented for 'Bool'"):
+        F.max_pool2d(torch.ones(1, 4, 4, dtype=torch.bool), 2)
+    with pytest.raises(RuntimeError, match="not implemented for 'ComplexFloat'"):
+        F.max_pool2d(torch.ones(1, 4, 4, dtype=torch.cfloat), 2)
+
+
+def test_backward_op_checks_its_arguments():
+    x = torch.randn(1, 2, 4, 4)
+    out, idx = torch.ops.dlkern.max_pool2d(x, [2], [], [0], [1], False)
+    args = ([2], [], [0], [1], False)
+    with pytest.raises(RuntimeError, match="grad_output has shape"):
+        torch.ops.dlkern.max_pool2d_backward(out[..., :1], x, idx, *args)
+    with pytest.raises(RuntimeError, match="indices must be int64"):
+        torch.ops.dlkern.max_pool2d_backward(out, x, idx.int(), *args)
+    with pytest.raises(RuntimeError, match="does not match input dtype"):
+        torch.ops.dlkern.max_pool2d_backward(out.double(), x, idx, *args)
+
+
+def test_module_is_a_drop_in():
+    ours = dlkern.nn.MaxPool2d(3, stride=2, padding=1, dilation=1, return_indices=True, ceil_mode=True)
+    theirs = torch.nn.MaxPool2d(3, stride=2, padding=1, dilation=1, return_indices=True, ceil_mode=True)
+    assert repr(ours) == repr(theirs)
+    assert isinstance(ours, torch.nn.MaxPool2d)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(2, 3, 9, 9)
+    for a, b in zip(ours(x), theirs(x)):
+        assert torch.equal(a, b)
+    assert torch.equal(dlkern.nn.MaxPool2d(2)(x), torch.nn.MaxPool2d(2)(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = torch.randn(2, 3, 7, 8, device=device, requires_grad=True)
+    x_cl = torch.randn(2, 3, 8, 8, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    for inp, args in [
+        (x, ([2, 2], [], [0, 0], [1, 1], False)),
+        (x, ([3], [2], [1], [1], True)),
+        (x_cl, ([3, 2], [1, 2], [1, 0], [1, 2], False)),
+    ]:
+        torch.library.opcheck(torch.ops.dlkern.max_pool2d.default, (inp, *args))
+        out, idx = torch.ops.dlkern.max_pool2d(inp.detach(), *args)
+        grad_out = torch.randn_like(out).requires_grad_()
+        torch.library.opcheck(torch.ops.dlkern.max_pool2d_backward.default, (grad_out, inp.detach(), idx, *args))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    def step(t):
+        out, idx = F.max_pool2d(t, 3, stride=2, padding=1, return_indices=True)
+        return (out * out).sum(), idx
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    for shape in [(2, 3, 9, 9), (2, 3, 12, 10)]:
+        x = torch.randn(shape, device=device, requires_grad=True)
+        loss, idx = compiled(x)
+        (grad,) = torch.autograd.grad(loss, x)
+        ref_loss, ref_idx = step(x)
+        (ref_grad,) = torch.autograd.grad(ref_loss, x)
+        assert torch.equal(idx, ref_idx)
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(grad, ref_grad)
+
+
+def test_build_info_and_cuda_registration():
+    info = dlkern.build_info
+    assert info["torch"] == torch.__version__
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("dlkern::max_pool2d", "CPU")
+    if info["with_cuda"]:
+        # how a GPU-less CI proves the CUDA sources were compiled into the extension
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("dlkern::max_pool2d", "CUDA")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("dlkern::max_pool2d_backward", "CUDA")
+    elif HAS_CUDA:
+        pytest.fail("a GPU is visible but dlkern._C was built without CUDA kernels")
+
+
+def test_extension_for_another_torch_gives_a_clear_error(monkeypatch):
+    from dlkern import _extension
+
+    monkeypatch.setattr(_extension, "_read_build_info", lambda: {"torch": "1.0.0"})
+    with pytest.raises(ImportError, match=r"built for torch 1\.0\.0.*pip install --no-build-isolation -e \."):
+        _extension._load()
+    monkeypatch.setattr(_extension, "_read_build_info", lambda: None)
+    with pytest.raises(ImportError, match="not built"):
+        _extension._load()
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_and_is_graph_capturable():
+    x = torch.randn(64, 32, 28, 28, device="cuda")
+    out, idx = F.max_pool2d(x, 2, return_indices=True)
+    cpu_out, cpu_idx = F.max_pool2d(x.cpu(), 2, return_indices=True)
+    assert torch.equal(out.cpu(), cpu_out) and torch.equal(idx.cpu(), cpu_idx)
+
+    static_x = x.clone().requires_grad_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the graph
+        F.max_pool2d(static_x, 2).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = F.max_pool2d(static_x, 2)
+        static_out.sum().backward()
+    static_x.data.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(static_out, TF.max_pool2d(static_x.detach(), 2))
+
+
+@pytest.mark.cuda
+def test_cuda_large_offsets():
+    # more than 2**31 input elements: offsets must be 64-bit
+    x = torch.empty(1, 1, 2**16 + 2, 2**15 + 2, device="cuda", dtype=torch.float16).normal_()
+    out, idx = F.max_pool2d(x, 2, return_indices=True)
+    ref_out, ref_idx = TF.max_pool2d(x, 2, return_indices=True)
+    assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
