@@ -15,8 +15,10 @@ $(VENV)/.installed: requirements/dev.txt
 	$(PY) -m pip install --quiet -r requirements/dev.txt
 	touch $@
 
-# Builds dlkern._C in place against the venv's torch (incremental: ninja rebuilds what changed).
-build: venv
+# Builds dlkern._C in place against the venv's torch, again whenever a C++/CUDA source or setup.py changes.
+build: dlkern/_build_info.json
+
+dlkern/_build_info.json: $(VENV)/.installed setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
 test: build
