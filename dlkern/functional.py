@@ -3,9 +3,16 @@
 
 import torch
 
+from dlkern.ops import conv_bn as _conv_bn
 from dlkern.ops import max_pool as _max_pool  # noqa: F401  (registers fake and autograd)
+from dlkern.ops.activation import activation_inplace as _activation_inplace
 
-__all__ = ["max_pool2d"]
+__all__ = [
+    "max_pool2d",
+    "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "softplus", "silu", "gelu", "hardsigmoid", "hardtanh",
+    "swish", "hard_logistic",
+    "conv_bn_act2d",
+]
 
 
 def _int_list(name, value):
@@ -38,3 +45,119 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
         bool(ceil_mode),
     )
     return (output, indices) if return_indices else output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activations (dlkern/ops/activation.py; Triton kernels in kernels/activation.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _activation(input, act, p0=0.0, p1=0.0, inplace=False):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{act}(): argument 'input' must be a Tensor, not {type(input).__name__}")
+    if inplace:
+        return _activation_inplace(input, act, float(p0), float(p1))
+    return torch.ops.dlkern.activation(input, act, float(p0), float(p1))
+
+
+def sigmoid(input):
+    """``torch.sigmoid``: 1 / (1 + exp(-x)), stable at both ends; the backward reads the output."""
+    return _activation(input, "sigmoid")
+
+
+def tanh(input):
+    """``torch.tanh``, with relative precision near 0; the backward reads the output."""
+    return _activation(input, "tanh")
+
+
+def relu(input, inplace=False):
+    """``torch.nn.functional.relu``: max(x, 0); gradient 0 at 0."""
+    return _activation(input, "relu", inplace=inplace)
+
+
+def leaky_relu(input, negative_slope=0.01, inplace=False):
+    """``torch.nn.functional.leaky_relu``: x if x > 0 else negative_slope * x."""
+    return _activation(input, "leaky_relu", negative_slope, inplace=inplace)
+
+
+def prelu(input, weight):
+    """``torch.nn.functional.prelu``: x if x > 0 else weight[c] * x, with weight of 1 or C = input.size(1)
+    elements; the weight gradient is a deterministic per-channel reduction."""
+    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("prelu(): arguments 'input' and 'weight' must be Tensors")
+    return torch.ops.dlkern.activation_channelwise(input, weight, "prelu")
+
+
+def elu(input, alpha=1.0, inplace=False):
+    """``torch.nn.functional.elu``: x if x > 0 else alpha * expm1(x)."""
+    return _activation(input, "elu", alpha, inplace=inplace)
+
+
+def softplus(input, beta=1.0, threshold=20.0):
+    """``torch.nn.functional.softplus``: log(1 + exp(beta * x)) / beta, linear where beta * x > threshold."""
+    return _activation(input, "softplus", beta, threshold)
+
+
+def silu(input, inplace=False):
+    """``torch.nn.functional.silu``: x * sigmoid(x)."""
+    return _activation(input, "silu", inplace=inplace)
+
+
+def gelu(input, approximate="none"):
+    """``torch.nn.functional.gelu``: x * Phi(x) (``approximate='none'``) or its tanh approximation (``'tanh'``)."""
+    if approximate not in ("none", "tanh"):
+        raise RuntimeError("approximate argument must be either none or tanh.")
+    return _activation(input, "gelu" if approximate == "none" else "gelu_tanh")
+
+
+def hardsigmoid(input, inplace=False):
+    """``torch.nn.functional.hardsigmoid``: clamp(x / 6 + 1/2, 0, 1); gradient 1/6 strictly inside (-3, 3)."""
+    return _activation(input, "hardsigmoid", inplace=inplace)
+
+
+def hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
+    """``torch.nn.functional.hardtanh``: clamp(x, min_val, max_val); gradient 1 strictly inside."""
+    if min_val > max_val:
+        raise ValueError("min_val cannot be greater than max_val")
+    return _activation(input, "hardtanh", min_val, max_val, inplace=inplace)
+
+
+def swish(input, beta=1.0):
+    """x * sigmoid(beta * x) (dlkern; beta = 1 is SiLU). ``beta`` is a float or a tensor of 1 or C = input.size(1)
+    elements (per channel), which gets a gradient when it requires one."""
+    if isinstance(beta, torch.Tensor):
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"swish(): argument 'input' must be a Tensor, not {type(input).__name__}")
+        return torch.ops.dlkern.activation_channelwise(input, beta, "swish")
+    return _activation(input, "swish", beta)
+
+
+def hard_logistic(input):
+    """clamp(0.25 * x + 0.5, 0, 1) (dlkern): the logistic's tangent line at 0, clipped; gradient 1/4 strictly
+    inside (-2, 2)."""
+    return _activation(input, "hard_logistic")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused Conv2d -> BatchNorm2d -> activation block (dlkern/ops/conv_bn.py; kernels/conv_bn.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def conv_bn_act2d(input, weight, bias, running_mean, running_var, bn_weight=None, bn_bias=None, training=False,
+                  momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, activation="relu", activation_params=(),
+                  num_batches_tracked=None):
+    """``activation(batch_norm(conv2d(input, weight, bias, stride, padding, dilation), running_mean, running_var,
+    bn_weight, bn_bias, training, momentum, eps))`` in dlkern's fused Triton kernels (groups=1, zero padding).
+
+    Arguments follow ``F.conv2d`` and ``F.batch_norm`` (``padding`` may be ``'same'``/``'valid'``). ``activation``:
+    ``'relu'`` (default), ``'leaky_relu'``, ``'elu'``, ``'softplus'``, ``'silu'``, ``'swish'``, ``'gelu'``,
+    ``'gelu_tanh'``, ``'sigmoid'``, ``'tanh'``, ``'hardsigmoid'``, ``'hardtanh'``, ``'hard_logistic'`` or
+    ``None``; ``activation_params`` its (p0, p1) (negative_slope; alpha; beta, threshold; beta; min_val,
+    max_val), PyTorch's defaults where omitted. Training updates ``running_mean``/``running_var`` in place (when
+    given) as BatchNorm2d does; pass ``num_batches_tracked`` to have it incremented, which ``momentum=None``
+    (cumulative average) needs. Eval folds BatchNorm into the conv's weight and bias.
+    """
+    return _conv_bn.forward(
+        input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked, training,
+        momentum, eps, stride, padding, dilation, activation, tuple(activation_params),
+    )

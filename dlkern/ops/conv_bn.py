@@ -1,0 +1,642 @@
+"""The fused Conv2d -> BatchNorm2d -> activation block as torch.library custom ops.
+
+- ``dlkern::conv_bn_act2d``            training forward with batch statistics -> (out, z, stats); autograd.
+- ``dlkern::bn_update_running_stats``  updates running_mean/var and num_batches_tracked from stats (mutating,
+  so it cannot carry an autograd formula: PyTorch allows those only on functional ops; hence a second op).
+- ``dlkern::conv_bias_act2d``          conv + bias + activation (eval, BatchNorm folded by the caller); autograd.
+- ``dlkern::conv_bn_act2d_backward``   the backward of both (stats=None for the folded/eval form).
+
+z is the conv output (bias included) that BatchNorm normalizes; stats is (3, C_out): batch mean, 1/sqrt(var + eps)
+and the biased var, in float32 (float64 for float64 inputs). ``padding`` is always (top, bottom, left, right).
+CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels of ``kernels/conv_bn.py``; other
+CPU tensors an equivalent PyTorch composite (warned once). No launcher reads device memory on the host.
+"""
+
+import functools
+import struct
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+
+from dlkern.kernels import conv_bn as kernels
+from dlkern.ops.triton_support import INTERPRETING, launch, runs_triton
+
+OP = "conv_bn_act2d"
+
+# Activation name -> PyTorch composite (p0, p1 as in kernels/activation.py); "none" is conv + BatchNorm alone.
+TORCH_ACTIVATIONS = {
+    "none": lambda x, p0, p1: x,
+    "relu": lambda x, p0, p1: F.relu(x),
+    "leaky_relu": lambda x, p0, p1: F.leaky_relu(x, p0),
+    "elu": lambda x, p0, p1: F.elu(x, p0),
+    "softplus": lambda x, p0, p1: F.softplus(x, p0, p1),
+    "silu": lambda x, p0, p1: F.silu(x),
+    "swish": lambda x, p0, p1: x * torch.sigmoid(p0 * x),
+    "gelu": lambda x, p0, p1: F.gelu(x),
+    "gelu_tanh": lambda x, p0, p1: F.gelu(x, approximate="tanh"),
+    "sigmoid": lambda x, p0, p1: torch.sigmoid(x),
+    "tanh": lambda x, p0, p1: torch.tanh(x),
+    "hardsigmoid": lambda x, p0, p1: F.hardsigmoid(x),
+    "hardtanh": lambda x, p0, p1: F.hardtanh(x, p0, p1),
+    "hard_logistic": lambda x, p0, p1: torch.clamp(0.25 * x + 0.5, 0.0, 1.0),
+}
+
+
+# ---------------------------------------------------------------------------------------------- launch helpers
+
+
+def _hi_lo(x):
+    """x as float32 hi + lo (kernels rebuild it with ``_scalar``): Triton passes Python floats as float32."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, struct.unpack("f", struct.pack("f", x - hi))[0]
+
+
+def _acc_dtype(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _precision(dtype, allow_tf32):
+    # tl.dot's TF32 exactly when PyTorch's cuDNN conv would use it; float64 dots are always IEEE.
+    return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
+
+
+def _np2(n, lo=16, hi=64):
+    return max(lo, min(hi, triton.next_power_of_2(int(n))))
+
+
+def geometry(input, weight, stride, padding, dilation):
+    """(N, C_in, H, W, C_out, KH, KW, OH, OW)."""
+    N, C_in, H, W = input.shape
+    C_out, _, KH, KW = weight.shape
+    OH = (H + padding[0] + padding[1] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    OW = (W + padding[2] + padding[3] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    return N, C_in, H, W, C_out, KH, KW, OH, OW
+
+
+def _empty_like_format(input, shape, dtype):
+    return torch.empty(shape, dtype=dtype, device=input.device, memory_format=suggest_memory_format(input))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _rows_per_split(M, device, programs_per_split):
+    """Rows per program of the split reductions: enough splits to fill the GPU several times over; in the
+    interpreter few (it runs programs one by one), though more than one, so the merge is exercised."""
+    if INTERPRETING or device.type != "cuda":
+        return 512
+    splits = max(1, 4 * _num_sms(device.index or 0) // programs_per_split)
+    return max(128, triton.cdiv(triton.cdiv(M, splits), 128) * 128)
+
+
+def _pruner(n_name, n_dim, k_dims):
+    """Drops configs whose tiles are wider than the problem (e.g. BLOCK_K=64 for the K = 9 first layer)."""
+
+    def prune(configs, named_args, **kwargs):
+        k = named_args[k_dims] * kwargs["KH"] * kwargs["KW"]
+        n = named_args[n_dim]
+        kept = [c for c in configs if c.kwargs["BLOCK_K"] <= _np2(k, hi=128) and c.kwargs[n_name] <= _np2(n, hi=128)]
+        return kept or configs[:1]
+
+    return prune
+
+
+def _tuned(kernel, n_name, n_dim, k_dims, key):
+    """The GPU form of a GEMM kernel: autotuned over tile sizes. Its outputs are fully rewritten by each run
+    and it never touches the running buffers (only bn_running_update_kernel does, untuned), so benchmarking
+    configs cannot corrupt state. The interpreter takes the kernel as is, with one fixed config."""
+    if INTERPRETING:
+        return kernel
+    configs = [
+        triton.Config({"BLOCK_M": bm, n_name: bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm in (64, 128) for bn in (32, 64) for bk in (16, 32, 64) for w, s in ((4, 3), (8, 3), (4, 4))
+    ]
+    prune = {"early_config_prune": _pruner(n_name, n_dim, k_dims)}
+    return triton.autotune(configs, key=key, prune_configs_by=prune)(kernel)
+
+
+_conv_fwd = _tuned(kernels.conv_fwd_kernel, "BLOCK_N", "C_out", "C_in", ["M", "C_in", "C_out", "OH", "OW", "KH", "KW"])
+_conv_bwd_input = _tuned(
+    kernels.conv_bwd_input_kernel, "BLOCK_N", "C_in", "C_out", ["M_in", "C_in", "C_out", "OH", "OW", "KH", "KW"]
+)
+_conv_bwd_weight = _tuned(
+    kernels.conv_bwd_weight_kernel, "BLOCK_CO", "C_out", "C_in", ["M", "C_in", "C_out", "rows_per_split", "KH", "KW"]
+)
+
+
+def _fixed(**blocks):
+    """Explicit tile sizes in the interpreter; none on the GPU (the autotuner picks them)."""
+    return blocks if INTERPRETING else {}
+
+
+def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation, act, p0, p1, allow_tf32, stats):
+    """Launches conv_fwd_kernel; returns its BLOCK_M (the row tile of the statistics partials)."""
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geo
+    M = N * OH * OW
+    dst = z if stats else out
+    blocks = _fixed(BLOCK_M=128, BLOCK_N=_np2(C_out), BLOCK_K=_np2(C_in * KH * KW))
+    launch(
+        _conv_fwd,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"])),
+        input, weight, bias if bias is not None else weight, out if out is not None else dst,
+        z if z is not None else dst, part if part is not None else dst,
+        N, C_in, H, W, C_out, OH, OW, *input.stride(), *dst.stride(),
+        M, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *_hi_lo(p0), *_hi_lo(p1),
+        KH=KH, KW=KW, HAS_BIAS=bias is not None, STATS=stats, SAVE_Z=z is not None and not stats, ACT=act,
+        PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=_acc_dtype(input.dtype), **blocks,
+    )
+    return blocks["BLOCK_M"] if INTERPRETING else _conv_fwd.best_config.kwargs["BLOCK_M"]
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch composite
+
+
+def _torch_act(u, act, p0, p1):
+    return TORCH_ACTIVATIONS[act](u, p0, p1)
+
+
+def _sig_grad(x):
+    s = torch.sigmoid(x)
+    return s, s * (1 - s)
+
+
+def _gelu_tanh_grad(x):
+    k = 0.7978845608028654 * (x + 0.044715 * x**3)
+    t = torch.tanh(k)
+    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * x * x)
+
+
+# f'(x) of each activation, for the composite backward (a custom op's body runs below autograd).
+TORCH_ACTIVATION_GRADS = {
+    "none": lambda x, p0, p1: torch.ones_like(x),
+    "relu": lambda x, p0, p1: (x > 0).to(x.dtype),
+    "leaky_relu": lambda x, p0, p1: torch.where(x > 0, torch.ones_like(x), p0),
+    "elu": lambda x, p0, p1: torch.where(x <= 0, p0 * torch.exp(x), 1.0),
+    "softplus": lambda x, p0, p1: torch.where(x * p0 > p1, 1.0, torch.sigmoid(x * p0)),
+    "silu": lambda x, p0, p1: (lambda s, ds: s + x * ds)(*_sig_grad(x)),
+    "swish": lambda x, p0, p1: (lambda s, ds: s + p0 * x * ds)(*_sig_grad(p0 * x)),
+    "gelu": lambda x, p0, p1: 0.5 * (1 + torch.erf(x * 0.7071067811865476))
+    + x * torch.exp(-0.5 * x * x) * 0.3989422804014327,
+    "gelu_tanh": lambda x, p0, p1: _gelu_tanh_grad(x),
+    "sigmoid": lambda x, p0, p1: _sig_grad(x)[1],
+    "tanh": lambda x, p0, p1: 1 - torch.tanh(x) ** 2,
+    "hardsigmoid": lambda x, p0, p1: ((x > -3) & (x < 3)).to(x.dtype) / 6,
+    "hardtanh": lambda x, p0, p1: ((x > p0) & (x < p1)).to(x.dtype),
+    "hard_logistic": lambda x, p0, p1: ((x > -2) & (x < 2)).to(x.dtype) * 0.25,
+}
+
+
+def _torch_act_vjp(u, g, act, p0, p1):
+    return g * TORCH_ACTIVATION_GRADS[act](u, p0, p1)
+
+
+def _torch_conv(input, weight, bias, stride, padding, dilation):
+    x = F.pad(input, (padding[2], padding[3], padding[0], padding[1]))
+    return F.conv2d(x, weight, bias, stride, 0, dilation)
+
+
+# ---------------------------------------------------------------------------------------------- training forward
+
+
+@torch.library.custom_op("dlkern::conv_bn_act2d", mutates_args=())
+def conv_bn_act2d(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    eps: float, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+    activation: str, p0: float, p1: float, allow_tf32: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """act(BatchNorm(conv(input) + bias)) with batch statistics: returns (out, z, stats)."""
+    geo = geometry(input, weight, stride, padding, dilation)
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geo
+    sdtype = _stats_dtype(input.dtype)
+    if not runs_triton(input, OP):
+        z = _torch_conv(input, weight, bias, stride, padding, dilation)
+        zs = z.to(sdtype)
+        var, mean = torch.var_mean(zs, dim=(0, 2, 3), correction=0)
+        invstd = torch.rsqrt(var + eps)
+        u = (zs - mean[:, None, None]) * invstd[:, None, None]
+        if bn_weight is not None:
+            u = u * bn_weight.to(sdtype)[:, None, None] + bn_bias.to(sdtype)[:, None, None]
+        return _torch_act(u, activation, p0, p1).to(input.dtype), z, torch.stack([mean, invstd, var])
+
+    weight = weight.contiguous()
+    M = N * OH * OW
+    z = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
+    out = torch.empty_like(z)
+    stats = torch.empty(3, C_out, dtype=sdtype, device=input.device)
+    # Room for the smallest row tile any config may pick: 2 x tiles x C_out (mean, M2).
+    part = torch.empty(2 * triton.cdiv(M, 64) * C_out, dtype=sdtype, device=input.device)
+    tile_m = _gemm_fwd(input, weight, bias, None, z, part, geo, stride, padding, dilation, "none", 0.0, 0.0,
+                       allow_tf32, stats=True)
+    block_c = 32
+    launch(
+        kernels.bn_stats_finalize_kernel, (triton.cdiv(C_out, block_c),),
+        part, stats, C_out, M, triton.cdiv(M, tile_m), *_hi_lo(eps),
+        TILE_M=tile_m, BLOCK_T=4 if INTERPRETING else 64, BLOCK_C=block_c,
+    )
+    block = 4096 if INTERPRETING else 1024
+    launch(
+        kernels.bn_act_fwd_kernel, (triton.cdiv(z.numel(), block),),
+        z, out, stats, bn_weight if bn_weight is not None else stats, bn_bias if bn_bias is not None else stats,
+        z.numel(), C_out, z.stride(1), *_hi_lo(p0), *_hi_lo(p1),
+        HAS_AFFINE=bn_weight is not None, ACT=activation, BLOCK=block,
+    )
+    return out, z, stats
+
+
+@conv_bn_act2d.register_fake
+def _(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1, allow_tf32):
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geometry(input, weight, stride, padding, dilation)
+    z = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
+    return torch.empty_like(z), torch.empty_like(z), input.new_empty(3, C_out, dtype=_stats_dtype(input.dtype))
+
+
+def _train_setup_context(ctx, inputs, output):
+    input, weight, bias, bn_weight, bn_bias, _, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, \
+        ctx.allow_tf32 = inputs
+    _, z, stats = output
+    ctx.mark_non_differentiable(z, stats)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight, z, stats, bn_weight, bn_bias)
+
+
+def _train_backward(ctx, grad_out, _grad_z, _grad_stats):
+    input, weight, z, stats, bn_weight, bn_bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, db, dgamma, dbeta = torch.ops.dlkern.conv_bn_act2d_backward(
+        grad_out, input, weight, z, stats, bn_weight, bn_bias, ctx.stride, ctx.padding, ctx.dilation, ctx.act,
+        ctx.p0, ctx.p1, ctx.allow_tf32, need[0], need[1] or need[2],
+    )
+    return (
+        dx if need[0] else None, dw if need[1] else None, db if need[2] and ctx.has_bias else None,
+        dgamma if need[3] else None, dbeta if need[4] else None, *([None] * 8),
+    )
+
+
+conv_bn_act2d.register_autograd(_train_backward, setup_context=_train_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- running statistics
+
+
+@torch.library.custom_op(
+    "dlkern::bn_update_running_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked")
+)
+def bn_update_running_stats(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor], stats: Tensor, count: int,
+    momentum: Optional[float],
+) -> None:
+    """num_batches_tracked += 1; running = (1 - f)*running + f*batch with f = momentum, or 1/num_batches_tracked
+    when momentum is None; the variance unbiased by count/(count - 1). All on device: no host sync."""
+    if not runs_triton(running_mean, OP):
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        f = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+        running_mean.mul_(1 - f).add_(stats[0].to(running_mean.dtype), alpha=f)
+        running_var.mul_(1 - f).add_((stats[2] * (count / (count - 1))).to(running_var.dtype), alpha=f)
+        return
+    launch(
+        kernels.bn_running_update_kernel, (1,),
+        running_mean, running_var, num_batches_tracked if num_batches_tracked is not None else running_mean, stats,
+        running_mean.numel(), count, *_hi_lo(momentum if momentum is not None else 0.0),
+        HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None, BLOCK_C=256,
+    )
+
+
+@bn_update_running_stats.register_fake
+def _(running_mean, running_var, num_batches_tracked, stats, count, momentum):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- eval forward
+
+
+@torch.library.custom_op("dlkern::conv_bias_act2d", mutates_args=())
+def conv_bias_act2d(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int], activation: str, p0: float, p1: float, allow_tf32: bool, save_preact: bool,
+) -> tuple[Tensor, Tensor]:
+    """act(conv(input, weight) + bias) in one kernel (BatchNorm folded into weight and bias by the caller).
+    Returns (out, z); z, the activation's input, is kept only with save_preact (for the backward), else empty."""
+    geo = geometry(input, weight, stride, padding, dilation)
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geo
+    if not runs_triton(input, OP):
+        z = _torch_conv(input, weight, bias, stride, padding, dilation)
+        return _torch_act(z, activation, p0, p1), z if save_preact else z.new_empty(0)
+    out = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
+    z = torch.empty_like(out) if save_preact else None
+    _gemm_fwd(input, weight.contiguous(), bias, out, z, None, geo, stride, padding, dilation, activation, p0, p1,
+              allow_tf32, stats=False)
+    return out, z if save_preact else out.new_empty(0)
+
+
+@conv_bias_act2d.register_fake
+def _(input, weight, bias, stride, padding, dilation, activation, p0, p1, allow_tf32, save_preact):
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geometry(input, weight, stride, padding, dilation)
+    out = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
+    return out, torch.empty_like(out) if save_preact else out.new_empty(0)
+
+
+def _eval_setup_context(ctx, inputs, output):
+    input, weight, bias, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, ctx.allow_tf32, _ = inputs
+    _, z = output
+    ctx.mark_non_differentiable(z)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight, z)
+
+
+def _eval_backward(ctx, grad_out, _grad_z):
+    input, weight, z = ctx.saved_tensors
+    torch._check(z.numel() > 0, lambda: "dlkern::conv_bias_act2d: backward needs save_preact=True")
+    need = ctx.needs_input_grad
+    dx, dw, db, _, _ = torch.ops.dlkern.conv_bn_act2d_backward(
+        grad_out, input, weight, z, None, None, None, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0,
+        ctx.p1, ctx.allow_tf32, need[0], need[1] or need[2],
+    )
+    return dx if need[0] else None, dw if need[1] else None, db if need[2] and ctx.has_bias else None, *([None] * 8)
+
+
+conv_bias_act2d.register_autograd(_eval_backward, setup_context=_eval_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+
+@torch.library.custom_op("dlkern::conv_bn_act2d_backward", mutates_args=())
+def conv_bn_act2d_backward(
+    grad_out: Tensor, input: Tensor, weight: Tensor, z: Tensor, stats: Optional[Tensor], bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+    activation: str, p0: float, p1: float, allow_tf32: bool, input_grad: bool, weight_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (input, conv weight, conv bias, BN weight, BN bias) of conv_bn_act2d (stats given) or
+    conv_bias_act2d (stats None). Skipped ones (input_grad/weight_grad False, no affine BN) come back empty."""
+    geo = geometry(input, weight, stride, padding, dilation)
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geo
+    bn, affine = stats is not None, bn_weight is not None and stats is not None
+    empty = input.new_empty(0)
+    grad_gamma = torch.empty_like(bn_weight) if affine else empty
+    grad_beta = torch.empty_like(bn_bias) if affine else empty.clone()
+
+    if not runs_triton(input, OP):
+        if bn:
+            x_hat = (z.to(stats.dtype) - stats[0, :, None, None]) * stats[1, :, None, None]
+            u = x_hat * bn_weight.to(stats.dtype)[:, None, None] + bn_bias.to(stats.dtype)[:, None, None] \
+                if affine else x_hat
+            g_u = _torch_act_vjp(u, grad_out.to(stats.dtype), activation, p0, p1)
+            sum_g, sum_gx = g_u.sum((0, 2, 3), dtype=torch.float64), (g_u * x_hat).sum((0, 2, 3), dtype=torch.float64)
+            sum_g, sum_gx = sum_g.to(stats.dtype), sum_gx.to(stats.dtype)
+            a = stats[1] * bn_weight.to(stats.dtype) if affine else stats[1]
+            count = N * OH * OW
+            gz = a[:, None, None] * (g_u - (sum_g / count)[:, None, None] - x_hat * (sum_gx / count)[:, None, None])
+            gz = gz.to(input.dtype)
+            if affine:
+                grad_gamma.copy_(sum_gx)
+                grad_beta.copy_(sum_g)
+        else:
+            gz = _torch_act_vjp(z, grad_out, activation, p0, p1)
+        x_pad = F.pad(input, (padding[2], padding[3], padding[0], padding[1]))
+        dx = empty
+        if input_grad:
+            dx = torch.nn.grad.conv2d_input(x_pad.shape, weight, gz, stride, 0, dilation)
+            dx = dx[:, :, padding[0]:padding[0] + H, padding[2]:padding[2] + W].contiguous(
+                memory_format=suggest_memory_format(input))
+        dw = torch.nn.grad.conv2d_weight(x_pad, weight.shape, gz, stride, 0, dilation) if weight_grad else empty
+        db = (torch.zeros_like(gz[0, :, 0, 0]) if bn else gz.sum((0, 2, 3))) if weight_grad else empty
+        return dx, dw, db, grad_gamma, grad_beta
+
+    weight = weight.contiguous()
+    device = input.device
+    acc = _acc_dtype(input.dtype)
+    sdtype = stats.dtype if bn else _stats_dtype(input.dtype)
+    M = N * OH * OW
+    K = C_in * KH * KW
+    p = (*_hi_lo(p0), *_hi_lo(p1))
+    coef = stats  # unused without BatchNorm
+    if bn:
+        # Pass 1: per-channel sums of g_u and g_u*x_hat, split over the rows; then the BN-backward coefficients.
+        block_c = _np2(C_out)
+        rows = _rows_per_split(M, device, triton.cdiv(C_out, block_c))
+        splits = triton.cdiv(M, rows)
+        part = torch.empty(2 * splits * C_out, dtype=torch.float64, device=device)
+        launch(
+            kernels.bn_act_bwd_reduce_kernel, (splits, triton.cdiv(C_out, block_c)),
+            grad_out, z, stats, bn_weight if affine else stats, bn_bias if affine else stats, part,
+            M, C_out, OH, OW, rows, *grad_out.stride(), *z.stride(), *p,
+            HAS_AFFINE=affine, ACT=activation, BLOCK_M=128 if INTERPRETING else 32, BLOCK_C=block_c,
+        )
+        coef = torch.empty(3, C_out, dtype=sdtype, device=device)
+        launch(
+            kernels.bn_bwd_finalize_kernel, (triton.cdiv(C_out, 32),),
+            part, stats, bn_weight if affine else stats, coef, grad_gamma if affine else coef,
+            grad_beta if affine else coef, C_out, splits, M,
+            HAS_AFFINE=affine, BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=32,
+        )
+    common = dict(BN=bn, HAS_AFFINE=affine, ACT=activation, PRECISION=_precision(input.dtype, allow_tf32),
+                  ACC_DTYPE=acc)
+    gamma = bn_weight if affine else z
+    beta = bn_bias if affine else z
+    stats_arg = stats if bn else z
+
+    dx = empty
+    if input_grad:
+        dx = torch.empty_like(input, memory_format=suggest_memory_format(input))
+        M_in = N * H * W
+        launch(
+            _conv_bwd_input,
+            lambda meta: (triton.cdiv(M_in, meta["BLOCK_M"]), triton.cdiv(C_in, meta["BLOCK_N"])),
+            grad_out, z, weight, dx, stats_arg, gamma, beta, coef,
+            N, C_in, H, W, C_out, OH, OW, *grad_out.stride(), *z.stride(), *dx.stride(),
+            M_in, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *p,
+            KH=KH, KW=KW, **common, **_fixed(BLOCK_M=128, BLOCK_N=_np2(C_in), BLOCK_K=_np2(C_out * KH * KW)),
+        )
+    dw, db = empty, empty
+    if weight_grad:
+        rows = _rows_per_split(M, device, triton.cdiv(C_out, 32) * triton.cdiv(K, 32))
+        splits = triton.cdiv(M, rows)
+        part = torch.empty(splits * (C_out * K + C_out), dtype=sdtype, device=device)
+        launch(
+            _conv_bwd_weight,
+            lambda meta: (splits, triton.cdiv(C_out, meta["BLOCK_CO"]), triton.cdiv(K, meta["BLOCK_K"])),
+            grad_out, z, input, part, stats_arg, gamma, beta, coef,
+            N, C_in, H, W, C_out, OH, OW, *grad_out.stride(), *z.stride(), *input.stride(),
+            M, rows, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *p,
+            KH=KH, KW=KW, **common, **_fixed(BLOCK_M=128, BLOCK_CO=_np2(C_out), BLOCK_K=_np2(K)),
+        )
+        dw = torch.empty_like(weight)
+        db = torch.empty(C_out, dtype=weight.dtype, device=device)
+        block_l = 1024
+        launch(
+            kernels.sum_splits_kernel, (triton.cdiv(C_out * K + C_out, block_l),),
+            part, dw, db, splits, C_out * K + C_out, C_out * K, BLOCK_S=4 if INTERPRETING else 16, BLOCK_L=block_l,
+        )
+    return dx, dw, db, grad_gamma, grad_beta
+
+
+@conv_bn_act2d_backward.register_fake
+def _(grad_out, input, weight, z, stats, bn_weight, bn_bias, stride, padding, dilation, activation, p0, p1,
+      allow_tf32, input_grad, weight_grad):
+    empty = input.new_empty(0)
+    affine = bn_weight is not None and stats is not None
+    dx = torch.empty_like(input, memory_format=suggest_memory_format(input)) if input_grad else empty
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else empty
+    db = weight.new_empty(weight.shape[0]) if weight_grad else empty
+    grad_gamma = torch.empty_like(bn_weight) if affine else empty
+    grad_beta = torch.empty_like(bn_bias) if affine else empty.clone()
+    return dx, dw, db, grad_gamma, grad_beta
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def _pair(name, value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value, value]
+    if isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(isinstance(v, int) for v in value):
+        return [value[0], value[-1]]
+    raise TypeError(f"conv_bn_act2d(): argument '{name}' must be an int or a tuple of two ints, not {value!r}")
+
+
+def conv_args(weight, stride, padding, dilation):
+    """Checked (stride, padding as (top, bottom, left, right), dilation) lists; padding may be 'same'/'valid'."""
+    stride, dilation = _pair("stride", stride), _pair("dilation", dilation)
+    if min(stride) <= 0:
+        raise ValueError(f"conv_bn_act2d(): non-positive stride is not supported, got stride={stride}")
+    if min(dilation) <= 0:
+        raise ValueError(f"conv_bn_act2d(): dilation should be greater than zero, got dilation={dilation}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            return stride, [0, 0, 0, 0], dilation
+        if padding != "same":
+            raise ValueError(f"Invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
+        if stride != [1, 1]:
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        pads = []
+        for d, k in zip(dilation, weight.shape[2:]):
+            total = d * (k - 1)  # as PyTorch: the odd extra row/column goes to the bottom/right
+            pads += [total // 2, total - total // 2]
+        return stride, pads, dilation
+    ph, pw = _pair("padding", padding)
+    if min(ph, pw) < 0:
+        raise ValueError(f"conv_bn_act2d(): negative padding is not supported, got padding={[ph, pw]}")
+    return stride, [ph, ph, pw, pw], dilation
+
+
+# PyTorch's defaults for the parameters (p0, p1) of each activation.
+DEFAULT_PARAMS = {"leaky_relu": (0.01, 0.0), "elu": (1.0, 0.0), "softplus": (1.0, 20.0), "swish": (1.0, 0.0),
+                  "hardtanh": (-1.0, 1.0)}
+
+
+def check_activation(activation, params=()):
+    """(name, p0, p1) for a fusable activation name; missing parameters take PyTorch's defaults."""
+    if activation is None:
+        activation = "none"
+    if activation not in TORCH_ACTIVATIONS:
+        raise ValueError(
+            f"conv_bn_act2d(): unknown activation {activation!r}; fusable: {sorted(TORCH_ACTIVATIONS)} "
+            "(activations with learnable parameters, such as PReLU, are not fused)"
+        )
+    if len(params) > 2 or not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in params):
+        raise TypeError(f"conv_bn_act2d(): activation_params must be at most two floats, got {params!r}")
+    p0, p1 = (*params, *DEFAULT_PARAMS.get(activation, (0.0, 0.0))[len(params):])
+    return activation, float(p0), float(p1)
+
+
+def _check_input(input, weight, bias, stride, padding, dilation):
+    if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("conv_bn_act2d(): input and weight must be Tensors")
+    if input.dim() != 4:
+        raise ValueError(f"conv_bn_act2d(): expected 4D input (got {input.dim()}D input)")
+    if weight.dim() != 4:
+        raise ValueError(f"conv_bn_act2d(): expected a 4D weight (C_out, C_in, kH, kW), got {list(weight.shape)}")
+    if input.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"conv_bn_act2d(): weight of size {list(weight.shape)}, expected input{list(input.shape)} to have "
+            f"{weight.shape[1]} channels, but got {input.shape[1]} channels instead (only groups=1 is supported)"
+        )
+    if not input.is_floating_point() or input.dtype != weight.dtype or (bias is not None and bias.dtype != input.dtype):
+        raise TypeError(
+            f"conv_bn_act2d(): input ({input.dtype}), weight ({weight.dtype}) and bias "
+            f"({None if bias is None else bias.dtype}) must be floating point of one dtype"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"conv_bn_act2d(): bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geometry(input, weight, stride, padding, dilation)
+    if OH < 1 or OW < 1:
+        raise ValueError(
+            f"conv_bn_act2d(): calculated padded input size per channel: ({H + padding[0] + padding[1]} x "
+            f"{W + padding[2] + padding[3]}). Kernel size: ({dilation[0] * (KH - 1) + 1} x "
+            f"{dilation[1] * (KW - 1) + 1}). Kernel size can't be greater than actual input size"
+        )
+    return N * OH * OW, (N, C_out, OH, OW)
+
+
+def _autocast(input, weight, bias):
+    """What torch.autocast does to a conv: input, weight and bias in the autocast dtype (BatchNorm's parameters
+    and statistics stay float32)."""
+    device = input.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and input.is_floating_point():
+        dtype = torch.get_autocast_dtype(device)
+        return input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    return input, weight, bias
+
+
+def fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
+    """BatchNorm (eval) folded into the conv: W' = W*s, b' = (b - mean)*s + beta with s = gamma/sqrt(var + eps),
+    computed in the statistics' dtype (float32 at least). Differentiable."""
+    dtype = torch.promote_types(running_var.dtype, torch.float32)
+    scale = torch.rsqrt(running_var.to(dtype) + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.to(dtype)
+    shift = -running_mean.to(dtype) if bias is None else bias.to(dtype) - running_mean.to(dtype)
+    shift = shift * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(dtype)
+    return weight * scale.to(weight.dtype)[:, None, None, None], shift
+
+
+def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked, training,
+            momentum, eps, stride, padding, dilation, activation, activation_params=(), folded=None):
+    """The fused block: checks, autocast, then the training op (+ running update) or the folded eval op.
+    ``folded`` (weight', bias') may be given by a module that caches the folding."""
+    stride, padding, dilation = conv_args(weight, stride, padding, dilation)
+    activation, p0, p1 = check_activation(activation, activation_params)
+    count, z_shape = _check_input(input, weight, bias, stride, padding, dilation)
+    if not training and folded is None:
+        if running_mean is None or running_var is None:
+            raise ValueError("conv_bn_act2d(): running_mean and running_var must be defined in evaluation mode")
+        folded = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
+    input, weight, bias = _autocast(input, weight, bias)
+    allow_tf32 = torch.backends.cudnn.allow_tf32
+    if training:
+        if count <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {torch.Size(z_shape)}"
+            )
+        if (bn_weight is None) != (bn_bias is None):
+            raise ValueError("conv_bn_act2d(): bn_weight and bn_bias must both be given or both be None")
+        out, _, stats = torch.ops.dlkern.conv_bn_act2d(
+            input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1, allow_tf32
+        )
+        if running_mean is not None and running_var is not None:
+            if momentum is None and num_batches_tracked is None:
+                raise ValueError("conv_bn_act2d(): momentum=None (cumulative average) needs num_batches_tracked")
+            torch.ops.dlkern.bn_update_running_stats(
+                running_mean, running_var, num_batches_tracked, stats, count, momentum
+            )
+        return out
+    w, b = folded[0].to(input.dtype), folded[1].to(input.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (input, w, b))
+    out, _ = torch.ops.dlkern.conv_bias_act2d(
+        input, w, b, stride, padding, dilation, activation, p0, p1, allow_tf32, needs_grad
+    )
+    return out

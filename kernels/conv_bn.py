@@ -1,0 +1,458 @@
+"""Fused Conv2d -> BatchNorm2d -> activation: Triton kernels (device code only).
+
+Shapes: input x (N, C_in, H, W), weight (C_out, C_in, KH, KW) contiguous, conv output z (N, C_out, OH, OW).
+The convolution is an implicit GEMM: rows m = (n, oh, ow) (M = N*OH*OW), columns = output channels, and the
+reduction index k flattens (c_in, kh, kw) (K = C_in*KH*KW) so a 1-channel first layer still fills a K >= 16 dot.
+Every tensor is addressed through its four strides (NCHW and channels_last alike), with 64-bit offsets.
+
+Training forward:  conv_fwd_kernel (STATS: z + per-tile (mean, M2))  -> bn_stats_finalize_kernel (Chan merge)
+                   -> bn_act_fwd_kernel (normalize + activation);  bn_running_update_kernel updates the buffers.
+Eval forward:      conv_fwd_kernel with BatchNorm folded into weight and bias, activation in the epilogue.
+Backward:          bn_act_bwd_reduce_kernel (per-split sums of g_u and g_u*x_hat) -> bn_bwd_finalize_kernel,
+                   then conv_bwd_input_kernel and conv_bwd_weight_kernel (split over M, deterministic
+                   sum_splits_kernel), both turning grad_output into grad_z on the fly as they load it.
+"""
+
+import triton
+import triton.language as tl
+
+from dlkern.kernels.activation import act_fwd, act_grad
+
+# ---------------------------------------------------------------------------------------------- math helpers
+
+
+@triton.jit
+def _act(u, ACT: tl.constexpr, p0, p1):
+    if ACT == "none":
+        return u
+    else:
+        return act_fwd(u, ACT, p0, p1)
+
+
+@triton.jit
+def _act_deriv(u, ACT: tl.constexpr, p0, p1):
+    if ACT == "none":
+        return tl.full(u.shape, 1.0, u.dtype)
+    else:
+        return act_grad(u, ACT, p0, p1).to(u.dtype)
+
+
+@triton.jit
+def _grad_z(g, z, mean, invstd, gamma, beta, coef_a, coef_b, coef_c, BN: tl.constexpr, ACT: tl.constexpr, p0, p1):
+    """dL/dz from dL/dout, z and per-channel vectors (already broadcast to g's shape).
+
+    BN (training): x_hat = (z - mean)*invstd, u = gamma*x_hat + beta, g_u = g*act'(u),
+                   dL/dz = gamma*invstd * (g_u - mean(g_u) - x_hat*mean(g_u*x_hat)) = a*(g_u - b - x_hat*c).
+    otherwise (eval, BatchNorm folded): z is the activation's input, dL/dz = g*act'(z).
+    """
+    if BN:
+        x_hat = (z - mean) * invstd
+        g_u = g * _act_deriv(x_hat * gamma + beta, ACT, p0, p1)
+        return coef_a * (g_u - coef_b - x_hat * coef_c)
+    else:
+        return g * _act_deriv(z, ACT, p0, p1)
+
+
+@triton.jit
+def _scalar(hi, lo, DTYPE: tl.constexpr):
+    """A float argument passed as float32 hi + lo parts (Triton passes Python floats as float32): ~48 bits, so
+    eps, momentum and activation parameters keep float64 accuracy in float64 kernels."""
+    return tl.cast(hi, DTYPE) + tl.cast(lo, DTYPE)
+
+
+@triton.jit
+def _rows(offs_m, OH, OW):
+    """(n, oh, ow) of flattened output rows m = (n*OH + oh)*OW + ow."""
+    ow = offs_m % OW
+    t = offs_m // OW
+    return t // OH, t % OH, ow
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr, z_ptr, part_ptr,
+    N, C_in, H, W, C_out, OH, OW,
+    x_n_stride, x_c_stride, x_h_stride, x_w_stride,
+    out_n_stride, out_c_stride, out_h_stride, out_w_stride,
+    M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr, SAVE_Z: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out = act(conv(x, w) + bias). With STATS (training) it stores z = conv(x, w) + bias instead and, per
+    row tile and channel, the tile's mean and M2 = sum((z - mean)^2) at part[0|1, pid_m, c]."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    K = C_in * KH * KW
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < C_out
+    n, oh, ow = _rows(offs_m, OH, OW)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_row = x_ptr + n * x_n_stride
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        c = offs_k // (KH * KW)
+        r = offs_k % (KH * KW)
+        ih = ih0[:, None] + (r // KW * dil_h)[None, :]
+        iw = iw0[:, None] + (r % KW * dil_w)[None, :]
+        a_mask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(
+            x_row[:, None] + c[None, :].to(tl.int64) * x_c_stride + ih * x_h_stride + iw * x_w_stride,
+            mask=a_mask, other=0.0,
+        )
+        b = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+
+    out_offs = (n * out_n_stride + oh * out_h_stride + ow * out_w_stride)[:, None] + offs_n[None, :] * out_c_stride
+    mask = mask_m[:, None] & mask_n[None, :]
+    if STATS:
+        z = acc.to(z_ptr.dtype.element_ty)
+        tl.store(z_ptr + out_offs, z, mask=mask)
+        # Statistics of z as stored (rounded to its dtype), as BatchNorm would see it after the conv.
+        z = tl.where(mask, z.to(ACC_DTYPE), 0.0)
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC_DTYPE)
+        tile_mean = tl.sum(z, axis=0) / count
+        dev = tl.where(mask, z - tile_mean[None, :], 0.0)
+        num_tiles = tl.num_programs(0).to(tl.int64)
+        part_offs = pid_m * C_out + offs_n
+        tl.store(part_ptr + part_offs, tile_mean, mask=mask_n)
+        tl.store(part_ptr + num_tiles * C_out + part_offs, tl.sum(dev * dev, axis=0), mask=mask_n)
+    else:
+        if SAVE_Z:
+            tl.store(z_ptr + out_offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
+        p0 = _scalar(p0_hi, p0_lo, ACC_DTYPE)
+        p1 = _scalar(p1_hi, p1_lo, ACC_DTYPE)
+        tl.store(out_ptr + out_offs, _act(acc, ACT, p0, p1).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_stats_finalize_kernel(
+    part_ptr, stats_ptr, C, M, num_tiles, eps_hi, eps_lo,
+    TILE_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Merges the per-tile (count, mean, M2) of conv_fwd_kernel into stats[0] = mean, stats[1] = 1/sqrt(var + eps),
+    stats[2] = var (biased). A block of tiles is combined about its own mean, blocks in order with Chan's
+    formula: no sum/sum-of-squares cancellation, and the same order (so the same bits) on every run."""
+    offs_c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    dtype = stats_ptr.dtype.element_ty
+    count = tl.zeros((BLOCK_C,), dtype=dtype)
+    mean = tl.zeros((BLOCK_C,), dtype=dtype)
+    m2 = tl.zeros((BLOCK_C,), dtype=dtype)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        mask_t = offs_t < num_tiles
+        n_t = tl.where(mask_t, tl.minimum(M - offs_t * TILE_M, TILE_M), 0).to(dtype)[:, None]
+        mask = mask_t[:, None] & mask_c[None, :]
+        offs = offs_t[:, None] * C + offs_c[None, :]
+        mean_t = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        m2_t = tl.load(part_ptr + num_tiles * C + offs, mask=mask, other=0.0)
+        n_b = tl.sum(n_t, axis=0)
+        mean_b = tl.sum(n_t * mean_t, axis=0) / n_b
+        dev = mean_t - mean_b[None, :]
+        m2_b = tl.sum(m2_t + n_t * dev * dev, axis=0)
+        total = count + n_b
+        delta = mean_b - mean
+        mean += delta * (n_b / total)
+        m2 += m2_b + delta * delta * (count * n_b / total)
+        count = total
+    var = m2 / count
+    tl.store(stats_ptr + offs_c, mean, mask=mask_c)
+    tl.store(stats_ptr + C + offs_c, 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, dtype)), mask=mask_c)
+    tl.store(stats_ptr + 2 * C + offs_c, var, mask=mask_c)
+
+
+@triton.jit
+def bn_act_fwd_kernel(
+    z_ptr, out_ptr, stats_ptr, gamma_ptr, beta_ptr, numel, C, c_stride, p0_hi, p0_lo, p1_hi, p1_lo,
+    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out = act(gamma*(z - mean)*invstd + beta), elementwise over z and out, which share one dense layout."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    c = (offs // c_stride) % C
+    dtype = stats_ptr.dtype.element_ty
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(dtype)
+    u = (z - tl.load(stats_ptr + c, mask=mask)) * tl.load(stats_ptr + C + c, mask=mask)
+    if HAS_AFFINE:
+        u = u * tl.load(gamma_ptr + c, mask=mask).to(dtype) + tl.load(beta_ptr + c, mask=mask).to(dtype)
+    p0 = _scalar(p0_hi, p0_lo, dtype)
+    p1 = _scalar(p1_hi, p1_lo, dtype)
+    tl.store(out_ptr + offs, _act(u, ACT, p0, p1).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_running_update_kernel(
+    running_mean_ptr, running_var_ptr, nbt_ptr, stats_ptr, C, count, momentum_hi, momentum_lo,
+    HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """running = (1 - f)*running + f*batch (var unbiased by n/(n-1)); num_batches_tracked += 1 first, and with
+    momentum=None f = 1/num_batches_tracked. One program, so the counter is read and written once, on device."""
+    dtype = running_mean_ptr.dtype.element_ty
+    factor = _scalar(momentum_hi, momentum_lo, tl.float64)
+    if HAS_NBT:
+        nbt = tl.load(nbt_ptr) + 1
+        tl.store(nbt_ptr, nbt)
+        if CUMULATIVE:
+            factor = 1.0 / nbt.to(tl.float64)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = offs_c < C
+        mean = tl.load(stats_ptr + offs_c, mask=mask)
+        # The unbiased variance, var*n/(n - 1), for the running estimate.
+        n = tl.cast(count, tl.float64)
+        var = tl.load(stats_ptr + 2 * C + offs_c, mask=mask) * (n / (n - 1.0)).to(stats_ptr.dtype.element_ty)
+        rm = tl.load(running_mean_ptr + offs_c, mask=mask)
+        rv = tl.load(running_var_ptr + offs_c, mask=mask)
+        # PyTorch computes (1 - f)*r + f*s in the buffer's dtype.
+        f = factor.to(dtype)
+        tl.store(running_mean_ptr + offs_c, (1 - f) * rm + f * mean.to(dtype), mask=mask)
+        tl.store(running_var_ptr + offs_c, (1 - f) * rv + f * var.to(dtype), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def bn_act_bwd_reduce_kernel(
+    g_ptr, z_ptr, stats_ptr, gamma_ptr, beta_ptr, part_ptr,
+    M, C, OH, OW, rows_per_split,
+    g_n_stride, g_c_stride, g_h_stride, g_w_stride,
+    z_n_stride, z_c_stride, z_h_stride, z_w_stride, p0_hi, p0_lo, p1_hi, p1_lo,
+    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per split of the rows and channel: part[0, s, c] = sum g_u, part[1, s, c] = sum g_u*x_hat, where
+    g_u = dL/du = g*act'(u) is the gradient at BatchNorm's output u."""
+    pid_s = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    dtype = stats_ptr.dtype.element_ty
+    mean = tl.load(stats_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+    invstd = tl.load(stats_ptr + C + offs_c, mask=mask_c, other=0.0)[None, :]
+    if HAS_AFFINE:
+        gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(dtype)[None, :]
+        beta = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(dtype)[None, :]
+    else:
+        gamma = 1.0
+        beta = 0.0
+    p0 = _scalar(p0_hi, p0_lo, dtype)
+    p1 = _scalar(p1_hi, p1_lo, dtype)
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    # Sums in float64 (part is float64): these two per-channel sums of n terms set every gradient's accuracy.
+    sum_g = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        n, oh, ow = _rows(offs_m, OH, OW)
+        mask = (offs_m < m_end)[:, None] & mask_c[None, :]
+        g_offs = (n * g_n_stride + oh * g_h_stride + ow * g_w_stride)[:, None] + offs_c[None, :] * g_c_stride
+        z_offs = (n * z_n_stride + oh * z_h_stride + ow * z_w_stride)[:, None] + offs_c[None, :] * z_c_stride
+        g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(dtype)
+        x_hat = (tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(dtype) - mean) * invstd
+        g_u = tl.where(mask, g * _act_deriv(x_hat * gamma + beta, ACT, p0, p1), 0.0)
+        sum_g += tl.sum(g_u.to(tl.float64), axis=0)
+        sum_gx += tl.sum((g_u * x_hat).to(tl.float64), axis=0)
+    num_splits = tl.num_programs(0).to(tl.int64)
+    tl.store(part_ptr + pid_s * C + offs_c, sum_g, mask=mask_c)
+    tl.store(part_ptr + (num_splits + pid_s) * C + offs_c, sum_gx, mask=mask_c)
+
+
+@triton.jit
+def bn_bwd_finalize_kernel(
+    part_ptr, stats_ptr, gamma_ptr, coef_ptr, grad_gamma_ptr, grad_beta_ptr, C, num_splits, count,
+    HAS_AFFINE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Sums the splits in order; grad_beta = sum g_u, grad_gamma = sum g_u*x_hat, and the coefficients of
+    dL/dz = a*(g_u - b - x_hat*c): coef[0] = a = gamma*invstd, coef[1] = b = sum(g_u)/n,
+    coef[2] = c = sum(g_u*x_hat)/n."""
+    offs_c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    dtype = coef_ptr.dtype.element_ty
+    sum_g = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for s0 in range(0, num_splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+        mask = (offs_s < num_splits)[:, None] & mask_c[None, :]
+        offs = offs_s[:, None] * C + offs_c[None, :]
+        sum_g += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
+        sum_gx += tl.sum(tl.load(part_ptr + num_splits * C + offs, mask=mask, other=0.0), axis=0)
+    a = tl.load(stats_ptr + C + offs_c, mask=mask_c, other=0.0)
+    if HAS_AFFINE:
+        a *= tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(dtype)
+        tl.store(grad_gamma_ptr + offs_c, sum_gx.to(grad_gamma_ptr.dtype.element_ty), mask=mask_c)
+        tl.store(grad_beta_ptr + offs_c, sum_g.to(grad_beta_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(coef_ptr + offs_c, a, mask=mask_c)
+    tl.store(coef_ptr + C + offs_c, (sum_g / count).to(dtype), mask=mask_c)
+    tl.store(coef_ptr + 2 * C + offs_c, (sum_gx / count).to(dtype), mask=mask_c)
+
+
+@triton.jit
+def _load_grad_z(
+    g_ptr, z_ptr, stats_ptr, gamma_ptr, beta_ptr, coef_ptr, C, g_offs, z_offs, mask, c, mask_c, p0, p1,
+    BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """dL/dz of a (rows, channels-along-columns) tile, 0 where masked; c and mask_c index the columns."""
+    g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(DTYPE)
+    z = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(DTYPE)
+    if BN:
+        mean = tl.load(stats_ptr + c, mask=mask_c, other=0.0)[None, :]
+        invstd = tl.load(stats_ptr + C + c, mask=mask_c, other=0.0)[None, :]
+        a = tl.load(coef_ptr + c, mask=mask_c, other=0.0)[None, :]
+        b = tl.load(coef_ptr + C + c, mask=mask_c, other=0.0)[None, :]
+        cc = tl.load(coef_ptr + 2 * C + c, mask=mask_c, other=0.0)[None, :]
+        if HAS_AFFINE:
+            gamma = tl.load(gamma_ptr + c, mask=mask_c, other=0.0).to(DTYPE)[None, :]
+            beta = tl.load(beta_ptr + c, mask=mask_c, other=0.0).to(DTYPE)[None, :]
+        else:
+            gamma = 1.0
+            beta = 0.0
+        gz = _grad_z(g, z, mean, invstd, gamma, beta, a, b, cc, True, ACT, p0, p1)
+    else:
+        gz = _grad_z(g, z, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, False, ACT, p0, p1)
+    return tl.where(mask, gz, 0.0)
+
+
+@triton.jit
+def conv_bwd_input_kernel(
+    g_ptr, z_ptr, w_ptr, dx_ptr, stats_ptr, gamma_ptr, beta_ptr, coef_ptr,
+    N, C_in, H, W, C_out, OH, OW,
+    g_n_stride, g_c_stride, g_h_stride, g_w_stride,
+    z_n_stride, z_c_stride, z_h_stride, z_w_stride,
+    dx_n_stride, dx_c_stride, dx_h_stride, dx_w_stride,
+    M_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo,
+    KH: tl.constexpr, KW: tl.constexpr, BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx as an implicit GEMM: rows (n, ih, iw) (M_in = N*H*W), columns c_in, reduction k = (c_out, kh, kw).
+    Tap (kh, kw) of input (ih, iw) feeds output oh = (ih + pad - kh*dil)/stride when that divides exactly."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    K = C_out * KH * KW
+    p0 = _scalar(p0_hi, p0_lo, ACC_DTYPE)
+    p1 = _scalar(p1_hi, p1_lo, ACC_DTYPE)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M_in
+    mask_n = offs_n < C_in
+    n, ih, iw = _rows(offs_m, H, W)
+    oh0 = ih + pad_h
+    ow0 = iw + pad_w
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        co = (offs_k // (KH * KW)).to(tl.int64)
+        r = offs_k % (KH * KW)
+        oh_s = oh0[:, None] - (r // KW * dil_h)[None, :]
+        ow_s = ow0[:, None] - (r % KW * dil_w)[None, :]
+        oh = oh_s // stride_h
+        ow = ow_s // stride_w
+        mask = (
+            mask_m[:, None] & mask_k[None, :] & (oh_s >= 0) & (ow_s >= 0) & (oh_s % stride_h == 0)
+            & (ow_s % stride_w == 0) & (oh < OH) & (ow < OW)
+        )
+        g_offs = (n * g_n_stride)[:, None] + co[None, :] * g_c_stride + oh * g_h_stride + ow * g_w_stride
+        z_offs = (n * z_n_stride)[:, None] + co[None, :] * z_c_stride + oh * z_h_stride + ow * z_w_stride
+        gz = _load_grad_z(
+            g_ptr, z_ptr, stats_ptr, gamma_ptr, beta_ptr, coef_ptr, C_out, g_offs, z_offs, mask, co, mask_k,
+            p0, p1, BN, HAS_AFFINE, ACT, ACC_DTYPE,
+        )
+        b = tl.load(
+            w_ptr + (co * C_in * KH * KW + r)[:, None] + offs_n[None, :] * (KH * KW),
+            mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+        )
+        acc = tl.dot(gz.to(w_ptr.dtype.element_ty), b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+    dx_offs = (n * dx_n_stride + ih * dx_h_stride + iw * dx_w_stride)[:, None] + offs_n[None, :] * dx_c_stride
+    tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def conv_bwd_weight_kernel(
+    g_ptr, z_ptr, x_ptr, part_ptr, stats_ptr, gamma_ptr, beta_ptr, coef_ptr,
+    N, C_in, H, W, C_out, OH, OW,
+    g_n_stride, g_c_stride, g_h_stride, g_w_stride,
+    z_n_stride, z_c_stride, z_h_stride, z_w_stride,
+    x_n_stride, x_c_stride, x_h_stride, x_w_stride,
+    M, rows_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo,
+    KH: tl.constexpr, KW: tl.constexpr, BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One split's share of dW[c_out, k] = sum_m dL/dz[m, c_out] * x_col[m, k] and of d(bias)[c_out] =
+    sum_m dL/dz[m, c_out], into part[s, c_out*K + k] and part[s, C_out*K + c_out]: splitting the rows (M) keeps
+    the GPU busy when C_out*K is small; sum_splits_kernel adds the splits in a fixed order."""
+    pid_s = tl.program_id(0).to(tl.int64)
+    pid_co = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2).to(tl.int64)
+    K = C_in * KH * KW
+    p0 = _scalar(p0_hi, p0_lo, ACC_DTYPE)
+    p1 = _scalar(p1_hi, p1_lo, ACC_DTYPE)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_co = offs_co < C_out
+    mask_k = offs_k < K
+    c = (offs_k // (KH * KW)).to(tl.int64)
+    r = offs_k % (KH * KW)
+    kh_off = (r // KW * dil_h)[None, :]
+    kw_off = (r % KW * dil_w)[None, :]
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC_DTYPE)
+    acc_bias = tl.zeros((BLOCK_CO,), dtype=ACC_DTYPE)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        n, oh, ow = _rows(offs_m, OH, OW)
+        mask = mask_m[:, None] & mask_co[None, :]
+        g_offs = (n * g_n_stride + oh * g_h_stride + ow * g_w_stride)[:, None] + offs_co[None, :] * g_c_stride
+        z_offs = (n * z_n_stride + oh * z_h_stride + ow * z_w_stride)[:, None] + offs_co[None, :] * z_c_stride
+        gz = _load_grad_z(
+            g_ptr, z_ptr, stats_ptr, gamma_ptr, beta_ptr, coef_ptr, C_out, g_offs, z_offs, mask, offs_co, mask_co,
+            p0, p1, BN, HAS_AFFINE, ACT, ACC_DTYPE,
+        )
+        acc_bias += tl.sum(gz, axis=0)
+        ih = (oh * stride_h - pad_h)[:, None] + kh_off
+        iw = (ow * stride_w - pad_w)[:, None] + kw_off
+        x_mask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        x_offs = (n * x_n_stride)[:, None] + c[None, :] * x_c_stride + ih * x_h_stride + iw * x_w_stride
+        x_col = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
+        acc = tl.dot(
+            tl.trans(gz.to(x_ptr.dtype.element_ty)), x_col, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE
+        )
+    if BN:
+        # Batch statistics cancel any per-channel shift, so the exact bias gradient is 0; the sum above would
+        # only add rounding noise (cancellation of O(1) terms) to it.
+        acc_bias = tl.zeros((BLOCK_CO,), dtype=ACC_DTYPE)
+    row = part_ptr + pid_s * (C_out * K + C_out)
+    tl.store(row + offs_co[:, None] * K + offs_k[None, :], acc, mask=mask_co[:, None] & mask_k[None, :])
+    tl.store(row + C_out * K + offs_co, acc_bias, mask=mask_co & (pid_k == 0))
+
+
+@triton.jit
+def sum_splits_kernel(
+    part_ptr, out_ptr, out2_ptr, num_splits, L, L1, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """sum_s part[s, j], the splits added in a fixed order (deterministic, no atomics), into out[j] for j < L1
+    and out2[j - L1] for the rest (weight and bias gradients from one buffer)."""
+    offs_l = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_l = offs_l < L
+    acc = tl.zeros((BLOCK_L,), dtype=part_ptr.dtype.element_ty)
+    for s0 in range(0, num_splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+        mask = (offs_s < num_splits)[:, None] & mask_l[None, :]
+        acc += tl.sum(tl.load(part_ptr + offs_s[:, None] * L + offs_l[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(out_ptr + offs_l, acc.to(out_ptr.dtype.element_ty), mask=offs_l < L1)
+    tl.store(out2_ptr + (offs_l - L1), acc.to(out2_ptr.dtype.element_ty), mask=mask_l & (offs_l >= L1))

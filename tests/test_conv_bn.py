@@ -1,0 +1,383 @@
+"""dlkern.nn.ConvBNReLU2d / dlkern.functional.conv_bn_act2d against the stock Conv2d -> BatchNorm2d -> activation.
+
+References run in float64; float32 results are held to float32's tolerance. Shapes stay tiny: on CPU every
+Triton kernel runs in Triton's interpreter, one program after another.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dlkern
+from dlkern.nn import ConvBNReLU2d
+from dlkern.ops import conv_bn as ops
+from dlkern.ops import triton_support
+from helpers import DEVICES, assert_close
+
+TRAIN_KERNELS = ("conv_fwd_kernel", "bn_stats_finalize_kernel", "bn_act_fwd_kernel", "bn_running_update_kernel")
+BACKWARD_KERNELS = ("bn_act_bwd_reduce_kernel", "bn_bwd_finalize_kernel", "conv_bwd_input_kernel",
+                    "conv_bwd_weight_kernel", "sum_splits_kernel")
+
+
+class ExactHardsigmoid(nn.Module):
+    """nn.Hardsigmoid for the reference: ATen's CPU hardsigmoid backward uses 1/6 rounded to float32
+    (``1.0f / 6.0f``) even for float64, 3e-8 off; dlkern's is exact."""
+
+    def forward(self, x):
+        return F.relu6(x + 3.0) / 6.0
+
+
+def make_pair(in_ch, out_ch, kernel_size, dtype, device="cpu", activation=None, bn_kw=None, **conv_kw):
+    """(dlkern block in `dtype`, stock float64 Sequential) with the same random weights and running stats."""
+    bn_kw = bn_kw or {}
+    block = ConvBNReLU2d(in_ch, out_ch, kernel_size, **conv_kw, **bn_kw,
+                         activation=activation if activation is not None else "relu")
+    with torch.no_grad():
+        if block[1].affine:
+            block[1].weight.uniform_(0.5, 1.5)
+            block[1].bias.uniform_(-0.5, 0.5)
+        if block[1].track_running_stats:
+            block[1].running_mean.uniform_(-0.2, 0.2)
+            block[1].running_var.uniform_(0.5, 2.0)
+    act = ExactHardsigmoid() if isinstance(block[2], nn.Hardsigmoid) else block[2]
+    stock = nn.Sequential(nn.Conv2d(in_ch, out_ch, kernel_size, **conv_kw), nn.BatchNorm2d(out_ch, **bn_kw), act)
+    stock.load_state_dict(block.state_dict())
+    return block.to(device, dtype), stock.to(device, torch.float64)
+
+
+def grads(module, names):
+    params = dict(module.named_parameters())
+    return [params[n].grad for n in names]
+
+
+def assert_grad_close(name, actual, expected, torch_same_dtype):
+    """float64 gradients: float64's tolerance. float32 gradients are sums over N*OH*OW with BatchNorm's
+    cancellation (n*g - sum(g) - x_hat*sum(g*x_hat)); their float32 rounding error exceeds a single-rounding
+    tolerance for PyTorch's own float32 modules too (by up to ~25x at the MNIST shapes). There the yardstick is
+    PyTorch's float32 error on the same inputs: dlkern's may be at most 4x it (it is mostly below it; both are
+    rounding noise of one size, so their ratio varies from draw to draw). float64 checks the formulas exactly."""
+    if actual.dtype == torch.float64:
+        assert_close(actual, expected, msg=lambda m: f"{name}: {m}")
+        return
+    ours = (actual.double() - expected).abs().max().item()
+    theirs = (torch_same_dtype.double() - expected).abs().max().item()
+    try:
+        assert_close(actual, expected)
+    except AssertionError:
+        assert ours <= 4 * theirs, f"{name}: max error {ours:.3g}, PyTorch's float32 {theirs:.3g}"
+
+
+def step(block, stock, x, dtype, check_grads=True):
+    """One forward/backward of both (and of a float32 copy of the stock block, the yardstick for float32
+    gradients); compares the output and every gradient."""
+    stock_same = copy.deepcopy(stock).to(dtype)
+    x = x.detach().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    x_same = x.detach().clone().requires_grad_()
+    out = block(x)
+    ref = stock(x64)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close(out, ref)
+    if check_grads:
+        g = torch.randn_like(ref)
+        out.backward(g.to(dtype))
+        ref.backward(g)
+        stock_same(x_same).backward(g.to(dtype))
+        assert_grad_close("input", x.grad, x64.grad, x_same.grad)
+        names = [n for n, _ in stock.named_parameters()]
+        module = getattr(block, "_orig_mod", block)  # through torch.compile's wrapper
+        for name, a, b, c in zip(names, grads(module, names), grads(stock, names), grads(stock_same, names)):
+            assert a is not None, name
+            assert_grad_close(name, a, b, c)
+        block.zero_grad(), stock.zero_grad()
+    return out
+
+
+def check_buffers(block, stock):
+    for (name, a), (_, b) in zip(block.named_buffers(), stock.named_buffers()):
+        if a.is_floating_point():
+            assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            assert torch.equal(a, b), name
+
+
+# The MNIST CNN's three blocks (batch 1-2), then odd shapes: stride, padding, dilation, rectangular kernels,
+# C_out < 16, no conv bias.
+SHAPES = [
+    pytest.param(2, 1, 32, 28, 28, 3, dict(padding=1), id="mnist1-1x28x28"),
+    pytest.param(1, 32, 32, 14, 14, 3, dict(padding=1), id="mnist2-32x14x14"),
+    pytest.param(2, 32, 32, 6, 6, 3, dict(), id="mnist3-32x6x6"),
+    pytest.param(2, 3, 5, 9, 7, (3, 2), dict(stride=(2, 1), padding=(2, 1), dilation=(1, 2)), id="odd-strided"),
+    pytest.param(2, 4, 6, 8, 8, 3, dict(stride=2, padding=1, dilation=2, bias=False), id="odd-dilated-nobias"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("N, C_in, C_out, H, W, k, conv_kw", SHAPES)
+def test_matches_sequential(N, C_in, C_out, H, W, k, conv_kw, dtype):
+    torch.manual_seed(0)
+    block, stock = make_pair(C_in, C_out, k, dtype, **conv_kw)
+    triton_support.launch_counts.clear()
+    for _ in range(2):
+        step(block, stock, torch.randn(N, C_in, H, W, dtype=dtype), dtype)
+        check_buffers(block, stock)
+    for name in TRAIN_KERNELS + BACKWARD_KERNELS:
+        assert triton_support.launch_counts[name] >= 2, name
+    block.eval(), stock.eval()
+    step(block, stock, torch.randn(N, C_in, H, W, dtype=dtype), dtype)
+    assert triton_support.launch_counts["conv_fwd_kernel"] == 3  # eval: BatchNorm folded, one kernel
+    check_buffers(block, stock)
+
+
+@pytest.mark.parametrize(
+    "bn_kw, conv_kw",
+    [
+        (dict(momentum=None), dict()),
+        (dict(momentum=0.3, affine=False), dict(bias=False)),
+        (dict(track_running_stats=False), dict()),
+        (dict(eps=1e-3), dict(padding="same", kernel_size=(2, 4))),
+        (dict(), dict(padding="valid")),
+    ],
+    ids=["cumulative", "no-affine", "no-running-stats", "same-even-kernel", "valid"],
+)
+def test_batchnorm_variants(bn_kw, conv_kw):
+    torch.manual_seed(1)
+    conv_kw = dict(conv_kw)
+    k = conv_kw.pop("kernel_size", 3)
+    block, stock = make_pair(3, 4, k, torch.float64, bn_kw=bn_kw, **conv_kw)
+    for _ in range(3):
+        step(block, stock, torch.randn(2, 3, 6, 7, dtype=torch.float64), torch.float64)
+        check_buffers(block, stock)
+    block.eval(), stock.eval()
+    step(block, stock, torch.randn(2, 3, 6, 7, dtype=torch.float64), torch.float64)
+
+
+@pytest.mark.parametrize(
+    "activation",
+    [nn.LeakyReLU(0.2), nn.ELU(0.7), nn.Softplus(2.0, 1.0), nn.SiLU(), nn.GELU(), nn.GELU("tanh"), nn.Sigmoid(),
+     nn.Tanh(), nn.Hardsigmoid(), nn.Hardtanh(-0.5, 0.75), nn.ReLU6(), nn.Identity()],
+    ids=lambda m: repr(m),
+)
+def test_fused_activations(activation):
+    torch.manual_seed(2)
+    block, stock = make_pair(3, 4, 3, torch.float64, activation=activation, padding=1)
+    step(block, stock, torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.float64)
+    block.eval(), stock.eval()
+    step(block, stock, torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.float64)
+
+
+def test_dlkern_family_activations():
+    """swish and hard_logistic (dlkern's own) through the functional form."""
+    torch.manual_seed(3)
+    x, w, b = torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64), None
+    for name, params, f in [("swish", (1.5,), lambda u: u * torch.sigmoid(1.5 * u)),
+                            ("hard_logistic", (), lambda u: torch.clamp(0.25 * u + 0.5, 0, 1))]:
+        out = dlkern.functional.conv_bn_act2d(x, w, b, None, None, training=True, activation=name,
+                                              activation_params=params)
+        assert_close(out, f(F.batch_norm(F.conv2d(x, w), None, None, training=True)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_channels_last(dtype):
+    torch.manual_seed(4)
+    block, stock = make_pair(3, 5, 3, dtype, padding=1, stride=2)
+    x = torch.randn(2, 3, 7, 6, dtype=dtype).to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = step(block, stock, x, dtype)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # A non-contiguous grad_output (expanded) is read through its strides.
+    block.eval()
+    out = block(x)
+    out.sum().backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_input_grad_skipped_and_deterministic():
+    torch.manual_seed(5)
+    block, _ = make_pair(2, 4, 3, torch.float32, padding=1)
+    x = torch.randn(2, 2, 6, 6)
+    triton_support.launch_counts.clear()
+    block(x).square().sum().backward()
+    assert triton_support.launch_counts["conv_bwd_input_kernel"] == 0  # input needs no grad
+    first = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    block(x).square().sum().backward()
+    for a, b in zip(first, [p.grad for p in block.parameters()]):
+        assert torch.equal(a, b)  # bitwise: fixed-order reductions, no atomics
+
+
+def test_gradcheck():
+    torch.manual_seed(6)
+    opts = dict(dtype=torch.float64, requires_grad=True)
+    x, w, b = torch.randn(2, 2, 4, 3, **opts), torch.randn(3, 2, 2, 2, **opts), torch.randn(3, **opts)
+    gamma, beta = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_(), torch.randn(3, **opts)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    def train(x, w, b, gamma, beta):
+        return dlkern.functional.conv_bn_act2d(x, w, b, None, None, gamma, beta, True, stride=(1, 2), padding=1,
+                                               activation="elu")
+
+    def evaluate(x, w, b, gamma, beta):
+        return dlkern.functional.conv_bn_act2d(x, w, b, rm, rv, gamma, beta, False, padding=1, activation="silu")
+
+    assert torch.autograd.gradcheck(train, (x, w, b, gamma, beta), fast_mode=True)
+    assert torch.autograd.gradcheck(evaluate, (x, w, b, gamma, beta), fast_mode=True)
+
+
+def test_opcheck():
+    torch.manual_seed(7)
+    x, w, b = torch.randn(2, 2, 5, 4, requires_grad=True), torch.randn(3, 2, 3, 3, requires_grad=True), \
+        torch.randn(3, requires_grad=True)
+    gamma, beta = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    geo = ([1, 1], [1, 1, 0, 1], [1, 1])
+    out, z, stats = torch.ops.dlkern.conv_bn_act2d(x, w, b, gamma, beta, 1e-5, *geo, "relu", 0.0, 0.0, False)
+    torch.library.opcheck(torch.ops.dlkern.conv_bn_act2d, (x, w, b, gamma, beta, 1e-5, *geo, "relu", 0.0, 0.0, False))
+    torch.library.opcheck(torch.ops.dlkern.conv_bias_act2d, (x, w, b, *geo, "gelu", 0.0, 0.0, False, True))
+    torch.library.opcheck(
+        torch.ops.dlkern.bn_update_running_stats,
+        (torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long), stats.detach(), 30, None),
+    )
+    g = torch.randn_like(out)
+    torch.library.opcheck(
+        torch.ops.dlkern.conv_bn_act2d_backward,
+        (g, x.detach(), w.detach(), z, stats, gamma.detach(), beta.detach(), *geo, "relu", 0.0, 0.0, False, True,
+         True),
+    )
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(8)
+    block, stock = make_pair(2, 4, 3, torch.float32, padding=1)
+    compiled = torch.compile(block, fullgraph=True)
+    triton_support.launch_counts.clear()
+    for _ in range(2):
+        step(compiled, stock, torch.randn(2, 2, 6, 5), torch.float32)
+    check_buffers(block, stock)
+    assert all(triton_support.launch_counts[name] == 2 for name in TRAIN_KERNELS + BACKWARD_KERNELS)
+    block.eval(), stock.eval()
+    step(compiled, stock, torch.randn(2, 2, 6, 5), torch.float32)
+    assert triton_support.launch_counts["conv_fwd_kernel"] == 3
+
+
+def test_state_dict_round_trips():
+    block = ConvBNReLU2d(3, 8, 3, padding=1)
+    stock = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    assert list(block.state_dict()) == list(stock.state_dict()) == [
+        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"]
+    stock[1].running_mean.fill_(0.25)
+    block.load_state_dict(stock.state_dict(), strict=True)
+    assert torch.equal(block[1].running_mean, stock[1].running_mean)
+    block[0].weight.data.fill_(0.5)
+    stock.load_state_dict(block.state_dict(), strict=True)
+    assert torch.equal(stock[0].weight, block[0].weight)
+    assert [n for n, _ in block.named_parameters()] == [n for n, _ in stock.named_parameters()]
+
+
+def test_eval_fold_cache_refreshes():
+    torch.manual_seed(9)
+    block, stock = make_pair(2, 4, 3, torch.float64, padding=1)
+    block.eval(), stock.eval()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(block(x), stock(x))
+        folded = block._fold
+        block(x)
+        assert block._fold is folded  # cached
+        for module in (block, stock):  # in-place changes (as an optimizer's) invalidate the cache
+            module[1].running_var.mul_(2.0)
+            module[0].weight.add_(0.1)
+        assert_close(block(x), stock(x))
+        assert block._fold is not folded
+
+
+def test_composite_without_interpreter(monkeypatch):
+    """CPU tensors without TRITON_INTERPRET run a PyTorch composite, with a one-time warning."""
+    monkeypatch.setattr(triton_support, "INTERPRETING", False)
+    monkeypatch.setattr(triton_support, "_warned", set())
+    torch.manual_seed(10)
+    block, stock = make_pair(3, 4, 3, torch.float64, stride=2, padding=(1, 2), activation=nn.LeakyReLU(0.1))
+    triton_support.launch_counts.clear()
+    with pytest.warns(UserWarning, match="PyTorch composite"):
+        step(block, stock, torch.randn(2, 3, 7, 6, dtype=torch.float64), torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        step(block, stock, torch.randn(2, 3, 7, 6, dtype=torch.float64), torch.float64)
+    check_buffers(block, stock)
+    block.eval(), stock.eval()
+    step(block, stock, torch.randn(2, 3, 7, 6, dtype=torch.float64), torch.float64)
+    assert sum(triton_support.launch_counts.values()) == 0
+
+
+def test_tf32_follows_cudnn_flag():
+    assert ops._precision(torch.float32, True) == "tf32"
+    assert ops._precision(torch.float32, False) == "ieee"
+    assert ops._precision(torch.float64, True) == "ieee"
+
+
+def test_bad_arguments():
+    x = torch.randn(2, 3, 6, 6)
+    w = torch.randn(4, 3, 3, 3)
+    f = dlkern.functional.conv_bn_act2d
+    with pytest.raises(ValueError, match="only groups=1"):
+        ConvBNReLU2d(4, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="padding_mode='zeros'"):
+        ConvBNReLU2d(3, 4, 3, padding_mode="reflect")
+    with pytest.raises(ValueError, match="unknown activation 'mish'"):
+        ConvBNReLU2d(3, 4, 3, activation="mish")
+    with pytest.raises(NotImplementedError, match="learnable parameters"):
+        ConvBNReLU2d(3, 4, 3, activation=nn.PReLU())
+    with pytest.raises(ValueError, match="unknown activation 'mish'"):
+        f(x, w, None, None, None, training=True, activation="mish")
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        ConvBNReLU2d(3, 4, 3)(torch.randn(3, 6, 6))
+    with pytest.raises(ValueError, match="to have 3 channels, but got 2 channels"):
+        ConvBNReLU2d(3, 4, 3)(torch.randn(2, 2, 6, 6))
+    with pytest.raises(ValueError, match="Kernel size can't be greater than actual input size"):
+        ConvBNReLU2d(3, 4, 5)(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="non-positive stride"):
+        f(x, w, None, None, None, training=True, stride=0)
+    with pytest.raises(ValueError, match="negative padding"):
+        f(x, w, None, None, None, training=True, padding=-1)
+    with pytest.raises(ValueError, match="dilation should be greater than zero"):
+        f(x, w, None, None, None, training=True, dilation=(1, 0))
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided convolutions"):
+        f(x, w, None, None, None, training=True, stride=2, padding="same")
+    with pytest.raises(ValueError, match="Invalid padding string 'full'"):
+        f(x, w, None, None, None, training=True, padding="full")
+    with pytest.raises(TypeError, match="must be floating point of one dtype"):
+        f(x.double(), w, None, None, None, training=True)
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size "
+                                         r"torch.Size\(\[1, 4, 1, 1\]\)"):
+        ConvBNReLU2d(3, 4, 3)(torch.randn(1, 3, 3, 3))
+    with pytest.raises(ValueError, match="running_mean and running_var must be defined in evaluation mode"):
+        f(x, w, None, None, None, training=False)
+    with pytest.raises(ValueError, match="momentum=None .* needs num_batches_tracked"):
+        f(x, w, None, torch.zeros(4), torch.ones(4), training=True, momentum=None)
+    with pytest.raises(TypeError, match="activation_params must be at most two floats"):
+        f(x, w, None, None, None, training=True, activation="elu", activation_params=(1.0, 2.0, 3.0))
+
+
+@pytest.mark.parametrize("device", [p for p in DEVICES if not isinstance(p, str)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast(device, dtype):
+    """fp16/bf16 under autocast: the conv in `dtype`, BatchNorm's statistics and buffers in float32."""
+    torch.manual_seed(11)
+    block, stock = make_pair(32, 32, 3, torch.float32, device=device, padding=1)
+    stock.float()
+    x = torch.randn(8, 32, 14, 14, device=device)
+    for _ in range(2):
+        with torch.autocast(device, dtype=dtype):
+            out, ref = block(x), stock(x)
+        assert out.dtype == ref.dtype == dtype
+        assert_close(out.float(), ref.float(), dtype=dtype)
+        assert block[1].running_mean.dtype == torch.float32
+        check = dict(dtype=dtype)
+        assert_close(block[1].running_mean, stock[1].running_mean, **check)
+        assert_close(block[1].running_var, stock[1].running_var, **check)
+    block.eval(), stock.eval()
+    with torch.autocast(device, dtype=dtype):
+        assert_close(block(x).float(), stock(x).float(), dtype=dtype)
