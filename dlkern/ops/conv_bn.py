@@ -383,9 +383,12 @@ def conv_bn_act2d_backward(
     geo = geometry(input, weight, stride, padding, dilation)
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
     bn, affine = stats is not None, bn_weight is not None and stats is not None
-    empty = input.new_empty(0)
-    grad_gamma = torch.empty_like(bn_weight) if affine else empty
-    grad_beta = torch.empty_like(bn_bias) if affine else empty.clone()
+    # Skipped gradients come back as empty tensors, each its own: a custom op's outputs may not alias each other.
+    def empty():
+        return input.new_empty(0)
+
+    grad_gamma = torch.empty_like(bn_weight) if affine else empty()
+    grad_beta = torch.empty_like(bn_bias) if affine else empty()
 
     if not runs_triton(input, OP):
         if bn:
@@ -405,13 +408,13 @@ def conv_bn_act2d_backward(
         else:
             gz = _torch_act_vjp(z, grad_out, activation, p0, p1)
         x_pad = F.pad(input, (padding[2], padding[3], padding[0], padding[1]))
-        dx = empty
+        dx = empty()
         if input_grad:
             dx = torch.nn.grad.conv2d_input(x_pad.shape, weight, gz, stride, 0, dilation)
             dx = dx[:, :, padding[0]:padding[0] + H, padding[2]:padding[2] + W].contiguous(
                 memory_format=suggest_memory_format(input))
-        dw = torch.nn.grad.conv2d_weight(x_pad, weight.shape, gz, stride, 0, dilation) if weight_grad else empty
-        db = (torch.zeros_like(gz[0, :, 0, 0]) if bn else gz.sum((0, 2, 3))) if weight_grad else empty
+        dw = torch.nn.grad.conv2d_weight(x_pad, weight.shape, gz, stride, 0, dilation) if weight_grad else empty()
+        db = (torch.zeros_like(gz[0, :, 0, 0]) if bn else gz.sum((0, 2, 3))) if weight_grad else empty()
         return dx, dw, db, grad_gamma, grad_beta
 
     weight = weight.contiguous()
@@ -447,7 +450,7 @@ def conv_bn_act2d_backward(
     beta = bn_bias if affine else z
     stats_arg = stats if bn else z
 
-    dx = empty
+    dx = empty()
     if input_grad:
         dx = torch.empty_like(input, memory_format=suggest_memory_format(input))
         M_in = N * H * W
@@ -459,7 +462,7 @@ def conv_bn_act2d_backward(
             M_in, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *p,
             KH=KH, KW=KW, **common, **_fixed(BLOCK_M=128, BLOCK_N=_np2(C_in), BLOCK_K=_np2(C_out * KH * KW)),
         )
-    dw, db = empty, empty
+    dw, db = empty(), empty()
     if weight_grad:
         rows = _rows_per_split(M, device, triton.cdiv(C_out, 32) * triton.cdiv(K, 32))
         splits = triton.cdiv(M, rows)
@@ -485,13 +488,12 @@ def conv_bn_act2d_backward(
 @conv_bn_act2d_backward.register_fake
 def _(grad_out, input, weight, z, stats, bn_weight, bn_bias, stride, padding, dilation, activation, p0, p1,
       allow_tf32, input_grad, weight_grad):
-    empty = input.new_empty(0)
     affine = bn_weight is not None and stats is not None
-    dx = torch.empty_like(input, memory_format=suggest_memory_format(input)) if input_grad else empty
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else empty
-    db = weight.new_empty(weight.shape[0]) if weight_grad else empty
-    grad_gamma = torch.empty_like(bn_weight) if affine else empty
-    grad_beta = torch.empty_like(bn_bias) if affine else empty.clone()
+    dx = torch.empty_like(input, memory_format=suggest_memory_format(input)) if input_grad else input.new_empty(0)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else input.new_empty(0)
+    db = weight.new_empty(weight.shape[0]) if weight_grad else input.new_empty(0)
+    grad_gamma = torch.empty_like(bn_weight) if affine else input.new_empty(0)
+    grad_beta = torch.empty_like(bn_bias) if affine else input.new_empty(0)
     return dx, dw, db, grad_gamma, grad_beta
 
 
