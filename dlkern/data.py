@@ -1,0 +1,156 @@
+"""Datasets for ``dlkern.train``: MNIST read from its IDX files, and a synthetic digit set drawn in-process so
+training runs on a machine without network access.
+
+Both give ``(images, labels)``: uint8 images of shape (N, 28, 28) and int64 labels of shape (N,), on the CPU.
+"""
+
+import gzip
+import math
+import os
+
+import torch
+
+__all__ = ["DatasetError", "load_mnist", "synthetic_digits", "MNIST_MEAN", "MNIST_STD"]
+
+# Mean and standard deviation of MNIST's training pixels (scaled to [0, 1]), the customary normalization.
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+class DatasetError(RuntimeError):
+    """A dataset's files are missing or unreadable; the message says where they go and what else to do."""
+
+
+def load_mnist(data_dir, train=True, download=False):
+    """MNIST's training (60000) or test (10000) images and labels from the IDX files under ``data_dir``.
+
+    The files are looked for in torchvision's layout (``data_dir/MNIST/raw/``), then in ``data_dir`` itself,
+    plain or gzipped. ``download=True`` first fetches them with ``torchvision.datasets.MNIST`` (which needs
+    torchvision and network access); reading never needs torchvision.
+    """
+    if download:
+        try:
+            from torchvision.datasets import MNIST
+        except ImportError as e:
+            raise DatasetError(f"--download needs torchvision ({e}); or put the MNIST IDX files in "
+                               f"{os.path.join(data_dir, 'MNIST', 'raw')}, or use --dataset synthetic") from e
+        try:
+            MNIST(root=data_dir, train=train, download=True)
+        except Exception as e:  # network errors come in many types; say what to do instead
+            raise DatasetError(f"downloading MNIST into {data_dir} failed: {e}\n{_where(data_dir)}") from e
+    images_name, labels_name = _FILES[train]
+    images = _read_idx(_find(data_dir, images_name), 3, data_dir)
+    labels = _read_idx(_find(data_dir, labels_name), 1, data_dir)
+    if images.shape[1:] != (28, 28) or images.shape[0] != labels.shape[0] or int(labels.max()) > 9:
+        raise DatasetError(f"MNIST files in {data_dir} are inconsistent: images {tuple(images.shape)}, labels "
+                           f"{tuple(labels.shape)} (largest label {int(labels.max())})\n{_where(data_dir)}")
+    return images, labels.long()
+
+
+def _where(data_dir):
+    names = ", ".join(n for pair in _FILES.values() for n in pair)
+    return (f"MNIST's IDX files ({names}; plain or .gz) go in {os.path.join(data_dir, 'MNIST', 'raw')} (or in "
+            f"{data_dir} itself). Pass --download to fetch them, --data-dir to look elsewhere, or train on "
+            f"generated digits with --dataset synthetic (no files, no network).")
+
+
+def _find(data_dir, name):
+    for folder in (os.path.join(data_dir, "MNIST", "raw"), data_dir):
+        for candidate in (name, name + ".gz"):
+            path = os.path.join(folder, candidate)
+            if os.path.isfile(path):
+                return path
+    raise DatasetError(f"MNIST file {name} not found under {data_dir}.\n{_where(data_dir)}")
+
+
+def _read_idx(path, ndim, data_dir):
+    """An IDX file of unsigned bytes (magic 0x00 0x00 0x08 ndim, then ndim big-endian int32 sizes, then data)."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # also a truncated or not-really-gzip file
+        raise DatasetError(f"cannot read {path}: {e}\n{_where(data_dir)}") from e
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[:4] != bytes([0, 0, 8, ndim]):
+        raise DatasetError(f"{path} is not an IDX file of {ndim}-D unsigned bytes (bad header {raw[:4].hex()})\n"
+                           f"{_where(data_dir)}")
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) != header + math.prod(shape):
+        raise DatasetError(f"{path} is truncated or corrupt: header says {shape}, that is "
+                           f"{header + math.prod(shape)} bytes, the file has {len(raw)}\n{_where(data_dir)}")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------- synthetic digits
+# Each digit is a set of pen strokes (line segments) in a unit box, x to the right and y downwards. An image is
+# its digit's strokes, bent by a smooth random displacement and put through a random affine map (rotation,
+# scale, shear, shift), drawn with a random pen width and pressure as an anti-aliased distance field, plus
+# noise: learnable like MNIST, and varied enough that a model must learn shapes, not pixels.
+
+
+def _polyline(*points):
+    return [(points[i], points[i + 1]) for i in range(len(points) - 1)]
+
+
+def _arc(cx, cy, rx, ry, start, stop, pieces=10):
+    """An elliptical arc from angle `start` to `stop` in degrees (0 = right, 90 = down), as segments."""
+    angles = [math.radians(start + (stop - start) * i / pieces) for i in range(pieces + 1)]
+    return _polyline(*[(cx + rx * math.cos(a), cy + ry * math.sin(a)) for a in angles])
+
+
+_STROKES = [
+    _arc(0.5, 0.5, 0.3, 0.42, 0, 360, 16),                                                           # 0
+    _polyline((0.35, 0.22), (0.52, 0.08), (0.52, 0.92)),                                             # 1
+    _arc(0.5, 0.32, 0.27, 0.22, 200, 380) + _polyline((0.75, 0.4), (0.2, 0.92), (0.82, 0.92)),       # 2
+    _arc(0.48, 0.3, 0.24, 0.2, 210, 450) + _arc(0.48, 0.7, 0.27, 0.22, 270, 510),                    # 3
+    _polyline((0.66, 0.92), (0.66, 0.08), (0.18, 0.65), (0.85, 0.65)),                               # 4
+    _polyline((0.8, 0.08), (0.3, 0.08), (0.27, 0.45)) + _arc(0.5, 0.66, 0.27, 0.25, 220, 500),       # 5
+    _arc(0.72, 0.62, 0.47, 0.54, 250, 180, 8) + _arc(0.5, 0.7, 0.24, 0.21, 0, 360, 14),              # 6
+    _polyline((0.18, 0.08), (0.82, 0.08), (0.4, 0.92)),                                              # 7
+    _arc(0.5, 0.28, 0.19, 0.19, 0, 360, 12) + _arc(0.5, 0.7, 0.24, 0.22, 0, 360, 14),                # 8
+    _arc(0.5, 0.32, 0.23, 0.21, 0, 360, 14) + _polyline((0.73, 0.32), (0.62, 0.92)),                 # 9
+]
+
+
+def _templates():
+    """(10, S, 2, 2) stroke segments, padded with far-away segments that never come near a pixel."""
+    most = max(len(s) for s in _STROKES)
+    far = ((-9.0, -9.0), (-9.0, -9.0))
+    return torch.tensor([s + [far] * (most - len(s)) for s in _STROKES], dtype=torch.float32)
+
+
+def synthetic_digits(n, seed=0, chunk=512):
+    """`n` generated 28x28 digit images and their labels, the same for the same `seed` on every machine."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(n, *shape, generator=g)  # noqa: E731
+    angle = u(-0.3, 0.3)                                      # radians, about +-17 degrees
+    scale = u(0.8, 1.1, 1) * torch.stack([u(0.8, 1.15), torch.ones(n)], 1)  # overall size and aspect
+    shear = u(-0.25, 0.25)
+    shift = u(-2.5, 2.5, 2)                                   # pixels
+    half_width = u(0.55, 1.4)                                 # pen half-width in pixels
+    pressure = u(0.65, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # Unit box centred on 0, mapped to a 20-pixel box centred in the 28-pixel image (as MNIST's digits are).
+    linear = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)   # rotation (n, 2, 2)
+    linear = linear @ torch.stack([torch.stack([torch.ones(n), shear], 1),
+                                   torch.stack([torch.zeros(n), torch.ones(n)], 1)], 1)  # shear
+    linear = linear * scale[:, None, :] * 20.0
+    strokes = _templates()[labels]  # (n, S, 2 ends, 2 coordinates)
+    # Wobble: a smooth random displacement of the unit box, so strokes bend but stay connected.
+    freq, phase, amp = u(1.0, 3.0, 1, 1, 2), u(0.0, 2 * math.pi, 1, 1, 2), u(0.0, 0.06, 1, 1, 2)
+    strokes = strokes + amp * torch.sin(2 * math.pi * freq * strokes.flip(-1) + phase)
+    segments = (strokes - 0.5) @ linear.transpose(1, 2)[:, None] + (14.0 + shift)[:, None, None]
+    ys, xs = torch.meshgrid(torch.arange(28.0) + 0.5, torch.arange(28.0) + 0.5, indexing="ij")
+    pixels = torch.stack([xs, ys], -1).reshape(1, 784, 1, 2)
+    images = torch.empty(n, 784)
+    for lo in range(0, n, chunk):  # distance from every pixel to every segment, a chunk of images at a time
+        a, b = segments[lo:lo + chunk, None, :, 0], segments[lo:lo + chunk, None, :, 1]
+        ab, ap = b - a, pixels - a
+        t = ((ap * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-9)).clamp(0, 1)
+        dist = (ap - t[..., None] * ab).norm(dim=-1).amin(-1)                             # (chunk, 784)
+        images[lo:lo + chunk] = (half_width[lo:lo + chunk, None] + 0.5 - dist).clamp(0, 1)
+    images = images * pressure[:, None] + 0.08 * torch.randn(n, 784, generator=g)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).reshape(n, 28, 28), labels

@@ -1,0 +1,333 @@
+"""Train the seed's MNIST CNN (:class:`dlkern.models.MnistCNN`) -- what the seed script meant, without its bugs.
+
+    python -m dlkern.train --dataset synthetic --epochs 2            # no files, no network
+    python -m dlkern.train --download --epochs 5 --device cuda       # real MNIST
+    torchrun --nproc_per_node=2 -m dlkern.train --dataset synthetic  # DistributedDataParallel
+
+Adam on cross-entropy; per epoch the train and test loss and accuracy (tqdm bars with live values), and in
+``--out-dir``: ``metrics.json`` (rewritten every epoch), ``curves.png``, and ``model.pth``, the state_dict of the
+epoch with the best test accuracy so far (seed-compatible keys; loads into either backend).
+
+Under torchrun each process trains on its own shard of every epoch (``--batch-size`` is per process), the
+metrics are summed over processes, and only rank 0 prints, plots and saves. NCCL on CUDA, gloo on CPU.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dlkern.data import MNIST_MEAN, MNIST_STD, DatasetError, load_mnist, synthetic_digits
+from dlkern.models import BACKENDS, MnistCNN
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SYNTHETIC_SIZES = (12000, 2000)  # train, test: 5-10 s to draw on a CPU
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m dlkern.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train the seed's MNIST CNN (dlkern.models.MnistCNN) with Adam. Under torchrun: "
+                    "DistributedDataParallel, one shard per process.")
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch, per process")
+    p.add_argument("--test-batch-size", type=int, default=1000, help="evaluation batch, per process")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    p.add_argument("--device", default=None, help="cuda when available, else cpu")
+    p.add_argument("--backend", choices=BACKENDS, default="dlkern", help="dlkern's kernels or stock torch.nn")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype (fp16 adds loss scaling)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
+    p.add_argument("--dataset", choices=("mnist", "synthetic"), default="mnist",
+                   help="MNIST's files, or digits drawn in-process (no files, no network)")
+    p.add_argument("--data-dir", default="data", help="MNIST's IDX files go in DATA_DIR/MNIST/raw")
+    p.add_argument("--download", action="store_true", help="fetch MNIST with torchvision first")
+    p.add_argument("--train-size", type=int, default=None,
+                   help=f"the first N training images (synthetic: N drawn; {SYNTHETIC_SIZES[0]} unless given)")
+    p.add_argument("--test-size", type=int, default=None,
+                   help=f"the same for the test set (synthetic: {SYNTHETIC_SIZES[1]} unless given)")
+    p.add_argument("--data-loader", action="store_true",
+                   help="batch through a DataLoader even when the dataset fits in device memory")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights, the shuffling and the synthetic data")
+    p.add_argument("--out-dir", default="runs/mnist", help="where model.pth, metrics.json and curves.png go")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None):
+    """The command line: 0 on success, 2 with a message when the dataset is missing or unreadable."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except DatasetError as e:
+        print(f"dlkern.train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args):
+    """Train as `args` (from :func:`build_parser`) say; returns the metrics written to metrics.json."""
+    rank, world = _init_distributed(args)
+    try:
+        return _run(args, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _init_distributed(args):
+    """(rank, world size). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; each process takes its own GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world == 1:
+        return 0, 1
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        args.device = str(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def _run(args, rank, world):
+    device = torch.device(args.device)
+    main_rank = rank == 0
+    torch.manual_seed(args.seed)  # the same initial weights in every process (DDP broadcasts rank 0's anyway)
+    torch.backends.cudnn.benchmark = False  # cuDNN's autotuner picks algorithms by timing: not reproducible
+    torch.backends.cudnn.deterministic = True
+
+    train_set, test_set = _load_data(args, main_rank, world)
+    model = MnistCNN(in_channels=1, num_classes=10, backend=args.backend).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    eval_model = model  # not the DDP wrapper: evaluation needs no gradient sync, and shards may differ in length
+    if args.compile:
+        train_model, eval_model = torch.compile(train_model), torch.compile(eval_model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    amp = AMP_DTYPES[args.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 gradients need loss scaling
+
+    batches = _Batches(train_set, test_set, args, device, memory_format, rank, world)
+    os.makedirs(args.out_dir, exist_ok=True)
+    metrics = {"config": dict(vars(args), world_size=world, preloaded=batches.preloaded), "epochs": [],
+               "best_epoch": None, "best_test_acc": None}
+    shuffle = torch.Generator().manual_seed(args.seed)  # the same permutation in every process, then sharded
+    for epoch in range(1, args.epochs + 1):
+        start = time.perf_counter()
+        steps = batches.train(shuffle)
+        train = _train_epoch(train_model, optimizer, scaler, steps, amp, device,
+                             _bar(main_rank, args, len(steps), f"epoch {epoch}/{args.epochs} train"))
+        _sync_buffers(model, world)
+        steps = batches.test()
+        test = _evaluate(eval_model, steps, amp, device, _bar(main_rank, args, len(steps), f"epoch {epoch} test"))
+        train, test = _reduce(train, world), _reduce(test, world)
+        row = {"epoch": epoch, "train_loss": train[0], "train_acc": train[1], "test_loss": test[0],
+               "test_acc": test[1], "train_samples": train[2], "test_samples": test[2],
+               "seconds": time.perf_counter() - start}
+        metrics["epochs"].append(row)
+        better = metrics["best_test_acc"] is None or row["test_acc"] > metrics["best_test_acc"]
+        if better:
+            metrics["best_epoch"], metrics["best_test_acc"] = epoch, row["test_acc"]
+        if main_rank:
+            if better:  # the seed overwrote model.pth every epoch, better or not
+                torch.save(model.state_dict(), os.path.join(args.out_dir, "model.pth"))
+            _write(metrics, args.out_dir)
+            print(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+                  f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} | {row['seconds']:.1f}s"
+                  + (" | best so far, saved model.pth" if better else ""), flush=True)
+    return metrics
+
+
+def _load_data(args, main_rank, world):
+    """(train, test) as (uint8 images, int64 labels) on the CPU."""
+    sizes = (args.train_size, args.test_size)
+    if args.dataset == "synthetic":
+        sizes = tuple(s if s is not None else d for s, d in zip(sizes, SYNTHETIC_SIZES))
+        # Disjoint seeds for the two splits; every process draws the same sets.
+        return synthetic_digits(sizes[0], seed=2 * args.seed), synthetic_digits(sizes[1], seed=2 * args.seed + 1)
+    if args.download and world > 1 and not main_rank:
+        dist.barrier()  # rank 0 downloads first
+    try:
+        sets = [load_mnist(args.data_dir, train, download=args.download and main_rank) for train in (True, False)]
+    finally:
+        if args.download and world > 1 and main_rank:
+            dist.barrier()
+    return tuple((x[:n], y[:n]) for (x, y), n in zip(sets, sizes))
+
+
+class _Batches:
+    """Batches of normalized (N, 1, 28, 28) float images and labels on the device.
+
+    Fast path: the uint8 dataset lives on the device and batches are gathered by indexing, one small kernel per
+    batch. When it does not fit (or with --data-loader), a DataLoader gathers the same batches on the CPU and
+    copies them over. Either way a process trains on its shard, every world-th sample of the epoch's permutation.
+    """
+
+    def __init__(self, train_set, test_set, args, device, memory_format, rank, world):
+        self.device, self.memory_format, self.rank, self.world = device, memory_format, rank, world
+        self.batch_size, self.test_batch_size = args.batch_size, args.test_batch_size
+        nbytes = sum(t.nbytes for pair in (train_set, test_set) for t in pair)
+        self.preloaded = not args.data_loader and _fits(nbytes, device)
+        where = device if self.preloaded else torch.device("cpu")
+        self.train_set = tuple(t.to(where) for t in train_set)
+        self.test_set = tuple(t.to(where) for t in test_set)
+
+    def train(self, generator):
+        n = len(self.train_set[1])
+        order = torch.randperm(n, generator=generator)
+        # Every process must take the same number of steps (DDP syncs each one): drop the last n % world.
+        order = order[: n - n % self.world][self.rank::self.world]
+        return self._batches(self.train_set, order.split(self.batch_size))
+
+    def test(self):
+        n = len(self.test_set[1])  # shards may differ by one sample: evaluation has no per-step sync
+        return self._batches(self.test_set, torch.arange(self.rank, n, self.world).split(self.test_batch_size))
+
+    def _batches(self, dataset, index_batches):
+        if self.preloaded:
+            return _Lazy(lambda i: self._prepare(*(t[i.to(self.device)] for t in dataset)), index_batches)
+        pin = self.device.type == "cuda"
+        # batch_size=None: the sampler yields whole index batches and TensorDataset gathers each in one go.
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*dataset), batch_size=None,
+                                             sampler=index_batches, pin_memory=pin)
+        return _Lazy(lambda batch: self._prepare(*(t.to(self.device, non_blocking=pin) for t in batch)),
+                     loader, length=len(index_batches))
+
+    def _prepare(self, images, labels):
+        x = images.unsqueeze(1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)
+        return x.contiguous(memory_format=self.memory_format), labels
+
+
+class _Lazy:
+    """An iterable of `fn(item)` over `items`, with a length (for the progress bar)."""
+
+    def __init__(self, fn, items, length=None):
+        self.fn, self.items, self.length = fn, items, len(items) if length is None else length
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        return (self.fn(item) for item in self.items)
+
+
+def _fits(nbytes, device):
+    """Whether the dataset fits comfortably in device memory. CPU: it is there already."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return 4 * nbytes < torch.cuda.mem_get_info(device)[0]
+    return False
+
+
+def _bar(show, args, total, desc):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not show or args.no_progress, dynamic_ncols=True, leave=False)
+
+
+def _autocast(device, amp):
+    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+
+
+def _train_epoch(model, optimizer, scaler, steps, amp, device, bar):
+    """(summed loss, correct) over the epoch as a float64 tensor on the device, and the sample count."""
+    model.train()
+    sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0
+    with bar:
+        for x, y in steps:
+            with _autocast(device, amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            count = _accumulate(sums, count, logits, y, loss, bar)
+    return sums, count
+
+
+@torch.no_grad()
+def _evaluate(model, steps, amp, device, bar):
+    model.eval()
+    sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0
+    with bar:
+        for x, y in steps:
+            with _autocast(device, amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            count = _accumulate(sums, count, logits, y, loss, bar)
+    return sums, count
+
+
+def _accumulate(sums, count, logits, y, loss, bar):
+    """Adds a batch's summed loss and correct predictions to `sums` on the device (the seed's `mean_loss /=`
+    never added anything), advances the bar, and returns the new sample count."""
+    sums[0] += loss.detach().double() * y.numel()
+    sums[1] += (logits.argmax(1) == y).sum()
+    count += y.numel()
+    bar.update()
+    if not bar.disable and (bar.n % 10 == 0 or bar.n == bar.total):  # reading the sums syncs: not every step
+        loss_sum, correct = sums.tolist()
+        bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}", refresh=False)
+    return count
+
+
+def _reduce(totals, world):
+    """(mean loss, accuracy, samples) over every process."""
+    sums, count = totals
+    totals = torch.cat([sums, sums.new_tensor([count])])
+    if world > 1:
+        dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    return loss_sum / max(count, 1), correct / max(count, 1), int(count)
+
+
+def _sync_buffers(model, world):
+    """BatchNorm's running statistics from rank 0 everywhere: DDP broadcasts them before each training forward,
+    but every process then updates its own copy with its own batch."""
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def _write(metrics, out_dir):
+    path = os.path.join(out_dir, "metrics.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=2)
+    os.replace(path + ".tmp", path)  # a reader never sees half a file
+    _plot(metrics["epochs"], os.path.join(out_dir, "curves.png"))
+
+
+def _plot(rows, path):
+    # Figure without pyplot: no GUI backend, no global state (the Agg canvas is picked for PNG).
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r["epoch"] for r in rows]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    for ax, what in zip(fig.subplots(1, 2), ("loss", "acc")):
+        for split in ("train", "test"):
+            ax.plot(epochs, [r[f"{split}_{what}"] for r in rows], marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel({"loss": "cross-entropy", "acc": "accuracy"}[what])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""dlkern.convert on models it was not written for: the same function in train and eval mode, state_dicts
+both ways with strict=True, and a report of what was and was not converted. float64, tiny shapes."""
+
+import copy
+import io
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import dlkern
+from dlkern.nn import ConvBNReLU2d
+from helpers import assert_close
+
+
+def cbr(c_in, c_out, act, **kw):
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, **kw), nn.BatchNorm2d(c_out), act]
+
+
+class VGGish(nn.Module):
+    """Blocks with GELU, SiLU and ELU, a nested Sequential, and a head with its own activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            *cbr(3, 8, nn.GELU()), *cbr(8, 8, nn.SiLU()), nn.MaxPool2d(2),
+            nn.Sequential(*cbr(8, 6, nn.ELU(alpha=0.5)), nn.MaxPool2d(2, ceil_mode=True)),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 2 * 2, 8), nn.LeakyReLU(0.2), nn.Linear(8, 3),
+                                  nn.Tanh())
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class Mixed(nn.Module):
+    """What convert must leave alone, or convert only in part."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            *cbr(2, 4, nn.ReLU6()),                         # fused (ReLU6 is Hardtanh(0, 6))
+            nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4), nn.ReLU(),   # groups=2: not fused
+            nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.0), nn.Softplus(beta=2.0),  # no activation after BN
+            *cbr(4, 4, nn.PReLU(4, init=0.1)),              # learnable activation: not fused, PReLU replaced
+            nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4), nn.SiLU(),  # not fused
+            nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),       # conv without BatchNorm
+            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),   # BatchNorm at the very end
+        )
+        self.conv = nn.Conv2d(4, 4, 1)                      # outside a Sequential: call order unknown
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.Hardtanh(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(self.body(x))))
+
+
+def randomize_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def check_same_function(stock, ours, x, steps=(True, False)):
+    """Outputs, input and parameter gradients, and (training) the updated running statistics agree."""
+    for training in steps:
+        stock.train(training), ours.train(training)
+        xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_s, out_o = stock(xs), ours(xo)
+        assert_close(out_o, out_s)
+        g = torch.randn_like(out_s)
+        out_s.backward(g), out_o.backward(g)
+        assert_close(xo.grad, xs.grad)
+        for (name, ps), po in zip(stock.named_parameters(), ours.parameters(), strict=True):
+            assert_close(po.grad, ps.grad, msg=lambda m, name=name: f"{name}: {m}")
+        check_state_dicts_equal(stock, ours)
+        stock.zero_grad(), ours.zero_grad()
+
+
+def check_state_dicts_equal(stock, ours):
+    assert_state_dict(ours.state_dict(), stock.state_dict())
+
+
+def assert_state_dict(actual, expected):
+    assert list(actual) == list(expected)
+    for name, a in actual.items():
+        torch.testing.assert_close(a, expected[name], rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def check_state_dicts_cross(stock, ours):
+    """Each loads the other's state_dict with strict=True (every entry changed first, so loading shows)."""
+    sd = {k: v + 1 if v.is_floating_point() else v + 3 for k, v in stock.state_dict().items()}
+    ours.load_state_dict(sd, strict=True)
+    assert_state_dict(ours.state_dict(), sd)
+    sd = {k: v * 2 for k, v in ours.state_dict().items()}
+    stock.load_state_dict(sd, strict=True)
+    assert_state_dict(stock.state_dict(), sd)
+
+
+def test_vgg_like():
+    torch.manual_seed(0)
+    stock = randomize_bn(VGGish()).double()
+    ours = dlkern.convert(stock)
+    report = ours.dlkern_report
+    assert report.fused == [("features.0", "features.1", "features.2"), ("features.3", "features.4", "features.5"),
+                            ("features.7.0", "features.7.1", "features.7.2")]
+    assert {(name, new) for name, _, new in report.replaced} == {
+        ("features.6", "MaxPool2d"), ("features.7.3", "MaxPool2d"), ("head.2", "LeakyReLU"), ("head.4", "Tanh")}
+    assert report.skipped == []
+    assert isinstance(ours.features[0], ConvBNReLU2d) and isinstance(ours.features[7][0], ConvBNReLU2d)
+    assert type(ours.features[1]) is nn.Identity and type(ours.head[2]) is dlkern.nn.LeakyReLU
+    assert ours.head[2].negative_slope == 0.2 and ours.features[7][3].ceil_mode
+    assert "features.0" in str(report)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    check_same_function(stock, ours, x)
+    check_state_dicts_cross(stock, ours)
+
+
+def test_mixed_sequential(caplog):
+    torch.manual_seed(1)
+    stock = randomize_bn(Mixed()).double()
+    with caplog.at_level(logging.DEBUG, logger="dlkern.convert"):
+        ours = dlkern.convert(stock)
+    report = ours.dlkern_report
+    assert report.fused == [("body.0", "body.1", "body.2")]
+    assert isinstance(ours.body[0], ConvBNReLU2d) and type(ours.body[0][2]) is nn.ReLU6
+    skipped = dict(report.skipped)
+    assert "groups=2" in skipped["body.3"]
+    assert "not followed by an activation" in skipped["body.6"]
+    assert "learnable" in skipped["body.10"]
+    assert "padding_mode" in skipped["body.13"]
+    assert "not followed by an nn.BatchNorm2d" in skipped["body.16"]
+    assert "not followed by an activation" in skipped["body.18"]
+    assert "nn.Sequential" in skipped["conv"]
+    replaced = {name: new for name, _, new in report.replaced}
+    assert replaced == {"body.5": "ReLU", "body.9": "Softplus", "body.12": "PReLU", "body.15": "SiLU",
+                        "body.17": "ReLU", "act": "Hardtanh"}
+    assert ours.body[12].weight is not stock.body[12].weight  # a deep copy...
+    assert torch.equal(ours.body[12].weight, stock.body[12].weight)  # ...of the same values
+    assert ours.body[9].beta == 2.0 and (ours.act.min_val, ours.act.max_val) == (-0.5, 0.5)
+    assert type(ours.body[3]) is nn.Conv2d and type(ours.conv) is nn.Conv2d and type(ours.body[10]) is nn.Conv2d
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("fused body.0 + body.1 + body.2" in m for m in messages)
+    assert any(r.levelno == logging.DEBUG and "body.3" in r.getMessage() and "groups=2" in r.getMessage()
+               for r in caplog.records)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    check_same_function(stock, ours, x)
+    check_state_dicts_cross(stock, ours)
+
+
+def test_conv_without_batchnorm():
+    stock = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3), nn.Sigmoid()).double()
+    ours = dlkern.convert(stock)
+    assert ours.dlkern_report.fused == []
+    assert [type(m) for m in ours] == [nn.Conv2d, dlkern.nn.ReLU, nn.Conv2d, dlkern.nn.Sigmoid]
+    assert [name for name, _ in ours.dlkern_report.skipped] == ["0", "2"]
+    check_same_function(stock, ours, torch.randn(2, 1, 6, 6, dtype=torch.float64))
+
+
+def test_copy_or_inplace():
+    stock = nn.Sequential(*cbr(1, 2, nn.ReLU()), nn.PReLU())
+    before = copy.deepcopy(stock)
+    ours = dlkern.convert(stock)
+    assert ours is not stock and [type(m) for m in stock] == [type(m) for m in before]
+    assert not hasattr(stock, "dlkern_report")
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(1.0)
+    check_state_dicts_equal(before, stock)  # the original is untouched
+    params = list(stock.parameters())
+    same = dlkern.convert(stock, inplace=True)
+    assert same is stock and isinstance(stock[0], ConvBNReLU2d) and type(stock[3]) is dlkern.nn.PReLU
+    assert all(a is b for a, b in zip(params, stock.parameters(), strict=True))  # an optimizer keeps working
+    with pytest.raises(TypeError):
+        dlkern.convert(torch.zeros(1))
+
+
+def test_keys_survive_copy_pickle_and_reconversion():
+    torch.manual_seed(2)
+    stock = VGGish()
+    ours = dlkern.convert(stock)
+    keys = list(stock.state_dict())
+    assert list(copy.deepcopy(ours).state_dict()) == keys
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert list(loaded.state_dict()) == keys
+    loaded.load_state_dict(stock.state_dict(), strict=True)
+    twice = dlkern.convert(ours)
+    assert list(twice.state_dict()) == keys and twice.dlkern_report.fused == []
+    # A state_dict's metadata (BatchNorm's version) sits under the stock names too.
+    assert ours.state_dict()._metadata["features.1"] == stock.state_dict()._metadata["features.1"]
+    # Parameters come in the stock order: optimizer state_dicts cross.
+    assert [p.shape for p in ours.parameters()] == [p.shape for p in stock.parameters()]
+
+
+def test_subclasses_and_hooks_are_left_alone():
+    class MyReLU(nn.ReLU):  # a subclass may compute something else
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    stock = nn.Sequential(*cbr(1, 2, MyReLU()), MyReLU(), *cbr(2, 2, nn.ReLU()), nn.ReLU(), nn.ReLU())
+    stock[5].register_forward_hook(lambda m, i, o: o + 1)
+    stock[8].register_forward_pre_hook(lambda m, i: (i[0] - 1,))
+    ours = dlkern.convert(stock)
+    report = ours.dlkern_report
+    assert report.fused == [] and report.replaced == [("6", "ReLU", "ReLU"), ("7", "ReLU", "ReLU")]
+    skipped = dict(report.skipped)
+    assert "not followed by an activation" in skipped["0"]
+    assert "hook" in skipped["4"] and "hook" in skipped["8"]
+    assert [type(m) for m in ours][3:] == [MyReLU, nn.Conv2d, nn.BatchNorm2d, dlkern.nn.ReLU, dlkern.nn.ReLU, nn.ReLU]
+
+
+def test_dlkern_activations_fuse_too():
+    torch.manual_seed(3)
+    stock = randomize_bn(nn.Sequential(*cbr(2, 3, dlkern.nn.Swish(1.5)), *cbr(3, 3, dlkern.nn.HardLogistic()),
+                                       *cbr(3, 2, dlkern.nn.Swish(learnable=True)))).double()
+    ours = dlkern.convert(stock)
+    assert ours.dlkern_report.fused == [("0", "1", "2"), ("3", "4", "5")]
+    assert "learnable" in dict(ours.dlkern_report.skipped)["6"]
+    check_same_function(stock, ours, torch.randn(2, 2, 5, 5, dtype=torch.float64))
+    check_state_dicts_cross(stock, ours)
+
+
+def test_sequential_subclasses():
+    class Block(nn.Sequential):  # Sequential's own forward: fused (as torchvision's Conv2dNormActivation)
+        pass
+
+    class Reversed(nn.Sequential):  # its own forward: the call order is not the children's order
+        def forward(self, x):
+            for m in reversed(self):
+                x = m(x)
+            return x
+
+    stock = nn.Sequential(Block(*cbr(1, 2, nn.ReLU())), Reversed(nn.ReLU(), *cbr(2, 2, nn.ReLU())[:2]))
+    ours = dlkern.convert(stock)
+    assert ours.dlkern_report.fused == [("0.0", "0.1", "0.2")]
+    assert "own forward" in dict(ours.dlkern_report.skipped)["1.1"]
+    assert list(ours.state_dict()) == list(stock.state_dict())
