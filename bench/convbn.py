@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 # (name, C_in, C_out, H=W, padding) of the MNIST CNN's blocks.
-BLOCKS = [("block1", 1, 32, 28, 1), ("block2", 32, 32, 14, 1), ("block3", 32, 32, 6, 0)]
+BLOCKS = [("block1", 1, 32, 28, 1), ("block2", 32, 32, 14, 0), ("block3", 32, 32, 6, 0)]
 BATCHES = [64, 512, 4096]
 IMPLS = ["eager", "compile", "compile-max-autotune", "dlkern"]
 
