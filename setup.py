@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -91,13 +92,41 @@ def configure_cuda(torch):
     return True
 
 
-def extension_setup_kwargs():
+def import_environment_torch():
+    """The torch installed in the environment being installed into, or None.
+
+    The extension must be compiled against the torch it will run with. pip's build isolation hides the
+    environment's site-packages from this script (pip install -e . without --no-build-isolation), so ask the same
+    interpreter, without the isolation overlay, where its torch lives, and import that one.
+    """
     try:
         import torch
+
+        return torch
     except ImportError:
-        # Only metadata queries get here; a build needs torch (use --no-build-isolation).
-        _log("torch is not importable: no extension will be built. Install torch, then "
-             "pip install --no-build-isolation -e .")
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    if probe.returncode != 0:
+        return None
+    sys.path.append(probe.stdout.strip())
+    try:
+        import torch
+
+        _log(f"using the environment's torch {torch.__version__} from {probe.stdout.strip()} (build isolation)")
+        return torch
+    except ImportError:
+        return None
+
+
+def extension_setup_kwargs():
+    torch = import_environment_torch()
+    if torch is None:
+        _log("torch is not installed: dlkern will install without its extension and refuse to import. Install "
+             "torch, then rebuild: pip install --no-build-isolation -e .")
         return {}
 
     with_cuda = configure_cuda(torch)
