@@ -1,99 +1,116 @@
-"""Benchmark: dlkern.nn.ConvBNReLU2d against eager PyTorch (cuDNN conv + BN + ReLU) and torch.compile.
+"""Conv blocks: dlkern.nn.ConvBNReLU2d against eager PyTorch (cuDNN conv, BatchNorm, ReLU) and torch.compile.
 
-The MNIST CNN's three Conv->BN->ReLU blocks, training (forward + backward) and eval (forward), at batch 64,
-512 and 4096: median time (triton.testing.do_bench), ratio to eager, and CUDA kernels launched per step
-(torch.profiler). ``run_suite(quick, out_rows)`` appends one dict per measurement and prints a table.
+The MNIST CNN's three Conv3x3 -> BatchNorm -> ReLU blocks at each batch (64, 1024 and 8192; 64 and 8192 with
+``--quick``), in two passes:
+
+- ``train``: training-mode forward and backward, ``torch.autograd.grad`` for the parameters (and the input,
+  except in the first block, whose input is the image) -- no accumulation into .grad;
+- ``eval``: eval-mode forward under ``torch.no_grad()`` (dlkern folds BatchNorm into the conv).
+
+Each row: median time, speedup over eager, TFLOP/s of the convolutions (forward 2*N*C_out*OH*OW*C_in*9; the
+backward adds as much for the weight gradient and again for the input gradient), GPU kernels per step
+(torch.profiler), peak memory, and the first call's time (compilation, autotuning). torch.compile runs in each
+mode asked for (default and reduce-overhead with ``--quick``, max-autotune too otherwise), freshly compiled for
+every block, batch and pass. CUDA only: without a GPU dlkern's Triton kernels do not run.
 """
 
 import torch
 from torch import nn
 
+from timing import first_call_s, free_memory, launches, median_ms, peak_mb, print_table
+
 # (name, C_in, C_out, H=W, padding) of the MNIST CNN's blocks.
 BLOCKS = [("block1", 1, 32, 28, 1), ("block2", 32, 32, 14, 0), ("block3", 32, 32, 6, 0)]
-BATCHES = [64, 512, 4096]
-IMPLS = ["eager", "compile", "compile-max-autotune", "dlkern"]
 
 
-def _build(impl, c_in, c_out, padding):
+def _build(impl, c_in, c_out, padding, mode):
     import dlkern
 
     if impl == "dlkern":
-        return dlkern.nn.ConvBNReLU2d(c_in, c_out, 3, padding=padding).cuda()
-    model = nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=padding), nn.BatchNorm2d(c_out), nn.ReLU()).cuda()
-    if impl == "compile":
-        return torch.compile(model)
-    if impl == "compile-max-autotune":
-        return torch.compile(model, mode="max-autotune")
-    return model
-
-
-def _step_fn(model, mode, x):
-    if mode == "eval":
-        model.eval()
-
-        def step():
-            with torch.no_grad():
-                model(x)
+        model = dlkern.nn.ConvBNReLU2d(c_in, c_out, 3, padding=padding)
     else:
-        model.train()
-        grad = None
+        model = nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=padding), nn.BatchNorm2d(c_out), nn.ReLU())
+    model = model.cuda().train(mode == "train")
+    if impl.startswith("compile"):
+        compile_mode = impl.removeprefix("compile").removeprefix("-") or None
+        return model, torch.compile(model, mode=compile_mode)
+    return model, model
 
+
+def _step(params, callable_, x, mode, cudagraphs):
+    if mode == "eval":
         def step():
-            nonlocal grad
-            out = model(x)
-            if grad is None:
-                grad = torch.randn_like(out)
-            out.backward(grad)
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with torch.no_grad():
+                callable_(x)
+        return step
+    inputs = params + ([x] if x.requires_grad else [])
+    grad = None
+
+    def step():
+        nonlocal grad
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = callable_(x)
+        if grad is None:
+            grad = torch.randn_like(out)
+        torch.autograd.grad(out, inputs, grad)
     return step
 
 
-def _launches(step):
-    """CUDA kernels (and memsets/copies) one step launches, as the profiler sees them."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+def _flops(batch, c_in, c_out, size, padding, mode):
+    out = size + 2 * padding - 2
+    fwd = 2 * batch * c_out * out * out * c_in * 9
+    if mode == "eval":
+        return fwd
+    return fwd * (3 if c_in > 1 else 2)  # + weight gradient (+ input gradient)
 
 
-def run_suite(quick: bool, out_rows: list) -> None:
-    if not torch.cuda.is_available():
-        print("bench/convbn.py: skipped, no CUDA GPU visible (Triton kernels need one to be timed)")
-        return
-    import triton.testing
-
-    batches = BATCHES[:2] if quick else BATCHES
+def run_suite(run):
+    if not run.cuda:
+        run.skip("convbn", "the whole suite", "the fused blocks are Triton kernels: without a CUDA GPU they run in "
+                 "Triton's interpreter (far too slow to time) or as dlkern's PyTorch-composite fallback")
+        return []
+    batches = run.batches or ([64, 8192] if run.quick else [64, 1024, 8192])
+    modes = run.compile_modes or (["default"] if run.quick else ["default", "reduce-overhead", "max-autotune"])
+    impls = ["eager"] + [f"compile-{m}" if m != "default" else "compile" for m in modes] + ["dlkern"]
     rows = []
     for name, c_in, c_out, size, padding in BLOCKS:
         for batch in batches:
             x = torch.randn(batch, c_in, size, size, device="cuda", requires_grad=c_in > 1)
             for mode in ("train", "eval"):
-                eager_ms = None
-                for impl in IMPLS:
-                    torch.manual_seed(0)
-                    step = _step_fn(_build(impl, c_in, c_out, padding), mode, x)
-                    for _ in range(3):  # compile, autotune, warm caches
-                        step()
-                    ms = triton.testing.do_bench(step, warmup=25, rep=100 if quick else 300, return_mode="median")
-                    eager_ms = ms if impl == "eager" else eager_ms
-                    rows.append(dict(
-                        bench="convbn", block=name, shape=f"{c_in}->{c_out} {size}x{size}", batch=batch, mode=mode,
-                        impl=impl, ms=ms, speedup_vs_eager=eager_ms / ms, launches=_launches(step),
-                        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                    ))
-                    x.grad = None
-    out_rows.extend(rows)
-    header = f"{'block':8} {'batch':>6} {'mode':5} {'impl':22} {'ms':>9} {'x eager':>8} {'launches':>8}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['block']:8} {r['batch']:>6} {r['mode']:5} {r['impl']:22} {r['ms']:>9.4f} "
-              f"{r['speedup_vs_eager']:>8.2f} {r['launches']:>8}")
-
-
-if __name__ == "__main__":
-    import sys
-
-    run_suite("--quick" in sys.argv, [])
+                times = {}
+                for impl in impls:
+                    try:
+                        torch.manual_seed(0)
+                        module, callable_ = _build(impl, c_in, c_out, padding, mode)
+                        cudagraphs = impl in ("compile-reduce-overhead", "compile-max-autotune")
+                        step = _step(list(module.parameters()), callable_, x, mode, cudagraphs)
+                        compile_s = first_call_s(step, run)
+                        for _ in range(3):  # cudagraph trees record on a later call; warm caches
+                            step()
+                        ms = median_ms(step, run)
+                        times[impl] = ms
+                        rows.append(dict(
+                            suite="convbn", case=name, impl=impl, dtype="float32", layout="nchw",
+                            size=f"{c_in}->{c_out} {size}x{size}", batch=batch, ms=ms, baseline="eager",
+                            speedup=times["eager"] / ms if "eager" in times else None,
+                            tflops=_flops(batch, c_in, c_out, size, padding, mode) / ms / 1e9,
+                            launches=launches(step), peak_mb=peak_mb(step), compile_s=compile_s,
+                            **{"pass": mode},
+                        ))
+                    except Exception as e:  # one failing variant must not cost the others
+                        run.fail("convbn", f"{impl} {name} batch {batch} {mode}", e)
+                    finally:
+                        module = callable_ = step = None
+                        free_memory(run)
+            del x
+    print("\nconv blocks: Conv3x3 -> BatchNorm -> ReLU (train: forward + backward; eval: forward); "
+          "x eager = eager ms / ms")
+    print_table(rows, [
+        ("case", "block", "{}"), ("batch", "batch", "{}"), ("pass", "pass", "{}"), ("impl", "impl", "{}"),
+        ("ms", "ms", "{:.4f}"), ("speedup", "x eager", "{:.2f}"), ("tflops", "TFLOP/s", "{:.1f}"),
+        ("launches", "kernels", "{}"), ("peak_mb", "peak MB", "{:.0f}"), ("compile_s", "1st call s", "{:.1f}"),
+    ])
+    return rows

@@ -1,56 +1,84 @@
-"""Max pool: dlkern's C++/CUDA kernels against ATen's F.max_pool2d, side by side in one run.
+"""Max pool: dlkern's C++/CUDA kernels against ATen's (torch.nn.functional.max_pool2d), side by side.
 
-Shapes are the MNIST CNN's three pooling layers (after each conv block), at batch 64 and a large batch,
-NCHW and channels_last, forward and forward+backward.
+The inputs of the MNIST CNN's three 2x2 pools (32x28x28, 32x12x12, 32x4x4 per image) at each batch, NCHW and
+channels_last, every dtype asked for:
+
+- ``fwd``: the forward under ``torch.no_grad()`` (inference). On CUDA both write int64 indices; ATen's CPU
+  kernel skips them when no gradient is needed, dlkern's always writes them.
+- ``bwd``: the backward alone, ``torch.autograd.grad`` through a retained graph (no accumulation into .grad).
+
+GB/s counts the bytes an ideal kernel moves, the same for both implementations: forward reads the input and
+writes values and int64 indices; backward reads the output gradient and the indices and writes the input
+gradient. ``pct_roof`` is that against the copy bandwidth measured at the start of the run.
 """
 
 import torch
 import torch.nn.functional as TF
 
 import dlkern.functional as F
-from timing import median_ms, print_table
+from timing import dtype_name, free_memory, median_ms, print_table
 
 # (C, H, W) entering each of the MNIST CNN's 2x2 pools
 MNIST_POOL_INPUTS = [(32, 28, 28), (32, 12, 12), (32, 4, 4)]
+IMPLS = {"dlkern": F.max_pool2d, "eager": TF.max_pool2d}
 
 
-def run_suite(device, quick, rows):
-    batches = [64] if quick else [64, 8192 if device == "cuda" else 1024]
-    dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
-    suite_rows = []
+def _batches(run):
+    if run.batches:
+        return run.batches
+    if run.cuda:
+        return [64, 8192] if run.quick else [64, 1024, 8192]
+    return [64] if run.quick else [64, 1024]
+
+
+def _nbytes(x):
+    """Input (or its gradient) once, pooled values (or their gradient) and int64 indices once."""
+    pooled = x.numel() // 4
+    return x.numel() * x.element_size() + pooled * (x.element_size() + 8)
+
+
+def run_suite(run):
+    dtypes = run.dtypes or ([torch.float32, torch.bfloat16] if run.cuda else [torch.float32])
+    rows = []
     for dtype in dtypes:
-        for batch in batches:
+        for batch in _batches(run):
             for c, h, w in MNIST_POOL_INPUTS:
-                for layout in ["nchw", "channels_last"]:
-                    x = torch.randn(batch, c, h, w, device=device, dtype=dtype)
+                for layout in ("nchw", "channels_last"):
+                    x = torch.randn(batch, c, h, w, device=run.device, dtype=dtype)
                     if layout == "channels_last":
-                        x = x.to(memory_format=torch.channels_last)
-                    xg = x.clone().requires_grad_()
-                    grad = torch.randn_like(TF.max_pool2d(x, 2))
-                    for pass_name in ["fwd", "fwd+bwd"]:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    xg = x.detach().requires_grad_()
+                    for pass_ in ("fwd", "bwd"):
                         times = {}
-                        for impl, pool in [("dlkern", F.max_pool2d), ("torch", TF.max_pool2d)]:
-                            if pass_name == "fwd":
-                                fn = lambda pool=pool: pool(x, 2)  # noqa: E731
+                        for impl, pool in IMPLS.items():
+                            if pass_ == "fwd":
+                                def step(pool=pool):
+                                    with torch.no_grad():
+                                        pool(x, 2)
                             else:
-                                fn = lambda pool=pool: pool(xg, 2).backward(grad)  # noqa: E731
-                            times[impl] = median_ms(fn, device, reps=5 if quick else 20)
-                        # bytes moved: read input, write values and int64 indices (backward: the reverse)
-                        out_elems = grad.numel()
-                        nbytes = x.numel() * x.element_size() + out_elems * (x.element_size() + 8)
-                        if pass_name == "fwd+bwd":
-                            nbytes *= 2
-                        suite_rows.append(dict(
-                            suite="maxpool", op="max_pool2d", shape=f"{batch}x{c}x{h}x{w}", layout=layout,
-                            dtype=str(dtype).replace("torch.", ""), pass_=pass_name,
-                            dlkern_ms=times["dlkern"], torch_ms=times["torch"],
-                            speedup=times["torch"] / times["dlkern"],
-                            dlkern_gbps=nbytes / times["dlkern"] / 1e6,
-                        ))
-    print(f"\nmax_pool2d 2x2 on {device}: dlkern against torch.nn.functional.max_pool2d (medians)")
-    print_table(suite_rows, [
-        ("shape", "input", "{}"), ("layout", "layout", "{}"), ("dtype", "dtype", "{}"), ("pass_", "pass", "{}"),
-        ("dlkern_ms", "dlkern ms", "{:.4f}"), ("torch_ms", "torch ms", "{:.4f}"),
-        ("speedup", "speedup", "{:.2f}x"), ("dlkern_gbps", "dlkern GB/s", "{:.1f}"),
+                                y = pool(xg, 2)
+                                g = torch.randn_like(y)
+
+                                def step(y=y, g=g):
+                                    torch.autograd.grad(y, xg, g, retain_graph=True)
+                            times[impl] = median_ms(step, run)
+                        nbytes = _nbytes(x)
+                        for impl, ms in times.items():
+                            gbps = nbytes / ms / 1e6
+                            rows.append(dict(
+                                suite="maxpool", case="max_pool2d 2x2", impl=impl, dtype=dtype_name(dtype),
+                                layout=layout, size=f"{batch}x{c}x{h}x{w}", batch=batch, ms=ms,
+                                speedup=times["eager"] / ms, baseline="eager",
+                                gbps=gbps, pct_roof=100 * gbps / run.roof_gbps if run.roof_gbps else None,
+                                **{"pass": pass_},
+                            ))
+                    del x, xg, y, g
+            free_memory(run)
+    print(f"\nmax_pool2d 2x2 on {run.device}: dlkern against ATen (eager); speedup = ATen ms / dlkern ms")
+    table = [dict(r, eager_ms=r["ms"] * r["speedup"]) for r in rows if r["impl"] == "dlkern"]
+    print_table(table, [
+        ("size", "input", "{}"), ("layout", "layout", "{}"), ("dtype", "dtype", "{}"), ("pass", "pass", "{}"),
+        ("ms", "dlkern ms", "{:.4f}"), ("eager_ms", "ATen ms", "{:.4f}"), ("speedup", "speedup", "{:.2f}x"),
+        ("gbps", "dlkern GB/s", "{:.1f}"), ("pct_roof", "% roof", "{:.0f}"),
     ])
-    rows.extend(suite_rows)
+    return rows

@@ -1,70 +1,157 @@
 """dlkern's benchmark: every suite side by side with PyTorch, in one run, on this machine's device.
 
-    python bench/run.py [--suite maxpool,activations,convbn] [--quick] [--out DIR]
+    python bench/run.py [--suite maxpool,model,activations,convbn,accuracy] [--quick] [--device cuda|cpu]
+                        [--out DIR] [--dtype fp32,bf16] [--sizes 20,26] [--batches 64,8192] [--ops relu,gelu]
+                        [--compile-modes default,reduce-overhead,max-autotune] [--threads N] [--data-dir DIR]
 
-Prints a table per suite and writes every row, with the device, versions, commit and time, to DIR/results.csv.
-Without a GPU it runs what is meaningful on the CPU and says what it skipped.
+Suites (one file each under bench/): maxpool (dlkern's max pool against ATen's), model (the MNIST CNN's training
+step and inference, eager, in a CUDA graph and under torch.compile), activations and convbn (dlkern's Triton
+kernels against eager PyTorch and torch.compile; GPU only), accuracy (seconds of training to 99% test accuracy).
+
+Writes to DIR (default bench/out): results.csv (one row per measurement, each with the device, torch/triton/CUDA
+versions, git commit and the run's start time), PNG plots, and targets.md / targets.csv (the H200 targets of
+bench/targets.py, ✓/✗, also printed last). results.csv is rewritten after every suite, so a run cut short keeps
+what it measured. Without a GPU it runs what is meaningful on the CPU and says what it skipped and why.
+Exit status 1 when a suite or variant failed (missed targets are results, not failures).
 """
 
 import argparse
 import csv
+import importlib
 import os
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
-SUITES = ["maxpool", "activations", "convbn"]
+from timing import Run, copy_gbps, dtype_name, environment  # noqa: E402
+
+SUITES = ["maxpool", "model", "activations", "convbn", "accuracy"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]
+# The columns every row may have, in the CSV's order (env columns first; anything else a suite adds goes last).
+COLUMNS = ["suite", "case", "pass", "impl", "dtype", "layout", "size", "numel", "batch", "ms", "speedup", "baseline",
+           "gbps", "pct_roof", "tflops", "images_per_s", "launches", "peak_mb", "compile_s", "capture_s", "tta_s",
+           "train_s", "steps", "epochs", "best_acc", "reached", "note"]
+
+
+def _list(kind):
+    def parse(text):
+        return [kind(v.strip()) for v in text.split(",") if v.strip()]
+    return parse
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", type=_list(str), default=SUITES, help=f"comma-separated, from {','.join(SUITES)}")
+    p.add_argument("--quick", action="store_true",
+                   help="few sizes, batches, ops and repetitions; torch.compile in default mode only for the conv "
+                        "blocks, default and reduce-overhead at the first batch only for the model")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=os.path.join(HERE, "out"), help="folder for results.csv, plots and targets")
+    p.add_argument("--dtype", type=_list(str), default=None,
+                   help=f"activations and max pool, from {','.join(DTYPES)} (default fp32,bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--sizes", type=_list(int), default=None,
+                   help="activation sizes as powers of two >= 14 (default 16,18,..,28; --quick 20,26)")
+    p.add_argument("--batches", type=_list(int), default=None,
+                   help="batches for max pool, conv blocks and the model (default 64,1024,8192; fewer on CPU "
+                        "and with --quick)")
+    p.add_argument("--ops", type=_list(str), default=None, help="activations to time (default all; --quick 4)")
+    p.add_argument("--compile-modes", type=_list(str), default=None,
+                   help=f"torch.compile modes for the conv blocks and the model, from {','.join(COMPILE_MODES)}")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (torch.set_num_threads); on a shared machine fewer threads than "
+                        "cores avoids stalls at every parallel region")
+    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(HERE), "data"),
+                   help="where MNIST's IDX files are (as for python -m dlkern.train); synthetic digits otherwise")
+    return p
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default=",".join(SUITES), help=f"comma-separated, from {SUITES}")
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (a smoke run)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=os.path.join(HERE, "out"), help="folder for results.csv")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
-    unknown = set(suites) - set(SUITES)
-    if unknown:
-        parser.error(f"unknown suite(s) {sorted(unknown)}; choose from {SUITES}")
+    for name, values, allowed in [("suite", args.suite, SUITES), ("dtype", args.dtype or [], DTYPES),
+                                  ("compile-modes", args.compile_modes or [], COMPILE_MODES)]:
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            parser.error(f"unknown --{name} {unknown}; choose from {list(allowed)}")
+    if args.sizes and min(args.sizes) < 14:
+        parser.error("--sizes are powers of two of at least 14 (2^14 elements: one row of 64 channels x 256)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
 
-    from timing import environment
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = Run(
+        device=args.device, quick=args.quick, data_dir=args.data_dir,
+        dtypes=[DTYPES[d] for d in args.dtype] if args.dtype else None,
+        sizes=[2**k for k in args.sizes] if args.sizes else None, batches=args.batches, ops=args.ops,
+        compile_modes=args.compile_modes,
+    )
+    started = time.perf_counter()
     env = environment(args.device)
-    print("dlkern benchmark: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    if args.device != "cuda":
-        print("no GPU: timings are CPU timings; the Triton suites need a GPU and are skipped")
-
-    rows = []
-    for suite in suites:
-        if suite == "maxpool":
-            import maxpool
-
-            maxpool.run_suite(args.device, args.quick, rows)
-        elif args.device != "cuda":
-            print(f"\n{suite}: skipped, its Triton kernels need a CUDA GPU (the CPU interpreter is not a benchmark)")
-        elif suite == "activations":
-            import activations
-
-            activations.run_suite(args.quick, None, rows)
-        elif suite == "convbn":
-            import convbn
-
-            convbn.run_suite(args.quick, rows)
-
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.csv")
-    fields = list(env) + sorted({k for r in rows for k in r})
-    with open(path, "w", newline="") as f:
+    print("dlkern benchmark: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    if run.cuda:
+        torch.backends.cudnn.benchmark = True  # PyTorch's convolutions at their best: cuDNN picks by timing
+        # The profiler (kernel counts) must start once before any CUDA graph is captured, or replaying that graph
+        # under the profiler can fail (pytorch/pytorch#100441).
+        from torch.profiler._utils import _init_for_cuda_graphs
+
+        _init_for_cuda_graphs()
+        print("cuDNN autotuning on (torch.backends.cudnn.benchmark); L2 flushed before every timed call")
+    else:
+        print("no GPU: CPU timings of what is meaningful on a CPU; the GPU-only suites and variants are skipped")
+    run.roof_gbps = copy_gbps(run)
+    print(f"copy bandwidth (the roof for memory-bound ops): {run.roof_gbps:.1f} GB/s")
+
+    rows = [dict(suite="roof", case="copy", impl="copy", dtype="float32", gbps=run.roof_gbps, pct_roof=100.0)]
+    for suite in args.suite:
+        start = time.perf_counter()
+        try:
+            rows += importlib.import_module(suite).run_suite(run)
+        except Exception as e:  # a broken suite must not cost the others their results
+            run.fail(suite, "the suite", e)
+        print(f"[{suite}: {time.perf_counter() - start:.0f} s]")
+        _write_csv(rows, env, os.path.join(args.out, "results.csv"))
+
+    import plots
+    import targets
+
+    print()
+    try:
+        for line in plots.make_plots([dict(env, **r) for r in rows], args.out):
+            print(f"plot: {line}")
+    except Exception as e:  # the CSV is written; the targets still get their summary
+        run.fail("plots", "drawing", e)
+    results = targets.evaluate(rows, run.cuda)
+    targets.report(results, env["device"], run.cuda, run.skipped, run.failed, args.out)
+    print(f"\n{len(rows)} rows written to {os.path.join(args.out, 'results.csv')} "
+          f"({time.perf_counter() - started:.0f} s in all)")
+    return 1 if run.failed else 0
+
+
+def _write_csv(rows, env, path):
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+    fields = list(env) + COLUMNS + extra
+    with open(path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:
-            writer.writerow({**env, **r})
-    print(f"\n{len(rows)} rows written to {path}")
+            writer.writerow({**env, **{k: _cell(v) for k, v in r.items()}})
+    os.replace(path + ".tmp", path)
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, torch.dtype):
+        return dtype_name(value)
+    return value
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

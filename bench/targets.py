@@ -1,0 +1,126 @@
+"""dlkern's performance targets on an H200, in one place, evaluated over a run's rows.
+
+Each target is checked against every matching case the run measured and reports its worst case. A target is
+✓ (met everywhere), ✗ (missed somewhere) or – (not measured: the suite, size, batch or variant was not in the
+run). The targets are set for an H200; on other GPUs they are evaluated all the same, and a CPU run evaluates
+none of them (CPU timings say nothing about dlkern's GPU kernels).
+"""
+
+import csv
+import os
+
+MARKS = {True: "✓", False: "✗", None: "–"}
+CASE_KEYS = ("case", "pass", "dtype", "layout", "size", "batch")
+
+
+def _case(r):
+    return " ".join(str(r[k]) for k in CASE_KEYS if r.get(k) not in (None, ""))
+
+
+def _faster(rows, suite, ours, theirs, factor, strict=False, **where):
+    """`ours` at least `factor` times as fast as each of `theirs` (baseline ms / our ms), in every case of `suite`
+    matching `where` where both were measured. Returns (met, worst case)."""
+    def matches(r):
+        return r["suite"] == suite and all(r.get(k) in (v if isinstance(v, tuple) else (v,)) for k, v in where.items())
+
+    cases = {}
+    for r in rows:
+        if matches(r) and r.get("ms"):
+            cases.setdefault(_case(r), {})[r["impl"]] = r["ms"]
+    worst = None
+    for case, ms in cases.items():
+        for other in theirs:
+            if ours in ms and other in ms:
+                ratio = ms[other] / ms[ours]
+                if worst is None or ratio < worst[0]:
+                    worst = (ratio, f"{case}: {ratio:.2f}x {other}")
+    if worst is None:
+        return None, f"not measured ({ours} and {'/'.join(theirs)} in the same case)"
+    met = worst[0] > factor if strict else worst[0] >= factor
+    return met, f"worst {worst[1]}"
+
+
+def _roof(rows, pct, min_numel):
+    cases = [r for r in rows if r["suite"] == "activations" and r["impl"] == "dlkern"
+             and r.get("numel", 0) >= min_numel and r.get("pct_roof") is not None
+             and r.get("dtype") in ("float32", "bfloat16")]
+    if not cases:
+        return None, f"not measured (no activation at >= 2^{min_numel.bit_length() - 1} elements)"
+    worst = min(cases, key=lambda r: r["pct_roof"])
+    covered = sorted({(r["pass"], r["dtype"]) for r in cases})
+    return worst["pct_roof"] >= pct, (f"worst {_case(worst)}: {worst['pct_roof']:.0f}% of copy bandwidth "
+                                      f"({len(cases)} cases: {', '.join('/'.join(c) for c in covered)})")
+
+
+COMPILE_VARIANTS = ("compile", "compile-reduce-overhead", "compile-max-autotune")
+
+# (name, what it asks, check(rows) -> (met or None, detail))
+TARGETS = [
+    ("activations roof", "activations reach >= 90% of the measured copy bandwidth at >= 2^26 elements "
+     "(fwd and fwd+bwd, fp32 and bf16)", lambda rows: _roof(rows, 90, 2**26)),
+    ("activations vs PyTorch", "activations never slower than eager or torch.compile",
+     lambda rows: _faster(rows, "activations", "dlkern", ("eager", "compile"), 1.0)),
+    ("max pool fwd", "max pool forward >= ATen's speed, both layouts",
+     lambda rows: _faster(rows, "maxpool", "dlkern", ("eager",), 1.0, **{"pass": "fwd"})),
+    ("max pool bwd", "max pool backward >= 1.2x ATen's, both layouts",
+     lambda rows: _faster(rows, "maxpool", "dlkern", ("eager",), 1.2, **{"pass": "bwd"})),
+    ("conv blocks train", "conv blocks: training forward+backward faster than eager and torch.compile, every batch",
+     lambda rows: _faster(rows, "convbn", "dlkern", ("eager",) + COMPILE_VARIANTS, 1.0, strict=True,
+                          **{"pass": "train"})),
+    ("conv blocks eval", "conv blocks: eval forward at batch 64 >= 1.5x eager",
+     lambda rows: _faster(rows, "convbn", "dlkern", ("eager",), 1.5, batch=64, **{"pass": "eval"})),
+    ("model step vs eager", "model training step at batch 64 >= 2x eager",
+     lambda rows: _faster(rows, "model", "dlkern", ("eager",), 2.0, batch=64, **{"pass": "train-step"})),
+    ("model step vs compile", "model training step at batch 64 >= torch.compile (default)",
+     lambda rows: _faster(rows, "model", "dlkern", ("compile",), 1.0, batch=64, **{"pass": "train-step"})),
+    ("graph step vs eager", "model training step at batch 64 in a CUDA graph >= 5x eager",
+     lambda rows: _faster(rows, "model", "dlkern+graph", ("eager",), 5.0, batch=64, **{"pass": "train-step"})),
+    ("graph step vs reduce-overhead", "model training step at batch 64 in a CUDA graph >= 1.2x "
+     "torch.compile(mode='reduce-overhead')",
+     lambda rows: _faster(rows, "model", "dlkern+graph", ("compile-reduce-overhead",), 1.2, batch=64,
+                          **{"pass": "train-step"})),
+    ("model inference", "model inference at batch 64 >= 2x eager",
+     lambda rows: _faster(rows, "model", "dlkern", ("eager",), 2.0, batch=64, **{"pass": "inference"})),
+]
+
+
+def evaluate(rows, on_cuda):
+    """[{target, asks, met (True/False/None), detail}] for every target."""
+    results = []
+    for name, asks, check in TARGETS:
+        if on_cuda:
+            met, detail = check(rows)
+        else:
+            met, detail = None, "not evaluated: a CPU run (the targets are for an H200)"
+        results.append(dict(target=name, asks=asks, met=met, detail=detail))
+    return results
+
+
+def report(results, device_name, on_cuda, skipped, failed, out_dir):
+    """Prints the summary and writes it to out_dir/targets.md and out_dir/targets.csv."""
+    head = [f"Targets (set for an H200; this run: {device_name})"]
+    if on_cuda and "H200" not in device_name:
+        head.append("note: this GPU is not an H200; the targets are evaluated all the same")
+    width = max(len(r["target"]) for r in results)
+    body = []
+    for r in results:
+        body.append(f"{MARKS[r['met']]} {r['target']:<{width}}  {r['asks']}")
+        body.append(f"  {'':<{width}}  {r['detail']}")
+    met = sum(r["met"] is True for r in results)
+    missed = sum(r["met"] is False for r in results)
+    tail = [f"{met} met, {missed} missed, {len(results) - met - missed} not measured"]
+    if skipped:
+        tail += ["", "Skipped:"] + [f"- {suite}: {what}: {reason}" for suite, what, reason in skipped]
+    if failed:
+        tail += ["", "FAILED:"] + [f"- {suite}: {what}: {error}" for suite, what, error in failed]
+    print("\n" + "\n".join(head + [""] + body + [""] + tail))
+    with open(os.path.join(out_dir, "targets.md"), "w") as f:
+        f.write("# Targets\n\n" + "\n\n".join(head) + "\n\n| | target | asks | result |\n| --- | --- | --- | --- |\n")
+        for r in results:
+            f.write(f"| {MARKS[r['met']]} | {r['target']} | {r['asks']} | {r['detail']} |\n")
+        f.write("\n" + "\n".join(tail) + "\n")
+    with open(os.path.join(out_dir, "targets.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["target", "met", "asks", "detail"])
+        writer.writeheader()
+        for r in results:
+            writer.writerow({**r, "met": {True: "yes", False: "no", None: "not measured"}[r["met"]]})

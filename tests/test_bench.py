@@ -1,0 +1,146 @@
+"""bench/run.py end to end: the quick benchmark on the CPU, in a subprocess, as a smoke test (not a timing test).
+
+It runs with --device cpu even on a GPU machine (the GPU benchmark is bench/gpu_run.sh's job, and takes
+minutes), on one thread, and without TRITON_INTERPRET: the benchmark must run on a plain CPU install, where dlkern's Triton ops
+fall back to PyTorch composites."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV_COLUMNS = {"device", "torch", "triton", "cuda", "commit", "timestamp"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it without a GPU
+    proc = subprocess.run(
+        # one thread: on a shared machine, threads waiting for a busy core stall every parallel region
+        [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--device", "cpu", "--threads", "1",
+         "--out", str(out), "--data-dir", str(out / "no-mnist-here")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return out, proc.stdout, rows
+
+
+def test_csv_has_env_columns_on_every_row(quick_run):
+    _, _, rows = quick_run
+    assert rows
+    assert ENV_COLUMNS <= set(rows[0])
+    for r in rows:
+        assert all(r[c] for c in ENV_COLUMNS), r
+        assert r["device"].startswith("CPU")
+
+
+def test_maxpool_and_model_rows(quick_run):
+    _, _, rows = quick_run
+    maxpool = [r for r in rows if r["suite"] == "maxpool"]
+    assert {(r["impl"], r["layout"], r["pass"]) for r in maxpool} == {
+        (impl, layout, pass_) for impl in ("dlkern", "eager") for layout in ("nchw", "channels_last")
+        for pass_ in ("fwd", "bwd")}
+    model = [r for r in rows if r["suite"] == "model"]
+    assert {(r["impl"], r["pass"]) for r in model} == {
+        (impl, pass_) for impl in ("eager", "dlkern") for pass_ in ("train-step", "inference")}
+    for r in maxpool + model:
+        assert float(r["ms"]) > 0 and float(r["speedup"]) > 0
+    assert all(float(r["images_per_s"]) > 0 for r in model)
+    # the dlkern rows on a CPU time the PyTorch-composite fallback, and say so
+    assert all("composite" in r["note"] for r in model if r["impl"] == "dlkern")
+    accuracy = [r for r in rows if r["suite"] == "accuracy"]
+    assert [(r["case"], r["impl"]) for r in accuracy] == [("synthetic to 99%", "eager")]
+
+
+def test_gpu_only_parts_say_they_were_skipped(quick_run):
+    out, stdout, _ = quick_run
+    for message in ["activations: skipped the whole suite", "convbn: skipped the whole suite",
+                    "model: skipped dlkern+graph and torch.compile variants", "accuracy: skipped the dlkern backend",
+                    "accuracy: skipped MNIST"]:
+        assert message in stdout
+    assert "composite" in stdout  # the model table's note on the dlkern backend
+    targets = (out / "targets.md").read_text()
+    assert "not evaluated: a CPU run" in targets and "activations: the whole suite" in targets
+
+
+def test_plots_and_targets_written(quick_run):
+    out, stdout, _ = quick_run
+    for name in ("maxpool_speedup.png", "model_speedup.png", "targets.md", "targets.csv"):
+        assert (out / name).stat().st_size > 0
+    assert not (out / "activations_bandwidth.png").exists()
+    assert "activations_bandwidth.png: not drawn" in stdout
+    with open(out / "targets.csv", newline="") as f:
+        targets = list(csv.DictReader(f))
+    assert len(targets) == 11 and {t["met"] for t in targets} == {"not measured"}
+
+
+# ------------------------------------------------------------------ targets and plots over GPU-shaped rows
+# The GPU suites cannot run without a GPU, but what turns their rows into ✓/✗ and plots can be checked here.
+
+
+def _load(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gpu_rows():
+    rows = [dict(suite="roof", case="copy", impl="copy", gbps=4000.0, pct_roof=100.0)]
+
+    def add(suite, impl, ms, **kw):
+        rows.append(dict(suite=suite, impl=impl, ms=ms, device="NVIDIA H200", **kw))
+
+    for dtype, pct in (("float32", 95.0), ("bfloat16", 85.0)):  # bf16 misses the roof
+        for pass_ in ("fwd", "fwd+bwd"):
+            for numel, size in ((2**20, "2^20"), (2**26, "2^26")):
+                case = dict(case="relu", dtype=dtype, numel=numel, size=size, **{"pass": pass_})
+                for impl, ms in (("eager", 1.2), ("compile", 1.1), ("dlkern", 1.0)):
+                    add("activations", impl, ms, gbps=40 * pct / ms, pct_roof=pct / ms, speedup=1.2 / ms, **case)
+    for layout in ("nchw", "channels_last"):
+        for pass_, eager_ms in (("fwd", 1.1), ("bwd", 1.3)):
+            case = dict(case="max_pool2d 2x2", dtype="float32", layout=layout, size="64x32x28x28", batch=64)
+            add("maxpool", "eager", eager_ms, speedup=1.0, **case, **{"pass": pass_})
+            add("maxpool", "dlkern", 1.0, speedup=eager_ms, **case, **{"pass": pass_})
+    for pass_, times in (("train", dict(eager=2.0, compile=1.5, dlkern=1.0)), ("eval", dict(eager=1.4, dlkern=1.0))):
+        for impl, ms in times.items():
+            add("convbn", impl, ms, case="block1", batch=64, speedup=times["eager"] / ms, **{"pass": pass_})
+    step = {"eager": 10.0, "dlkern": 4.0, "compile": 5.0, "dlkern+graph": 1.5, "compile-reduce-overhead": 2.0}
+    for impl, ms in step.items():
+        add("model", impl, ms, case="MnistCNN", batch=64, speedup=10.0 / ms, **{"pass": "train-step"})
+        add("model", impl, ms * 100, case="MnistCNN", batch=8192, speedup=10.0 / ms, **{"pass": "train-step"})
+    return rows
+
+
+def test_targets_over_gpu_rows(tmp_path):
+    targets = _load("targets")
+    results = {r["target"]: r for r in targets.evaluate(_gpu_rows(), on_cuda=True)}
+    assert len(results) == len(targets.TARGETS) == 11
+    expected = {
+        "activations roof": False, "activations vs PyTorch": True, "max pool fwd": True, "max pool bwd": True,
+        "conv blocks train": True, "conv blocks eval": False, "model step vs eager": True,
+        "model step vs compile": True, "graph step vs eager": True, "graph step vs reduce-overhead": True,
+        "model inference": None,
+    }
+    assert {name: r["met"] for name, r in results.items()} == expected
+    assert "85%" in results["activations roof"]["detail"] and "bfloat16" in results["activations roof"]["detail"]
+    assert "1.40x eager" in results["conv blocks eval"]["detail"]
+    assert "not measured" in results["model inference"]["detail"]
+    targets.report(list(results.values()), "NVIDIA H200", True, [("convbn", "x", "why")], [], str(tmp_path))
+    text = (tmp_path / "targets.md").read_text()
+    assert "| ✓ | max pool bwd |" in text and "| ✗ | activations roof |" in text and "- convbn: x: why" in text
+
+
+def test_plots_over_gpu_rows(tmp_path):
+    made = _load("plots").make_plots(_gpu_rows(), str(tmp_path))
+    assert made == [str(tmp_path / f"{name}.png") for name in
+                    ("activations_bandwidth", "maxpool_speedup", "convbn_speedup", "model_speedup")]
+    assert all(os.path.getsize(path) > 10_000 for path in made)
