@@ -23,14 +23,6 @@ MNIST_POOL_INPUTS = [(32, 28, 28), (32, 12, 12), (32, 4, 4)]
 IMPLS = {"dlkern": F.max_pool2d, "eager": TF.max_pool2d}
 
 
-def _batches(run):
-    if run.batches:
-        return run.batches
-    if run.cuda:
-        return [64, 8192] if run.quick else [64, 1024, 8192]
-    return [64] if run.quick else [64, 1024]
-
-
 def _nbytes(x):
     """Input (or its gradient) once, pooled values (or their gradient) and int64 indices once."""
     pooled = x.numel() // 4
@@ -41,7 +33,7 @@ def run_suite(run):
     dtypes = run.dtypes or ([torch.float32, torch.bfloat16] if run.cuda else [torch.float32])
     rows = []
     for dtype in dtypes:
-        for batch in _batches(run):
+        for batch in run.batch_sizes():
             for c, h, w in MNIST_POOL_INPUTS:
                 for layout in ("nchw", "channels_last"):
                     x = torch.randn(batch, c, h, w, device=run.device, dtype=dtype)

@@ -40,14 +40,6 @@ PASSES = ("train-step", "inference")
 CPU_NOTE = "CPU: dlkern's Triton ops ran their PyTorch-composite fallback"
 
 
-def _batches(run):
-    if run.batches:
-        return run.batches
-    if run.cuda:
-        return [64, 8192] if run.quick else [64, 1024, 8192]
-    return [64] if run.quick else [64, 1024]
-
-
 def _impls(run, first_batch):
     """The variants to time at one batch. --quick compiles at the first batch only (compiling takes long)."""
     if not run.cuda:
@@ -149,8 +141,8 @@ def run_suite(run):
                  "the CPU is left out of a CPU run (the compile modes are about GPU launch overhead)")
     rows = []
     fallback_warnings = set()
-    for batch in _batches(run):
-        impls = _impls(run, batch == _batches(run)[0])
+    for batch in run.batch_sizes():
+        impls = _impls(run, batch == run.batch_sizes()[0])
         torch.manual_seed(1)
         x = torch.randn(batch, 1, 28, 28, device=run.device)
         y = torch.randint(0, 10, (batch,), device=run.device)

@@ -42,6 +42,14 @@ class Run:
     def cuda(self):
         return self.device == "cuda"
 
+    def batch_sizes(self):
+        """--batches, else the MNIST batch (64) and large ones: fewer with --quick, smaller on a CPU."""
+        if self.batches:
+            return self.batches
+        if self.cuda:
+            return [64, 8192] if self.quick else [64, 1024, 8192]
+        return [64] if self.quick else [64, 1024]
+
     def skip(self, suite, what, reason):
         self.skipped.append((suite, what, reason))
         print(f"{suite}: skipped {what}: {reason}")
