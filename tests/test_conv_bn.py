@@ -294,12 +294,19 @@ def test_eval_fold_cache_refreshes():
         assert block._fold is not folded
 
 
-def test_composite_without_interpreter(monkeypatch):
-    """CPU tensors without TRITON_INTERPRET run a PyTorch composite, with a one-time warning."""
+@pytest.mark.parametrize(
+    "activation",
+    [nn.LeakyReLU(0.1), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Softplus(2.0, 3.0), nn.Hardtanh(-0.5, 0.7),
+     nn.Sigmoid(), nn.ELU(0.5)],
+    ids=repr,
+)
+def test_composite_without_interpreter(monkeypatch, activation):
+    """CPU tensors without TRITON_INTERPRET run a PyTorch composite (the activation family's), with a one-time
+    warning."""
     monkeypatch.setattr(triton_support, "INTERPRETING", False)
     monkeypatch.setattr(triton_support, "_warned", set())
     torch.manual_seed(10)
-    block, stock = make_pair(3, 4, 3, torch.float64, stride=2, padding=(1, 2), activation=nn.LeakyReLU(0.1))
+    block, stock = make_pair(3, 4, 3, torch.float64, stride=2, padding=(1, 2), activation=activation)
     triton_support.launch_counts.clear()
     with pytest.warns(UserWarning, match="PyTorch composite"):
         step(block, stock, torch.randn(2, 3, 7, 6, dtype=torch.float64), torch.float64)

@@ -264,7 +264,7 @@ def _channel_view(weight, x):
     return weight.reshape((-1,) + (1,) * (x.dim() - 2))
 
 
-def _composite_forward(x, act, p0, p1, weight=None):
+def composite_forward(x, act, p0, p1, weight=None):
     F = torch.nn.functional
     if act == "prelu":
         return F.prelu(x, weight.to(x.dtype) if weight is not None else x.new_full((1,), p0))
@@ -287,7 +287,7 @@ def _composite_forward(x, act, p0, p1, weight=None):
             "hardsigmoid": F.hardsigmoid}[act](x)
 
 
-def _composite_backward(g, s, act, p0, p1, from_output):
+def composite_backward(g, s, act, p0, p1, from_output):
     aten = torch.ops.aten
     if act == "sigmoid":
         return aten.sigmoid_backward(g, s if from_output else torch.sigmoid(s))
@@ -334,7 +334,7 @@ def activation(x: torch.Tensor, act: str, p0: float, p1: float) -> torch.Tensor:
     if runs_triton(x, act):
         _launch_forward(y, x, act, p0, p1)
     else:
-        y.copy_(_composite_forward(x, act, p0, p1))
+        y.copy_(composite_forward(x, act, p0, p1))
     return y
 
 
@@ -355,7 +355,7 @@ def activation_(x: torch.Tensor, act: str, p0: float, p1: float) -> None:
     if runs_triton(x, act):
         _launch_forward(x, x, act, p0, p1)
     else:
-        x.copy_(_composite_forward(x, act, p0, p1))
+        x.copy_(composite_forward(x, act, p0, p1))
 
 
 @activation_.register_fake
@@ -371,7 +371,7 @@ def activation_backward(
     if runs_triton(saved, act):
         _launch_backward(dx, grad_output, saved, act, p0, p1, saved_is_output)
     else:
-        dx.copy_(_composite_backward(grad_output, saved, act, p0, p1, saved_is_output))
+        dx.copy_(composite_backward(grad_output, saved, act, p0, p1, saved_is_output))
     return dx
 
 
@@ -387,7 +387,7 @@ def activation_channelwise(x: torch.Tensor, weight: torch.Tensor, act: str) -> t
     if runs_triton(x, act):
         _launch_forward(y, x, act, 0.0, 0.0, weight)
     else:
-        y.copy_(_composite_forward(x, act, 0.0, 0.0, weight))
+        y.copy_(composite_forward(x, act, 0.0, 0.0, weight))
     return y
 
 

@@ -24,27 +24,14 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from dlkern.kernels import conv_bn as kernels
+from dlkern.kernels.activation import ACTIVATIONS
+from dlkern.ops.activation import composite_backward, composite_forward
 from dlkern.ops.triton_support import INTERPRETING, launch, runs_triton
 
 OP = "conv_bn_act2d"
 
-# Activation name -> PyTorch composite (p0, p1 as in kernels/activation.py); "none" is conv + BatchNorm alone.
-TORCH_ACTIVATIONS = {
-    "none": lambda x, p0, p1: x,
-    "relu": lambda x, p0, p1: F.relu(x),
-    "leaky_relu": lambda x, p0, p1: F.leaky_relu(x, p0),
-    "elu": lambda x, p0, p1: F.elu(x, p0),
-    "softplus": lambda x, p0, p1: F.softplus(x, p0, p1),
-    "silu": lambda x, p0, p1: F.silu(x),
-    "swish": lambda x, p0, p1: x * torch.sigmoid(p0 * x),
-    "gelu": lambda x, p0, p1: F.gelu(x),
-    "gelu_tanh": lambda x, p0, p1: F.gelu(x, approximate="tanh"),
-    "sigmoid": lambda x, p0, p1: torch.sigmoid(x),
-    "tanh": lambda x, p0, p1: torch.tanh(x),
-    "hardsigmoid": lambda x, p0, p1: F.hardsigmoid(x),
-    "hardtanh": lambda x, p0, p1: F.hardtanh(x, p0, p1),
-    "hard_logistic": lambda x, p0, p1: torch.clamp(0.25 * x + 0.5, 0.0, 1.0),
-}
+# The fusable activations: the family's scalar-parameter ones ("none": conv + BatchNorm alone).
+FUSABLE = ("none",) + tuple(a for a in ACTIVATIONS if a != "prelu")
 
 
 # ---------------------------------------------------------------------------------------------- launch helpers
@@ -163,42 +150,11 @@ def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation,
 
 
 def _torch_act(u, act, p0, p1):
-    return TORCH_ACTIVATIONS[act](u, p0, p1)
-
-
-def _sig_grad(x):
-    s = torch.sigmoid(x)
-    return s, s * (1 - s)
-
-
-def _gelu_tanh_grad(x):
-    k = 0.7978845608028654 * (x + 0.044715 * x**3)
-    t = torch.tanh(k)
-    return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * x * x)
-
-
-# f'(x) of each activation, for the composite backward (a custom op's body runs below autograd).
-TORCH_ACTIVATION_GRADS = {
-    "none": lambda x, p0, p1: torch.ones_like(x),
-    "relu": lambda x, p0, p1: (x > 0).to(x.dtype),
-    "leaky_relu": lambda x, p0, p1: torch.where(x > 0, torch.ones_like(x), p0),
-    "elu": lambda x, p0, p1: torch.where(x <= 0, p0 * torch.exp(x), 1.0),
-    "softplus": lambda x, p0, p1: torch.where(x * p0 > p1, 1.0, torch.sigmoid(x * p0)),
-    "silu": lambda x, p0, p1: (lambda s, ds: s + x * ds)(*_sig_grad(x)),
-    "swish": lambda x, p0, p1: (lambda s, ds: s + p0 * x * ds)(*_sig_grad(p0 * x)),
-    "gelu": lambda x, p0, p1: 0.5 * (1 + torch.erf(x * 0.7071067811865476))
-    + x * torch.exp(-0.5 * x * x) * 0.3989422804014327,
-    "gelu_tanh": lambda x, p0, p1: _gelu_tanh_grad(x),
-    "sigmoid": lambda x, p0, p1: _sig_grad(x)[1],
-    "tanh": lambda x, p0, p1: 1 - torch.tanh(x) ** 2,
-    "hardsigmoid": lambda x, p0, p1: ((x > -3) & (x < 3)).to(x.dtype) / 6,
-    "hardtanh": lambda x, p0, p1: ((x > p0) & (x < p1)).to(x.dtype),
-    "hard_logistic": lambda x, p0, p1: ((x > -2) & (x < 2)).to(x.dtype) * 0.25,
-}
+    return u if act == "none" else composite_forward(u, act, p0, p1)
 
 
 def _torch_act_vjp(u, g, act, p0, p1):
-    return g * TORCH_ACTIVATION_GRADS[act](u, p0, p1)
+    return g if act == "none" else composite_backward(g, u, act, p0, p1, from_output=False)
 
 
 def _torch_conv(input, weight, bias, stride, padding, dilation):
@@ -542,9 +498,9 @@ def check_activation(activation, params=()):
     """(name, p0, p1) for a fusable activation name; missing parameters take PyTorch's defaults."""
     if activation is None:
         activation = "none"
-    if activation not in TORCH_ACTIVATIONS:
+    if activation not in FUSABLE:
         raise ValueError(
-            f"conv_bn_act2d(): unknown activation {activation!r}; fusable: {sorted(TORCH_ACTIVATIONS)} "
+            f"conv_bn_act2d(): unknown activation {activation!r}; fusable: {sorted(FUSABLE)} "
             "(activations with learnable parameters, such as PReLU, are not fused)"
         )
     if len(params) > 2 or not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in params):
