@@ -69,8 +69,8 @@ def record(kernel, grid, *args, **kwargs):
             if p.is_constexpr or value is None:  # Triton specializes a None argument as a constexpr
                 signature[p.name] = "constexpr"
                 constexprs[p.name] = value
-            else:
-                signature[p.name] = arg_type(value)
+            else:  # an annotated parameter (p0: tl.float64) is compiled as annotated, as on a GPU
+                signature[p.name] = p.annotation_type or arg_type(value)
         key = (fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())), tuple(options.items()))
         recorded[key] = (fn, signature, constexprs, options)
 
