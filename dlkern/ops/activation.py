@@ -27,7 +27,7 @@ from dlkern.kernels.activation import (
     activation_fwd_kernel,
     channel_sum_kernel,
 )
-from dlkern.ops.triton_support import INTERPRETING, launch, runs_triton
+from dlkern.ops.triton_support import INTERPRETING, launch, runs_triton, sm_count
 
 # Out of place, the backward reads the output where ATen's does and it is exact; every other op saves its input.
 SAVE_OUTPUT = frozenset({"sigmoid", "tanh", "relu"})
@@ -228,7 +228,7 @@ def _channel_sum(elems, channels):
     block_k = 16 if INTERPRETING else max(16, min(1024, 4096 // block_c))
     # Enough (channel block, split) programs to fill a GPU; the split depends on the shape only.
     c_blocks = triton.cdiv(channels, block_c)
-    target = 2 if INTERPRETING else 4 * _sm_count(elems.device)
+    target = 2 if INTERPRETING else 4 * sm_count(elems.device)
     splits = max(1, min(triton.cdiv(target, c_blocks), triton.cdiv(O * I, block_k)))
     chunk = triton.cdiv(triton.cdiv(O * I, splits), block_k) * block_k
     splits = triton.cdiv(O * I, chunk)
@@ -240,12 +240,6 @@ def _channel_sum(elems, channels):
     launch(channel_sum_kernel, (triton.cdiv(channels, block_c), 1), partial, total, splits, channels, 1, splits, splits,
            BLOCK_C=block_c, BLOCK_K=min(triton.next_power_of_2(splits), 64))
     return total.view(channels)
-
-
-def _sm_count(device):
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _compute_dtype(dtype):

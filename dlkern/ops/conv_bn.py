@@ -12,7 +12,6 @@ CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels o
 CPU tensors an equivalent PyTorch composite (warned once). No launcher reads device memory on the host.
 """
 
-import functools
 import struct
 from typing import Optional, Sequence
 
@@ -26,7 +25,7 @@ from torch._prims_common import suggest_memory_format
 from dlkern.kernels import conv_bn as kernels
 from dlkern.kernels.activation import ACTIVATIONS
 from dlkern.ops.activation import composite_backward, composite_forward
-from dlkern.ops.triton_support import INTERPRETING, launch, runs_triton
+from dlkern.ops.triton_support import INTERPRETING, launch, runs_triton, sm_count
 
 OP = "conv_bn_act2d"
 
@@ -73,17 +72,12 @@ def _empty_like_format(input, shape, dtype):
     return torch.empty(shape, dtype=dtype, device=input.device, memory_format=suggest_memory_format(input))
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _rows_per_split(M, device, programs_per_split):
     """Rows per program of the split reductions: enough splits to fill the GPU several times over; in the
     interpreter few (it runs programs one by one), though more than one, so the merge is exercised."""
     if INTERPRETING or device.type != "cuda":
         return 512
-    splits = max(1, 4 * _num_sms(device.index or 0) // programs_per_split)
+    splits = max(1, 4 * sm_count(device) // programs_per_split)
     return max(128, triton.cdiv(triton.cdiv(M, splits), 128) * 128)
 
 

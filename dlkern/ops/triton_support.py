@@ -9,6 +9,7 @@ prove that a Triton kernel really ran (a silent fallback to PyTorch would leave 
 """
 
 import collections
+import functools
 import os
 import warnings
 
@@ -46,3 +47,15 @@ def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``, counted in :data:`launch_counts`."""
     launch_counts[kernel_name(kernel)] += 1
     return kernel[grid](*args, **kwargs)
+
+
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device (1 elsewhere): how many programs fill the GPU."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
