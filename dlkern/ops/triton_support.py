@@ -9,6 +9,7 @@ prove that a Triton kernel really ran (a silent fallback to PyTorch would leave 
 """
 
 import collections
+import contextlib
 import functools
 import os
 import warnings
@@ -19,11 +20,14 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 launch_counts = collections.Counter()
 _warned = set()
+# Set by triton_on_cpu(): CPU tensors take the Triton path without the interpreter (bench/host_stub.py times the
+# GPU launch path on a CPU this way, with a driver that launches nothing).
+_on_cpu = False
 
 
 def runs_triton(tensor, op_name):
     """True when `op_name` should launch its Triton kernel for `tensor`; warns once per op when it cannot."""
-    if tensor.device.type == "cuda" or (INTERPRETING and tensor.device.type == "cpu"):
+    if tensor.device.type == "cuda" or ((INTERPRETING or _on_cpu) and tensor.device.type == "cpu"):
         return True
     if op_name not in _warned:
         _warned.add(op_name)
@@ -34,6 +38,18 @@ def runs_triton(tensor, op_name):
             stacklevel=3,
         )
     return False
+
+
+@contextlib.contextmanager
+def triton_on_cpu():
+    """Within the block, CPU tensors take the Triton launch path (for bench/host_stub.py, which stands in a driver
+    that launches nothing; with the real driver the launches would fail)."""
+    global _on_cpu
+    saved, _on_cpu = _on_cpu, True
+    try:
+        yield
+    finally:
+        _on_cpu = saved
 
 
 def kernel_name(kernel):
