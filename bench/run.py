@@ -1,16 +1,17 @@
 """dlkern's benchmark: every suite side by side with PyTorch, in one run, on this machine's device.
 
-    python bench/run.py [--suite maxpool,model,activations,convbn,accuracy] [--quick] [--device cuda|cpu]
+    python bench/run.py [--suite host,maxpool,model,activations,convbn,accuracy] [--quick] [--device cuda|cpu]
                         [--out DIR] [--dtype fp32,bf16] [--sizes 20,26] [--batches 64,8192] [--ops relu,gelu]
                         [--compile-modes default,reduce-overhead,max-autotune] [--threads N] [--data-dir DIR]
 
-Suites (one file each under bench/): maxpool (dlkern's max pool against ATen's), model (the MNIST CNN's training
+Suites (one file each under bench/): host (the host time of dlkern's calls and of a MnistCNN step against eager
+PyTorch's, with launches per step; on a CPU through dlkern's real GPU launch path with a stand-in driver), maxpool (dlkern's max pool against ATen's), model (the MNIST CNN's training
 step and inference, eager, in a CUDA graph and under torch.compile), activations and convbn (dlkern's Triton
 kernels against eager PyTorch and torch.compile; GPU only), accuracy (seconds of training to 99% test accuracy).
 
 Writes to DIR (default bench/out): results.csv (one row per measurement, each with the device, torch/triton/CUDA
 versions, git commit and the run's start time), PNG plots, and targets.md / targets.csv (the H200 targets of
-bench/targets.py, ✓/✗, also printed last). results.csv is rewritten after every suite, so a run cut short keeps
+bench/targets.py, ✓/✗, also printed last; the host targets are evaluated on every machine). results.csv is rewritten after every suite, so a run cut short keeps
 what it measured. Without a GPU it runs what is meaningful on the CPU and says what it skipped and why.
 Exit status 1 when a suite or variant failed (missed targets are results, not failures).
 """
@@ -29,13 +30,13 @@ import torch  # noqa: E402
 
 from timing import Run, copy_gbps, dtype_name, environment  # noqa: E402
 
-SUITES = ["maxpool", "model", "activations", "convbn", "accuracy"]
+SUITES = ["host", "maxpool", "model", "activations", "convbn", "accuracy"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]
 # The columns every row may have, in the CSV's order (env columns first; anything else a suite adds goes last).
 COLUMNS = ["suite", "case", "pass", "impl", "dtype", "layout", "size", "numel", "batch", "ms", "speedup", "baseline",
            "gbps", "pct_roof", "tflops", "images_per_s", "launches", "peak_mb", "compile_s", "capture_s", "tta_s",
-           "train_s", "steps", "epochs", "best_acc", "reached", "note"]
+           "train_s", "steps", "epochs", "best_acc", "reached", "wall_ms", "spread_us", "fills", "note"]
 
 
 def _list(kind):

@@ -84,8 +84,42 @@ TARGETS = [
 ]
 
 
+def _launches(rows, most):
+    step = [r for r in rows if r["suite"] == "host" and r["impl"] == "dlkern" and r.get("pass") == "train-step"
+            and r.get("launches") is not None]
+    if not step:
+        return None, "not measured (host suite, MnistCNN train-step)"
+    r = step[0]
+    eager = [e["launches"] for e in rows if e["suite"] == "host" and e["impl"] == "eager"
+             and e.get("pass") == "train-step"]
+    return r["launches"] <= most and not r["fills"], (f"{r['launches']} launches, {r['fills']} fills per step "
+                                                      f"(eager: {eager[0] if eager else '?'})")
+
+
+HOST_ACTIVATIONS = ("sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "softplus", "silu", "gelu",
+                    "hardsigmoid", "hardtanh", "swish", "hard_logistic")
+
+# Host-time targets (the host suite): evaluated on every machine, CPU runs included -- the host path is the same
+# Python whichever device runs the kernels. A ratio here is eager's host time over dlkern's.
+HOST_TARGETS = [
+    ("host: train step", "MnistCNN training step (batch 64 on a GPU): host time <= 1.0x eager's",
+     lambda rows: _faster(rows, "host", "dlkern", ("eager",), 1.0, case="MnistCNN", **{"pass": "train-step"})),
+    ("host: inference", "MnistCNN eval forward: host time <= 1.0x eager's",
+     lambda rows: _faster(rows, "host", "dlkern", ("eager",), 1.0, case="MnistCNN", **{"pass": "inference"})),
+    ("host: activations", "every activation fwd+bwd with grad: host time <= 3x ATen's",
+     lambda rows: _faster(rows, "host", "dlkern", ("eager",), 1 / 3, case=HOST_ACTIVATIONS, **{"pass": "fwd+bwd"})),
+    ("host: max pool", "max pool fwd+bwd: host time <= 1.2x ATen's",
+     lambda rows: _faster(rows, "host", "dlkern", ("eager",), 1 / 1.2, case="max_pool2d 2x2",
+                          **{"pass": "fwd+bwd"})),
+    ("host: conv block", "conv block train fwd+bwd: host time <= eager's conv + BN + ReLU",
+     lambda rows: _faster(rows, "host", "dlkern", ("eager",), 1.0, **{"pass": "train-fwd+bwd"})),
+    ("host: launches", "MnistCNN training step (fp32): <= 40 kernel launches, none a fill",
+     lambda rows: _launches(rows, 40)),
+]
+
+
 def evaluate(rows, on_cuda):
-    """[{target, asks, met (True/False/None), detail}] for every target."""
+    """[{target, asks, met (True/False/None), detail}] for every target (the GPU targets only on a GPU run)."""
     results = []
     for name, asks, check in TARGETS:
         if on_cuda:
@@ -93,12 +127,15 @@ def evaluate(rows, on_cuda):
         else:
             met, detail = None, "not evaluated: a CPU run (the targets are for an H200)"
         results.append(dict(target=name, asks=asks, met=met, detail=detail))
+    for name, asks, check in HOST_TARGETS:
+        met, detail = check(rows)
+        results.append(dict(target=name, asks=asks, met=met, detail=detail))
     return results
 
 
 def report(results, device_name, on_cuda, skipped, failed, out_dir):
     """Prints the summary and writes it to out_dir/targets.md and out_dir/targets.csv."""
-    head = [f"Targets (set for an H200; this run: {device_name})"]
+    head = [f"Targets (set for an H200, host targets for any machine; this run: {device_name})"]
     if on_cuda and "H200" not in device_name:
         head.append("note: this GPU is not an H200; the targets are evaluated all the same")
     width = max(len(r["target"]) for r in results)

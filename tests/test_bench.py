@@ -77,7 +77,26 @@ def test_plots_and_targets_written(quick_run):
     assert "activations_bandwidth.png: not drawn" in stdout
     with open(out / "targets.csv", newline="") as f:
         targets = list(csv.DictReader(f))
-    assert len(targets) == 11 and {t["met"] for t in targets} == {"not measured"}
+    gpu = [t for t in targets if not t["target"].startswith("host: ")]
+    assert len(gpu) == 11 and {t["met"] for t in gpu} == {"not measured"}
+    host = [t for t in targets if t["target"].startswith("host: ")]
+    assert len(host) == 6 and all(t["met"] in ("yes", "no") for t in host), host  # measured on a CPU too
+
+
+def test_host_rows(quick_run):
+    """The host suite ran dlkern's GPU launch path (stand-in driver) side by side with eager, with launch counts."""
+    _, stdout, rows = quick_run
+    host = [r for r in rows if r["suite"] == "host"]
+    cases = {(r["case"], r["pass"]) for r in host}
+    assert ("MnistCNN", "train-step") in cases and ("MnistCNN", "inference") in cases
+    assert ("max_pool2d 2x2", "fwd+bwd") in cases and ("relu", "fwd+bwd") in cases
+    for case in cases:
+        assert {r["impl"] for r in host if (r["case"], r["pass"]) == case} == {"dlkern", "eager"}
+    assert all(float(r["ms"]) > 0 and int(r["launches"]) > 0 for r in host)
+    step = next(r for r in host if r["impl"] == "dlkern" and r["pass"] == "train-step")
+    # The stand-in driver lets the Triton path run on CPU tensors: the fused blocks' kernels are among the launches.
+    assert int(step["launches"]) > 20
+    assert "stand-in Triton driver" in stdout
 
 
 # ------------------------------------------------------------------ targets and plots over GPU-shaped rows
@@ -123,7 +142,8 @@ def _gpu_rows():
 def test_targets_over_gpu_rows(tmp_path):
     targets = _load("targets")
     results = {r["target"]: r for r in targets.evaluate(_gpu_rows(), on_cuda=True)}
-    assert len(results) == len(targets.TARGETS) == 11
+    assert len(results) == len(targets.TARGETS) + len(targets.HOST_TARGETS) == 17
+    results = {name: r for name, r in results.items() if not name.startswith("host: ")}
     expected = {
         "activations roof": False, "activations vs PyTorch": True, "max pool fwd": True, "max pool bwd": True,
         "conv blocks train": True, "conv blocks eval": False, "model step vs eager": True,
@@ -144,3 +164,18 @@ def test_plots_over_gpu_rows(tmp_path):
     assert made == [str(tmp_path / f"{name}.png") for name in
                     ("activations_bandwidth", "maxpool_speedup", "convbn_speedup", "model_speedup")]
     assert all(os.path.getsize(path) > 10_000 for path in made)
+
+
+def test_host_targets_over_rows():
+    targets = _load("targets")
+    rows = []
+    for impl, step_ms, relu_ms, launches, fills in (("eager", 1.0, 0.010, 50, 1), ("dlkern", 2.0, 0.025, 30, 0)):
+        rows.append(dict(suite="host", impl=impl, case="MnistCNN", batch=64, ms=step_ms, launches=launches,
+                         fills=fills, **{"pass": "train-step"}))
+        rows.append(dict(suite="host", impl=impl, case="relu", ms=relu_ms, **{"pass": "fwd+bwd"}))
+    results = {r["target"]: r for r in targets.evaluate(rows, on_cuda=False)}
+    assert results["host: train step"]["met"] is False and "0.50x eager" in results["host: train step"]["detail"]
+    assert results["host: activations"]["met"] is True  # 2.5x ATen's host time: within 3x
+    assert results["host: launches"]["met"] is True and "30 launches, 0 fills" in results["host: launches"]["detail"]
+    assert results["host: max pool"]["met"] is None
+    assert results["activations roof"]["met"] is None  # GPU targets: not on a CPU run
