@@ -9,14 +9,16 @@ channels_last, every dtype asked for:
 
 GB/s counts the bytes an ideal kernel moves, the same for both implementations: forward reads the input and
 writes values and int64 indices; backward reads the output gradient and the indices and writes the input
-gradient. ``pct_roof`` is that against the copy bandwidth measured at the start of the run.
+gradient. ``pct_roof`` is that against the copy bandwidth measured at the start of the run -- on a GPU only,
+where the L2 cache is flushed before every call: on a CPU these working sets (0.1-6 MB at batch 64) stay in
+its caches, and a DRAM copy is no roof for them (an earlier run showed 140-227% of it).
 """
 
 import torch
 import torch.nn.functional as TF
 
 import dlkern.functional as F
-from timing import dtype_name, free_memory, median_ms, print_table
+from timing import dtype_name, free_memory, noisy, print_table, timed
 
 # (C, H, W) entering each of the MNIST CNN's 2x2 pools
 MNIST_POOL_INPUTS = [(32, 28, 28), (32, 12, 12), (32, 4, 4)]
@@ -27,6 +29,13 @@ def _nbytes(x):
     """Input (or its gradient) once, pooled values (or their gradient) and int64 indices once."""
     pooled = x.numel() // 4
     return x.numel() * x.element_size() + pooled * (x.element_size() + 8)
+
+
+def _kernel(impl, run):
+    """What a row times."""
+    if impl == "eager":
+        return "ATen"
+    return "CUDA kernel" if run.cuda else "C++ kernel"
 
 
 def run_suite(run):
@@ -41,7 +50,7 @@ def run_suite(run):
                         x = x.contiguous(memory_format=torch.channels_last)
                     xg = x.detach().requires_grad_()
                     for pass_ in ("fwd", "bwd"):
-                        times = {}
+                        times, spreads = {}, {}
                         for impl, pool in IMPLS.items():
                             if pass_ == "fwd":
                                 def step(pool=pool):
@@ -53,7 +62,7 @@ def run_suite(run):
 
                                 def step(y=y, g=g):
                                     torch.autograd.grad(y, xg, g, retain_graph=True)
-                            times[impl] = median_ms(step, run)
+                            times[impl], spreads[impl] = timed(step, run)
                         nbytes = _nbytes(x)
                         for impl, ms in times.items():
                             gbps = nbytes / ms / 1e6
@@ -61,7 +70,8 @@ def run_suite(run):
                                 suite="maxpool", case="max_pool2d 2x2", impl=impl, dtype=dtype_name(dtype),
                                 layout=layout, size=f"{batch}x{c}x{h}x{w}", batch=batch, ms=ms,
                                 speedup=times["eager"] / ms, baseline="eager",
-                                gbps=gbps, pct_roof=100 * gbps / run.roof_gbps if run.roof_gbps else None,
+                                gbps=gbps, pct_roof=100 * gbps / run.roof_gbps if run.cuda else None,
+                                spread=spreads[impl], note=noisy(spreads[impl]), kernel=_kernel(impl, run),
                                 **{"pass": pass_},
                             ))
                     del x, xg, y, g
@@ -71,6 +81,7 @@ def run_suite(run):
     print_table(table, [
         ("size", "input", "{}"), ("layout", "layout", "{}"), ("dtype", "dtype", "{}"), ("pass", "pass", "{}"),
         ("ms", "dlkern ms", "{:.4f}"), ("eager_ms", "ATen ms", "{:.4f}"), ("speedup", "speedup", "{:.2f}x"),
-        ("gbps", "dlkern GB/s", "{:.1f}"), ("pct_roof", "% roof", "{:.0f}"),
+        ("gbps", "dlkern GB/s", "{:.1f}"), ("pct_roof", "% roof", "{:.0f}"), ("spread", "spread", "{:.0%}"),
+        ("note", "note", "{}"),
     ])
     return rows

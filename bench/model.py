@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as TF
 
 from dlkern.models import MnistCNN
-from timing import first_call_s, free_memory, launches, median_ms, peak_mb, print_table
+from timing import first_call_s, free_memory, launches, noisy, peak_mb, print_table, timed
 
 PASSES = ("train-step", "inference")
 CPU_NOTE = "CPU: dlkern's Triton ops ran their PyTorch-composite fallback"
@@ -49,6 +49,13 @@ def _impls(run, first_batch):
     if run.quick and not first_batch:
         modes = []
     return ["eager", "dlkern", "dlkern+graph"] + [f"compile-{m}" if m != "default" else "compile" for m in modes]
+
+
+def _kernel(impl, run):
+    """What a row times."""
+    if impl == "eager" or impl.startswith("compile"):
+        return "PyTorch" if impl == "eager" else "Inductor"
+    return "Triton + CUDA kernels" if run.cuda else "PyTorch composite + C++ max pool"
 
 
 def _model(backend, pass_, device):
@@ -157,7 +164,7 @@ def run_suite(run):
                             step, setup = _graph_variant(pass_, x, y, run)
                         else:
                             step, setup = _eager_variant(impl, pass_, x, y, run)
-                        ms = median_ms(step, run)
+                        ms, spread = timed(step, run)
                     for w in caught:  # the fallback's warnings are summed up below; others pass through
                         if "PyTorch composite" in str(w.message):
                             fallback_warnings.add(str(w.message).split(":")[0])
@@ -169,7 +176,9 @@ def run_suite(run):
                         images_per_s=batch / ms * 1e3, speedup=times["eager"] / ms if "eager" in times else None,
                         baseline="eager", launches=launches(step) if run.cuda else None,
                         peak_mb=peak_mb(step) if run.cuda else None,
-                        note=CPU_NOTE if impl == "dlkern" and not run.cuda else None,
+                        note="; ".join(n for n in (CPU_NOTE if impl == "dlkern" and not run.cuda else None,
+                                                    noisy(spread)) if n) or None,
+                        spread=spread, kernel=_kernel(impl, run),
                         **setup, **{"pass": pass_},
                     ))
                 except Exception as e:  # one failing variant must not cost the others
@@ -183,7 +192,7 @@ def run_suite(run):
         ("pass", "pass", "{}"), ("batch", "batch", "{}"), ("impl", "impl", "{}"), ("ms", "ms", "{:.3f}"),
         ("images_per_s", "images/s", "{:,.0f}"), ("speedup", "x eager", "{:.2f}"), ("launches", "kernels", "{}"),
         ("peak_mb", "peak MB", "{:.0f}"), ("compile_s", "1st call s", "{:.1f}"), ("capture_s", "capture s", "{:.2f}"),
-        ("note", "note", "{}"),
+        ("spread", "spread", "{:.0%}"), ("note", "note", "{}"),
     ])
     if fallback_warnings:
         print(f"note: {CPU_NOTE} ({', '.join(sorted(fallback_warnings))} warned) -- the dlkern rows time those "

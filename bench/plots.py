@@ -17,13 +17,17 @@ IMPL_ORDER = ["eager", "compile", "compile-reduce-overhead", "compile-max-autotu
 
 
 def make_plots(rows, out_dir):
-    """Writes every plot the rows allow; returns one line per plot (its path, or why it was not drawn)."""
+    """Writes every plot the rows allow; returns one line per plot (its path, or why it was not drawn). A plot
+    this run does not draw is removed, so no earlier run's plot stands beside this run's results."""
     made = []
     for name, draw in [("activations_bandwidth", _activations), ("maxpool_speedup", _maxpool),
                        ("convbn_speedup", _convbn), ("model_speedup", _model)]:
         suite = name.split("_")[0]
         suite_rows = [r for r in rows if r["suite"] == suite and r.get("ms")]
         if not suite_rows:
+            stale = os.path.join(out_dir, f"{name}.png")
+            if os.path.exists(stale):
+                os.remove(stale)
             made.append(f"{name}.png: not drawn, no {suite} rows in this run")
             continue
         path = os.path.join(out_dir, f"{name}.png")
@@ -96,9 +100,15 @@ def _bars(rows, device, title, panel_key, group_key, series_key, ylabel="speedup
     return fig
 
 
+def _series(r):
+    """A bar's legend: the variant and what it times (Triton kernels, a C++ kernel, a PyTorch composite)."""
+    return f"{r['impl']} ({r['kernel']})" if r.get("kernel") else r["impl"]
+
+
 def _maxpool(rows, device):
     rows = [r for r in rows if r["impl"] == "dlkern"]
-    return _bars(rows, device, "max_pool2d 2x2: dlkern over ATen", lambda r: r["dtype"],
+    kernel = next((r["kernel"] for r in rows if r.get("kernel")), "")
+    return _bars(rows, device, f"max_pool2d 2x2: dlkern ({kernel}) over ATen", lambda r: r["dtype"],
                  lambda r: r["size"].replace("x", "\n", 1), lambda r: f"{r['layout']} {r['pass']}",
                  ylabel="speedup over ATen")
 
@@ -107,11 +117,11 @@ def _convbn(rows, device):
     rows = [r for r in rows if r["impl"] != "eager"]
     rows.sort(key=lambda r: _rank(r["impl"]))  # stable: groups keep the run's order
     return _bars(rows, device, "Conv3x3 -> BatchNorm -> ReLU blocks", lambda r: r["pass"],
-                 lambda r: f"{r['case']}\nbatch {r['batch']}", lambda r: r["impl"])
+                 lambda r: f"{r['case']}\nbatch {r['batch']}", _series)
 
 
 def _model(rows, device):
     rows = [r for r in rows if r["impl"] != "eager"]
     rows.sort(key=lambda r: _rank(r["impl"]))
     return _bars(rows, device, "MnistCNN: training step and inference", lambda r: r["pass"],
-                 lambda r: f"batch {r['batch']}", lambda r: r["impl"])
+                 lambda r: f"batch {r['batch']}", _series)

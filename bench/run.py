@@ -36,7 +36,7 @@ COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]
 # The columns every row may have, in the CSV's order (env columns first; anything else a suite adds goes last).
 COLUMNS = ["suite", "case", "pass", "impl", "dtype", "layout", "size", "numel", "batch", "ms", "speedup", "baseline",
            "gbps", "pct_roof", "tflops", "images_per_s", "launches", "peak_mb", "compile_s", "capture_s", "tta_s",
-           "train_s", "steps", "epochs", "best_acc", "reached", "wall_ms", "spread_us", "fills", "note"]
+           "train_s", "steps", "epochs", "best_acc", "reached", "kernel", "spread", "wall_ms", "spread_us", "fills", "note"]
 
 
 def _list(kind):
@@ -64,8 +64,9 @@ def build_parser():
     p.add_argument("--compile-modes", type=_list(str), default=None,
                    help=f"torch.compile modes for the conv blocks and the model, from {','.join(COMPILE_MODES)}")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (torch.set_num_threads); on a shared machine fewer threads than "
-                        "cores avoids stalls at every parallel region")
+                   help="CPU threads for torch (torch.set_num_threads). Default on a CPU run: 1 -- timings with "
+                        "several threads on a small shared machine stall at every parallel region and do not "
+                        "repeat run to run; on a GPU run: torch's default")
     p.add_argument("--data-dir", default=os.path.join(os.path.dirname(HERE), "data"),
                    help="where MNIST's IDX files are (as for python -m dlkern.train); synthetic digits otherwise")
     return p
@@ -84,8 +85,11 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     run = Run(
         device=args.device, quick=args.quick, data_dir=args.data_dir,
         dtypes=[DTYPES[d] for d in args.dtype] if args.dtype else None,
@@ -105,7 +109,8 @@ def main(argv=None):
         _init_for_cuda_graphs()
         print("cuDNN autotuning on (torch.backends.cudnn.benchmark); L2 flushed before every timed call")
     else:
-        print("no GPU: CPU timings of what is meaningful on a CPU; the GPU-only suites and variants are skipped")
+        print(f"no GPU: CPU timings of what is meaningful on a CPU, on {torch.get_num_threads()} torch thread(s); the "
+              "GPU-only suites and variants are skipped")
     run.roof_gbps = copy_gbps(run)
     print(f"copy bandwidth (the roof for memory-bound ops): {run.roof_gbps:.1f} GB/s")
 

@@ -61,28 +61,46 @@ class Run:
         print(f"{suite}: FAILED {what}: {type(error).__name__}: {error}")
 
 
-def median_ms(fn, run):
-    """Median time of one fn() call in milliseconds, after warm-up.
+# A row whose timings spread (p90 - p10) by more than this share of the median is flagged as noisy.
+NOISY_SPREAD = 0.25
+
+
+def timed(fn, run):
+    """(median ms of one fn() call, spread) after warm-up; spread = (p90 - p10) / median over the repetitions.
 
     CUDA: triton.testing.do_bench -- CUDA events around each call, the L2 cache flushed (a 256 MB buffer
-    zeroed) before each, the median over the repetitions that fit in `rep` ms. CPU: perf_counter around each
-    call, as many calls as fit in a small time budget (at least 5), the median.
+    zeroed) before each, over the repetitions that fit in `rep` ms. CPU: perf_counter around each call, at least
+    15 calls and as many as fit in the time budget (0.5 s, 2 s without --quick).
     """
     if run.cuda:
         import triton.testing
 
         warmup, rep = (10, 50) if run.quick else (25, 200)
-        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-    budget_s = 0.2 if run.quick else 1.0
-    for _ in range(2):
-        fn()
-    times, spent = [], 0.0
-    while len(times) < 5 or (spent < budget_s and len(times) < 1000):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        spent += times[-1]
-    return 1e3 * statistics.median(times)
+        times = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="all")
+    else:
+        budget_s = 0.5 if run.quick else 2.0
+        for _ in range(3):
+            fn()
+        times, spent = [], 0.0
+        while len(times) < 15 or (spent < budget_s and len(times) < 2000):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+            spent += times[-1]
+        times = [1e3 * t for t in times]
+    median = statistics.median(times)
+    deciles = statistics.quantiles(times, n=10)
+    return median, (deciles[-1] - deciles[0]) / median
+
+
+def median_ms(fn, run):
+    """Median ms of one fn() call (see :func:`timed`)."""
+    return timed(fn, run)[0]
+
+
+def noisy(spread):
+    """The note for a row whose timings spread widely, else None."""
+    return f"noisy: p90-p10 = {100 * spread:.0f}% of the median" if spread > NOISY_SPREAD else None
 
 
 def first_call_s(fn, run):

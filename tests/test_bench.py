@@ -77,8 +77,11 @@ def test_plots_and_targets_written(quick_run):
     assert "activations_bandwidth.png: not drawn" in stdout
     with open(out / "targets.csv", newline="") as f:
         targets = list(csv.DictReader(f))
-    gpu = [t for t in targets if not t["target"].startswith("host: ")]
+    gpu = [t for t in targets if not t["target"].startswith(("host: ", "cpu: "))]
     assert len(gpu) == 11 and {t["met"] for t in gpu} == {"not measured"}
+    cpu = [t for t in targets if t["target"].startswith("cpu: ")]
+    assert len(cpu) == 2 and all(t["met"] in ("yes", "no") for t in cpu), cpu
+    assert "H200 targets, 11, not evaluated without a GPU" in stdout
     host = [t for t in targets if t["target"].startswith("host: ")]
     assert len(host) == 6 and all(t["met"] in ("yes", "no") for t in host), host  # measured on a CPU too
 
@@ -142,7 +145,7 @@ def _gpu_rows():
 def test_targets_over_gpu_rows(tmp_path):
     targets = _load("targets")
     results = {r["target"]: r for r in targets.evaluate(_gpu_rows(), on_cuda=True)}
-    assert len(results) == len(targets.TARGETS) + len(targets.HOST_TARGETS) == 17
+    assert len(results) == len(targets.TARGETS) + len(targets.HOST_TARGETS) == 17  # no CPU targets on a GPU run
     results = {name: r for name, r in results.items() if not name.startswith("host: ")}
     expected = {
         "activations roof": False, "activations vs PyTorch": True, "max pool fwd": True, "max pool bwd": True,
@@ -179,3 +182,23 @@ def test_host_targets_over_rows():
     assert results["host: launches"]["met"] is True and "30 launches, 0 fills" in results["host: launches"]["detail"]
     assert results["host: max pool"]["met"] is None
     assert results["activations roof"]["met"] is None  # GPU targets: not on a CPU run
+    assert results["cpu: max pool"]["met"] is None  # no maxpool rows
+
+
+def test_cpu_run_is_truthful(quick_run):
+    """One torch thread by default on a CPU run (printed); no share of a roof above 100%; every timed row carries
+    its spread and says what it timed."""
+    _, stdout, rows = quick_run
+    assert "on 1 torch thread(s)" in stdout and all(", 1 threads" in r["device"] for r in rows)
+    assert all(not r["pct_roof"] or float(r["pct_roof"]) <= 100 for r in rows)
+    timed_rows = [r for r in rows if r["suite"] in ("maxpool", "model")]
+    assert all(r["spread"] != "" and r["kernel"] for r in timed_rows)
+    assert {r["kernel"] for r in timed_rows if r["impl"] == "dlkern"} == {"C++ kernel", "PyTorch composite + C++ max pool"}
+
+
+def test_stale_plots_removed(tmp_path):
+    stale = tmp_path / "convbn_speedup.png"
+    stale.write_bytes(b"an earlier run's plot")
+    rows = [r for r in _gpu_rows() if r["suite"] != "convbn"]
+    made = _load("plots").make_plots(rows, str(tmp_path))
+    assert "convbn_speedup.png: not drawn, no convbn rows in this run" in made and not stale.exists()
