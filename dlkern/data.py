@@ -121,8 +121,10 @@ def _templates():
     return torch.tensor([s + [far] * (most - len(s)) for s in _STROKES], dtype=torch.float32)
 
 
-def synthetic_digits(n, seed=0, chunk=512):
-    """`n` generated 28x28 digit images and their labels, the same for the same `seed` on every machine."""
+def synthetic_digits(n, seed=0, chunk=512, progress=None):
+    """`n` generated 28x28 digit images and their labels, the same for the same `seed` on every machine.
+
+    `progress`: a description to show a tqdm bar with while drawing (None or False: no bar)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (n,), generator=g)
     u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(n, *shape, generator=g)  # noqa: E731
@@ -146,7 +148,7 @@ def synthetic_digits(n, seed=0, chunk=512):
     ys, xs = torch.meshgrid(torch.arange(28.0) + 0.5, torch.arange(28.0) + 0.5, indexing="ij")
     pixels = torch.stack([xs, ys], -1).reshape(1, 784, 1, 2)
     images = torch.empty(n, 784)
-    for lo in range(0, n, chunk):  # distance from every pixel to every segment, a chunk of images at a time
+    for lo in _chunks(n, chunk, progress):  # distance from every pixel to every segment, a chunk at a time
         a, b = segments[lo:lo + chunk, None, :, 0], segments[lo:lo + chunk, None, :, 1]
         ab, ap = b - a, pixels - a
         t = ((ap * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-9)).clamp(0, 1)
@@ -154,3 +156,16 @@ def synthetic_digits(n, seed=0, chunk=512):
         images[lo:lo + chunk] = (half_width[lo:lo + chunk, None] + 0.5 - dist).clamp(0, 1)
     images = images * pressure[:, None] + 0.08 * torch.randn(n, 784, generator=g)
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).reshape(n, 28, 28), labels
+
+
+def _chunks(n, chunk, progress):
+    """range(0, n, chunk), advancing a tqdm bar (unit: images) when `progress` is a description."""
+    if not progress:
+        yield from range(0, n, chunk)
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=n, desc=progress, unit="img", dynamic_ncols=True, leave=False) as bar:
+        for lo in range(0, n, chunk):
+            yield lo
+            bar.update(min(chunk, n - lo))

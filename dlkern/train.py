@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -28,6 +29,11 @@ from dlkern.models import BACKENDS, MnistCNN
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SYNTHETIC_SIZES = (12000, 2000)  # train, test: 5-10 s to draw on a CPU
+
+
+class UsageError(ValueError):
+    """An option that cannot work (a size below one, a device that is not here, an output folder that cannot be
+    written); the message says which and why, in one line."""
 
 
 def build_parser():
@@ -57,22 +63,89 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, the shuffling and the synthetic data")
     p.add_argument("--out-dir", default="runs/mnist", help="where model.pth, metrics.json and curves.png go")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (torch.set_num_threads); torch's default unless given")
     return p
 
 
 def main(argv=None):
-    """The command line: 0 on success, 2 with a message when the dataset is missing or unreadable."""
+    """The command line: 0 on success; 2 with a one-line message for a bad option (found before any data is
+    drawn or loaded) or a message saying where the dataset goes when it is missing or unreadable."""
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except DatasetError as e:
+    except (UsageError, DatasetError) as e:
         print(f"dlkern.train: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+def validate(args):
+    """Checks what can be checked before any data is drawn or loaded; raises UsageError saying what is wrong.
+
+    Fills in the default device (cuda when available, else cpu) and creates ``--out-dir``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in ("test_batch_size", "test_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    # BatchNorm normalizes a training batch by the batch's own statistics: one image is not a batch.
+    if args.batch_size < 2:
+        raise UsageError(f"--batch-size must be at least 2 (BatchNorm trains on a batch's statistics), "
+                         f"got {args.batch_size}")
+    if args.train_size is not None and args.train_size < 2 * world:
+        raise UsageError(f"--train-size must be at least 2" + (f" per process ({2 * world} for {world})"
+                         if world > 1 else "") + f" (BatchNorm trains on a batch's statistics), got {args.train_size}")
+    if args.epochs < 0:
+        raise UsageError(f"--epochs must be at least 0, got {args.epochs}")
+    if not args.lr >= 0:  # also NaN
+        raise UsageError(f"--lr must be at least 0, got {args.lr}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.device = _check_device(args.device)
+    _check_out_dir(args.out_dir)
+
+
+def _check_device(name):
+    """The device's name when torch can compute on it here; else UsageError."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name}: not a device torch knows ({str(e).splitlines()[0]})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {name}: no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+                             f"use --device cpu")
+        # Under torchrun each process takes GPU LOCAL_RANK.
+        index = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else device.index
+        if index is not None and index >= count:
+            raise UsageError(f"--device {name}: GPU {index} requested, {count} visible")
+        return name
+    try:  # any other device type: does a tensor go there and come back?
+        torch.ones(1, device=device).add(1).cpu().item()
+    except Exception as e:  # errors here come in many types (NotImplementedError, RuntimeError, ...)
+        raise UsageError(f"--device {name}: unusable here ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return name
+
+
+def _check_out_dir(out_dir):
+    """Creates `out_dir` and checks a file can be written in it; else UsageError saying why."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out-dir {out_dir}: cannot write there ({e.strerror or e})") from None
+
+
 def run(args):
-    """Train as `args` (from :func:`build_parser`) say; returns the metrics written to metrics.json."""
+    """Train as `args` (from :func:`build_parser`) say; returns the metrics written to metrics.json.
+
+    Raises UsageError, before any data is drawn or loaded, for options that cannot work (see :func:`validate`)."""
+    validate(args)
     rank, world = _init_distributed(args)
     try:
         return _run(args, rank, world)
@@ -84,8 +157,6 @@ def run(args):
 def _init_distributed(args):
     """(rank, world size). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; each process takes its own GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if world == 1:
         return 0, 1
     device = torch.device(args.device)
@@ -120,9 +191,13 @@ def _run(args, rank, world):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 gradients need loss scaling
 
     batches = _Batches(train_set, test_set, args, device, memory_format, rank, world)
-    os.makedirs(args.out_dir, exist_ok=True)
     metrics = {"config": dict(vars(args), world_size=world, preloaded=batches.preloaded), "epochs": [],
                "best_epoch": None, "best_test_acc": None}
+    if args.epochs == 0:
+        return _evaluate_only(metrics, eval_model, batches, amp, device, args, main_rank, world)
+    if main_rank and batches.drops_last:
+        print(f"note: each epoch's last batch would hold 1 sample{' per process' if world > 1 else ''}; it is "
+              f"left out (BatchNorm trains on a batch's statistics)", flush=True)
     shuffle = torch.Generator().manual_seed(args.seed)  # the same permutation in every process, then sharded
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
@@ -150,13 +225,28 @@ def _run(args, rank, world):
     return metrics
 
 
+def _evaluate_only(metrics, model, batches, amp, device, args, main_rank, world):
+    """--epochs 0: the untrained model's test loss and accuracy, printed and written to metrics.json."""
+    steps = batches.test()
+    loss, acc, samples = _reduce(_evaluate(model, steps, amp, device, _bar(main_rank, args, len(steps), "test")),
+                                 world)
+    metrics["untrained"] = {"test_loss": loss, "test_acc": acc, "test_samples": samples}
+    if main_rank:
+        _write(metrics, args.out_dir)
+        print(f"--epochs 0: nothing trained; the initial weights score test loss {loss:.4f} acc {acc:.4f} "
+              f"({samples} samples); wrote metrics.json, no model.pth", flush=True)
+    return metrics
+
+
 def _load_data(args, main_rank, world):
     """(train, test) as (uint8 images, int64 labels) on the CPU."""
     sizes = (args.train_size, args.test_size)
     if args.dataset == "synthetic":
         sizes = tuple(s if s is not None else d for s, d in zip(sizes, SYNTHETIC_SIZES))
+        show = main_rank and not args.no_progress
         # Disjoint seeds for the two splits; every process draws the same sets.
-        return synthetic_digits(sizes[0], seed=2 * args.seed), synthetic_digits(sizes[1], seed=2 * args.seed + 1)
+        return tuple(synthetic_digits(n, seed=2 * args.seed + i, progress=show and f"drawing {split} digits")
+                     for i, (n, split) in enumerate(zip(sizes, ("train", "test"))))
     if args.download and world > 1 and not main_rank:
         dist.barrier()  # rank 0 downloads first
     try:
@@ -184,11 +274,19 @@ class _Batches:
         self.train_set = tuple(t.to(where) for t in train_set)
         self.test_set = tuple(t.to(where) for t in test_set)
 
+    @property
+    def drops_last(self):
+        """Whether each process's last training batch would hold a single sample (and so is left out)."""
+        n = len(self.train_set[1])
+        return (n // self.world) % self.batch_size == 1
+
     def train(self, generator):
         n = len(self.train_set[1])
         order = torch.randperm(n, generator=generator)
         # Every process must take the same number of steps (DDP syncs each one): drop the last n % world.
         order = order[: n - n % self.world][self.rank::self.world]
+        if self.drops_last:
+            order = order[:-1]
         return self._batches(self.train_set, order.split(self.batch_size))
 
     def test(self):
@@ -308,10 +406,22 @@ def _write(metrics, out_dir):
     with open(path + ".tmp", "w") as f:
         json.dump(metrics, f, indent=2)
     os.replace(path + ".tmp", path)  # a reader never sees half a file
-    _plot(metrics["epochs"], os.path.join(out_dir, "curves.png"))
+    if metrics["epochs"]:
+        _plot(metrics["epochs"], _title(metrics), os.path.join(out_dir, "curves.png"))
 
 
-def _plot(rows, path):
+def _title(metrics):
+    """What a run trained: backend, dataset and its sizes, device (and the options that change the numbers)."""
+    config, last = metrics["config"], metrics["epochs"][-1]
+    extras = [f"{config['world_size']} processes" if config["world_size"] > 1 else "",
+              f"amp {config['amp']}" if config["amp"] != "none" else "", "compiled" if config["compile"] else "",
+              "channels_last" if config["channels_last"] else ""]
+    return (f"MnistCNN, backend {config['backend']}, {config['dataset']} ({last['train_samples']} train / "
+            f"{last['test_samples']} test), device {config['device']}"
+            + "".join(f", {e}" for e in extras if e) + f", batch {config['batch_size']}, seed {config['seed']}")
+
+
+def _plot(rows, title, path):
     # Figure without pyplot: no GUI backend, no global state (the Agg canvas is picked for PNG).
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -326,6 +436,7 @@ def _plot(rows, path):
         ax.set_ylabel({"loss": "cross-entropy", "acc": "accuracy"}[what])
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(title, fontsize="medium")
     fig.savefig(path, dpi=100)
 
 

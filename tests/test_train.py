@@ -8,13 +8,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from dlkern.data import MNIST_MEAN, MNIST_STD, DatasetError, load_mnist, synthetic_digits
 from dlkern.models import MnistCNN
-from dlkern.train import build_parser, run
+from dlkern.train import UsageError, build_parser, run
 
 TINY = ["--dataset", "synthetic", "--backend", "torch", "--epochs", "1", "--train-size", "200", "--test-size", "64",
         "--no-progress"]
@@ -181,3 +182,117 @@ def test_ddp_two_processes(tmp_path):
     # 50 samples per process (101 minus the one that would unbalance the steps); the whole test set, once.
     assert (row["train_samples"], row["test_samples"]) == (100, 33)
     MnistCNN(backend="torch").load_state_dict(torch.load(tmp_path / "model.pth", weights_only=True), strict=True)
+
+
+# ---------------------------------------------------------------------------------------------- mistakes
+
+_NO_GPU_HERE = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: "cuda" itself on a machine without one
+MISTAKES = {
+    "cuda-absent": (["--device", _NO_GPU_HERE],
+                    "no CUDA GPU is visible here" if not torch.cuda.is_available() else "requested"),
+    "tpu": (["--device", "tpu"], "--device tpu: not a device torch knows"),
+    "meta": (["--device", "meta"], "--device meta: unusable here"),
+    "batch-0": (["--batch-size", "0"], "--batch-size must be at least 2 (BatchNorm trains on a batch's statistics), "
+                                       "got 0"),
+    "batch-neg": (["--batch-size", "-5"], "--batch-size must be at least 2"),
+    "batch-1": (["--batch-size", "1"], "--batch-size must be at least 2"),
+    "train-0": (["--train-size", "0"], "--train-size must be at least 2 (BatchNorm trains on a batch's statistics), "
+                                       "got 0"),
+    "train-1": (["--train-size", "1"], "--train-size must be at least 2"),
+    "test-0": (["--test-size", "0"], "--test-size must be at least 1, got 0"),
+    "test-batch-0": (["--test-batch-size", "0"], "--test-batch-size must be at least 1, got 0"),
+    "out-dir": (["--out-dir", "/dev/null/x"], "--out-dir /dev/null/x: cannot write there (Not a directory)"),
+    "epochs-neg": (["--epochs", "-1"], "--epochs must be at least 0, got -1"),
+    "threads-0": (["--threads", "0"], "--threads must be at least 1, got 0"),
+    "lr-nan": (["--lr", "nan"], "--lr must be at least 0, got nan"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISTAKES))
+def test_command_line_mistake(tmp_path, case):
+    """Each mistake: one line on stderr, exit status 2, before any data is drawn (with progress bars on, drawing
+    would show "drawing train digits" on stderr; the default 12000 + 2000 digits take seconds)."""
+    argv, message = MISTAKES[case]
+    if "--out-dir" not in argv:
+        argv = [*argv, "--out-dir", str(tmp_path / "out")]
+    env = dict(_env())
+    env.pop("TRITON_INTERPRET", None)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "dlkern.train", "--dataset", "synthetic", "--backend", "torch",
+                           *argv], capture_output=True, text=True, env=env, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dlkern.train: error: "), done.stderr
+    assert message in lines[0]
+    assert done.stdout == ""
+    assert elapsed < 60, elapsed  # python and torch's import only (seconds on a loaded 2-core machine)
+    assert case == "out-dir" or not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_mistake_in_process(tmp_path):
+    """run() refuses as the command line does, with UsageError (a ValueError), before drawing anything."""
+    with pytest.raises(UsageError, match=r"^--test-size must be at least 1, got 0$"):
+        train(tmp_path, *TINY, "--test-size", "0")
+    assert issubclass(UsageError, ValueError)
+
+
+def test_train_size_per_process(tmp_path, monkeypatch):
+    """Under torchrun every process needs two samples: --train-size 3 with 2 processes is refused before
+    the process group starts (validation reads WORLD_SIZE only)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=r"--train-size must be at least 2 per process \(4 for 2\).*got 3$"):
+        train(tmp_path, *TINY, "--train-size", "3")
+
+
+def test_out_dir_is_created(tmp_path):
+    out = tmp_path / "a" / "b"
+    metrics = train(out, *TINY, "--train-size", "8", "--test-size", "8", "--batch-size", "8")
+    assert (out / "metrics.json").exists() and metrics["epochs"][0]["train_samples"] == 8
+
+
+def test_single_sample_last_batch_is_left_out(tmp_path, capsys):
+    """65 samples at batch 64 would end each epoch with a 1-sample batch: it is left out, and the run says so."""
+    metrics = train(tmp_path, *TINY, "--train-size", "65", "--test-size", "8")
+    assert metrics["epochs"][0]["train_samples"] == 64
+    assert "last batch would hold 1 sample; it is left out" in capsys.readouterr().out
+    metrics = train(tmp_path, *TINY, "--train-size", "66", "--test-size", "8")  # 2 samples: a batch
+    assert metrics["epochs"][0]["train_samples"] == 66
+    assert "left out" not in capsys.readouterr().out
+
+
+def test_epochs_zero_evaluates_once(tmp_path, capsys):
+    metrics = train(tmp_path, *TINY, "--epochs", "0", "--train-size", "8", "--test-size", "20")
+    assert metrics["epochs"] == [] and metrics["best_epoch"] is None
+    untrained = metrics["untrained"]
+    assert untrained["test_samples"] == 20 and 0 <= untrained["test_acc"] <= 1
+    out = capsys.readouterr().out
+    assert out.startswith("--epochs 0: nothing trained; the initial weights score test loss ")
+    assert f"acc {untrained['test_acc']:.4f} (20 samples)" in out
+    assert json.loads((tmp_path / "metrics.json").read_text())["untrained"] == untrained
+    assert not (tmp_path / "model.pth").exists() and not (tmp_path / "curves.png").exists()
+
+
+def test_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        train(tmp_path, *TINY, "--train-size", "8", "--test-size", "8", "--threads", "1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_plot_title(tmp_path):
+    from dlkern.train import _title
+
+    metrics = train(tmp_path, *TINY, "--train-size", "8", "--test-size", "8", "--amp", "bf16")
+    assert _title(metrics) == ("MnistCNN, backend torch, synthetic (8 train / 8 test), device cpu, amp bf16, "
+                               "batch 64, seed 0")
+
+
+def test_drawing_shows_progress(capsys):
+    synthetic_digits(20, seed=0, chunk=8, progress="drawing test digits")
+    err = capsys.readouterr().err
+    assert "drawing test digits" in err and "/20 " in err
+    synthetic_digits(20, seed=0, chunk=8)
+    assert capsys.readouterr().err == ""
