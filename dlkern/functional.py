@@ -1,10 +1,12 @@
 """dlkern's functional API: the same signatures and semantics as ``torch.nn.functional`` (and ``torch`` for
 ``sigmoid``/``tanh``), running dlkern's kernels. ``import dlkern.functional as F`` can replace PyTorch's."""
 
+import operator
+
 import torch
 
 from dlkern.ops import conv_bn as _conv_bn
-from dlkern.ops import max_pool as _max_pool  # noqa: F401  (registers fake and autograd)
+from dlkern.ops import max_pool as _max_pool
 from dlkern.ops.activation import activation_inplace as _activation_inplace
 
 __all__ = [
@@ -15,35 +17,77 @@ __all__ = [
 ]
 
 
+def _type_name(value):
+    """The type's name as PyTorch's argument errors spell it (CPython's tp_name): float, Tensor, numpy.float64."""
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" or t.__flags__ & _HEAP_TYPE else f"{t.__module__}.{t.__name__}"
+
+
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: classes made by `class` statements, whose tp_name is the bare name
+
+
+def _int_or_none(value):
+    """value read as one int the way PyTorch's argument parser reads it (is_int_or_symint): an int or SymInt, a NumPy
+    integer or other ``__index__`` object, or a one-element integer or bool tensor; None for anything else."""
+    if type(value) is int or isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, torch.Tensor):
+        return int(value.item()) if value.numel() == 1 and not (value.is_floating_point() or value.is_complex()) else None
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+_MAX_POOL2D_POSITIONS = {"kernel_size": 2, "stride": 3, "padding": 4, "dilation": 5}
+
+
 def _int_list(name, value):
-    """An int or a sequence of ints, as a list: what torch.nn.functional accepts for pooling arguments."""
-
-    def is_int(v):
-        return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
-
-    if is_int(value):
-        return [value]
-    if isinstance(value, (tuple, list, torch.Size)) and all(is_int(v) for v in value):
-        return list(value)
-    raise TypeError(f"max_pool2d(): argument '{name}' must be an int or a tuple of ints, not {value!r}")
+    """An int or a sequence of ints, as a list: what torch.nn.functional accepts for pooling arguments, refused with
+    the messages of PyTorch's argument parser."""
+    where = f"max_pool2d(): argument '{name}'"
+    position = _MAX_POOL2D_POSITIONS[name]
+    if not isinstance(value, (tuple, list)):  # torch.Size is a tuple
+        single = _int_or_none(value)
+        if single is None:
+            raise TypeError(f"{where} (position {position}) must be tuple of ints, not {_type_name(value)}")
+        return [single]
+    ints = []
+    for i, item in enumerate(value):
+        # PyTorch tests only the first element as an int (no bool); it unpacks the others by __index__ (bool passes)
+        n = int(item) if i > 0 and isinstance(item, bool) else _int_or_none(item)
+        if n is None and i == 0:
+            raise TypeError(
+                f"{where} (position {position}) must be tuple of ints, but found element of type {_type_name(item)} "
+                "at pos 0"
+            )
+        if n is None:
+            raise TypeError(
+                f'{where} failed to unpack the object at pos {i + 1} with error "type must be tuple of ints,but got '
+                f'{_type_name(item)}"'
+            )
+        ints.append(n)
+    return ints
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
     """2-D max pooling, as ``torch.nn.functional.max_pool2d``; runs dlkern's C++ (CPU) or CUDA kernel.
 
     Returns the pooled values, or ``(values, indices)`` with ``return_indices=True``; indices are int64, flat
-    ``h * W + w`` within each plane. A channels_last input gives channels_last outputs.
+    ``h * W + w`` within each plane. A channels_last input gives channels_last outputs. Differentiable in reverse and
+    forward mode and under the torch.func transforms (vmap included).
     """
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"max_pool2d(): argument 'input' must be a Tensor, not {type(input).__name__}")
-    output, indices = torch.ops.dlkern.max_pool2d(
-        input,
-        _int_list("kernel_size", kernel_size),
-        [] if stride is None else _int_list("stride", stride),
-        _int_list("padding", padding),
-        _int_list("dilation", dilation),
-        bool(ceil_mode),
-    )
+        raise TypeError(f"max_pool2d(): argument 'input' (position 1) must be Tensor, not {_type_name(input)}")
+    kernel_size = _int_list("kernel_size", kernel_size)
+    stride = [] if stride is None else _int_list("stride", stride)
+    padding = _int_list("padding", padding)
+    dilation = _int_list("dilation", dilation)
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"max_pool2d(): argument 'ceil_mode' (position 6) must be bool, not {_type_name(ceil_mode)}")
+    output, indices = _max_pool.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
     return (output, indices) if return_indices else output
 
 

@@ -1,10 +1,12 @@
 """dlkern.functional.max_pool2d against torch.nn.functional.max_pool2d: values, indices and strides equal,
 gradients, errors, opcheck, torch.compile, and the CUDA build."""
 
+import io
 import itertools
 import re
 import zlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -196,13 +198,13 @@ def test_bad_arguments_raise_like_torch(shape, args, message):
 
 def test_bad_types_and_dtypes():
     x = torch.randn(1, 4, 4)
-    with pytest.raises(TypeError, match="argument 'kernel_size' must be an int or a tuple of ints"):
+    with pytest.raises(TypeError, match=re.escape("argument 'kernel_size' (position 2) must be tuple of ints, not fl")):
         F.max_pool2d(x, 2.5)
-    with pytest.raises(TypeError, match="argument 'stride' must be an int or a tuple of ints"):
+    with pytest.raises(TypeError, match=re.escape("argument 'stride' (position 3) must be tuple of ints, not str")):
         F.max_pool2d(x, 2, stride="2")
-    with pytest.raises(TypeError, match="argument 'padding'"):
+    with pytest.raises(TypeError, match=re.escape("argument 'padding' (position 4) must be tuple of ints, not bool")):
         F.max_pool2d(x, 2, padding=True)
-    with pytest.raises(TypeError, match="argument 'input' must be a Tensor"):
+    with pytest.raises(TypeError, match=re.escape("argument 'input' (position 1) must be Tensor, not list")):
         F.max_pool2d([[1.0]], 2)
     with pytest.raises(RuntimeError, match="not implemented for 'Bool'"):
         F.max_pool2d(torch.ones(1, 4, 4, dtype=torch.bool), 2)
@@ -322,3 +324,245 @@ def test_cuda_large_offsets():
     out, idx = F.max_pool2d(x, 2, return_indices=True)
     ref_out, ref_idx = TF.max_pool2d(x, 2, return_indices=True)
     assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward-mode AD and torch.func transforms, against PyTorch's max_pool2d under the same transforms
+# ---------------------------------------------------------------------------------------------------------------
+
+# NCHW, channels_last and 3-D inputs; overlapping windows (stride < kernel) and padding with ceil_mode
+AD_CASES = [
+    ((2, 3, 6, 7), False, dict(kernel_size=2)),
+    ((2, 3, 6, 7), False, dict(kernel_size=3, stride=1, padding=1)),
+    ((2, 3, 6, 7), True, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ((2, 3, 6, 7), True, dict(kernel_size=(2, 3), stride=1, dilation=(2, 1))),
+    ((3, 5, 6), False, dict(kernel_size=3, stride=1)),
+]
+
+
+def ad_input(shape, channels_last, dtype=torch.float64):
+    return make_input(shape, dtype, "cpu", channels_last, "ties")
+
+
+@pytest.mark.parametrize("return_indices", [False, True])
+@pytest.mark.parametrize("shape, channels_last, args", AD_CASES)
+def test_forward_mode_ad_matches_torch(shape, channels_last, args, return_indices):
+    """The output tangent is the input tangent at each window's argmax (never a silent zero): func.jvp, jacfwd and
+    torch.autograd.forward_ad, each against PyTorch's max_pool2d under the same transform."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = ad_input(shape, channels_last)
+    t = torch.randn_like(x)  # in x's memory format
+    ours = lambda a: F.max_pool2d(a, **args, return_indices=return_indices)  # noqa: E731
+    theirs = lambda a: TF.max_pool2d(a, **args, return_indices=return_indices)  # noqa: E731
+
+    out, out_t = torch.func.jvp(ours, (x,), (t,))
+    ref, ref_t = torch.func.jvp(theirs, (x,), (t,))
+    for a, b in zip(pytree_leaves((out, out_t)), pytree_leaves((ref, ref_t))):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    value_t = out_t[0] if return_indices else out_t
+    assert value_t.abs().sum() > 0
+
+    with fwAD.dual_level():
+        res = ours(fwAD.make_dual(x, t))
+        ref_res = theirs(fwAD.make_dual(x, t))
+        res, ref_res = (r[0] if return_indices else r for r in (res, ref_res))
+        tangent, ref_tangent = fwAD.unpack_dual(res).tangent, fwAD.unpack_dual(ref_res).tangent
+        assert tangent is not None and torch.equal(tangent, ref_tangent)
+
+    if not return_indices:
+        assert torch.equal(torch.func.jacfwd(ours)(x), torch.func.jacfwd(theirs)(x))
+
+
+def pytree_leaves(tree):
+    return torch.utils._pytree.tree_leaves(tree)
+
+
+@pytest.mark.parametrize("shape, channels_last, args", AD_CASES)
+def test_func_transforms_match_torch(shape, channels_last, args):
+    """grad, vjp, jacrev, vmap(grad), hessian and double backward through torch.func, as PyTorch's."""
+    x = ad_input(shape, channels_last)
+    w = torch.randn(TF.max_pool2d(x, **args).shape, dtype=x.dtype)
+
+    def loss(pool):
+        return lambda a: (pool(a, **args) ** 2 * w).sum()
+
+    ours, theirs = loss(F.max_pool2d), loss(TF.max_pool2d)
+    assert torch.equal(torch.func.grad(ours)(x), torch.func.grad(theirs)(x))
+    out, pullback = torch.func.vjp(lambda a: F.max_pool2d(a, **args), x)
+    ref_out, ref_pullback = torch.func.vjp(lambda a: TF.max_pool2d(a, **args), x)
+    assert torch.equal(out, ref_out) and torch.equal(pullback(w)[0], ref_pullback(w)[0])
+    jac = torch.func.jacrev(lambda a: F.max_pool2d(a, **args))(x)
+    assert torch.equal(jac, torch.func.jacrev(lambda a: TF.max_pool2d(a, **args))(x))
+    batch = torch.stack([x, x.flip(-1) * 2])
+    assert torch.equal(torch.vmap(torch.func.grad(ours))(batch), torch.vmap(torch.func.grad(theirs))(batch))
+    # second order: hessian-vector products through the backward's own derivatives
+    hvp = torch.func.jvp(torch.func.grad(ours), (x,), (w.new_ones(x.shape),))[1]
+    ref_hvp = torch.func.jvp(torch.func.grad(theirs), (x,), (w.new_ones(x.shape),))[1]
+    assert torch.equal(hvp, ref_hvp)
+    # PyTorch's own jacrev(grad) fails on channels_last ("NYI: querying is_contiguous inside of vmap"): its
+    # Hessian on the same values in NCHW is the reference
+    hessian = torch.func.jacrev(torch.func.grad(ours))(x)
+    assert torch.equal(hessian, torch.func.jacrev(torch.func.grad(theirs))(x.contiguous()))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_vmap_matches_torch(channels_last):
+    """vmap over 3-D and 4-D examples, any batch dim, nested, with indices; a bad example rank gives ATen's error."""
+    x = make_input((2, 4, 3, 6, 7), torch.float32, "cpu", pattern="ties")
+    args = dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, return_indices=True)
+    ours = lambda a: F.max_pool2d(a, **args)  # noqa: E731
+    theirs = lambda a: TF.max_pool2d(a, **args)  # noqa: E731
+    cases = [(x, 0), (x, 2), (x[0], 0), (x[0], 3)]
+    for inp, dim in cases:
+        if channels_last and inp.dim() == 4:
+            inp = inp.to(memory_format=torch.channels_last)
+        for a, b in zip(torch.vmap(ours, in_dims=dim)(inp), torch.vmap(theirs, in_dims=dim)(inp)):
+            assert torch.equal(a, b)
+    nested = torch.vmap(torch.vmap(ours))(x)
+    assert all(torch.equal(a, b) for a, b in zip(nested, torch.vmap(torch.vmap(theirs))(x)))
+    with pytest.raises(RuntimeError, match=re.escape("non-empty 3D or 4D (batch mode) tensor expected for input")):
+        torch.vmap(ours)(x[0, 0])
+
+
+def test_double_backward_matches_torch():
+    """The backward is linear in grad_output: its own gradient reads the incoming gradient at the argmax."""
+    x = ad_input((2, 3, 6, 7), False).requires_grad_()
+    args = dict(kernel_size=3, stride=1, padding=1)
+    (g,) = torch.autograd.grad((F.max_pool2d(x, **args) ** 2).sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    (ref_g,) = torch.autograd.grad((TF.max_pool2d(x, **args) ** 2).sum(), x, create_graph=True)
+    (ref_gg,) = torch.autograd.grad(ref_g.sum(), x)
+    assert torch.equal(g, ref_g) and torch.equal(gg, ref_gg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument types: what PyTorch's argument parser accepts and refuses, with its messages
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Index:
+    def __index__(self):
+        return 2
+
+
+ACCEPTED_ARGS = [
+    dict(kernel_size=np.int64(2)),
+    dict(kernel_size=np.int32(3), stride=np.uint8(1)),
+    dict(kernel_size=torch.tensor(2)),
+    dict(kernel_size=torch.tensor([3]), stride=torch.tensor(2, dtype=torch.int8)),
+    dict(kernel_size=torch.tensor([[2]])),
+    dict(kernel_size=torch.tensor(True)),
+    dict(kernel_size=(np.int64(2), torch.tensor(3))),
+    dict(kernel_size=[torch.tensor([2]), Index()]),
+    dict(kernel_size=(Index(), 2)),
+    dict(kernel_size=(2, True)),  # only the first element is checked for bool, as PyTorch's parser does
+    dict(kernel_size=3, stride=np.int64(2), padding=torch.tensor(1), dilation=np.int16(1)),
+    dict(kernel_size=2, padding=(np.int64(1), 0), dilation=(torch.tensor(1), 2)),
+    dict(kernel_size=2, stride=()),
+]
+
+
+@pytest.mark.parametrize("args", ACCEPTED_ARGS, ids=repr)
+def test_int_like_arguments_accepted_like_torch(args):
+    x = make_input((2, 3, 7, 9), torch.float32, "cpu")
+    out, idx = F.max_pool2d(x, **args, return_indices=True)
+    ref_out, ref_idx = TF.max_pool2d(x, **args, return_indices=True)
+    assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
+
+
+REFUSED_ARGS = [
+    dict(kernel_size=2.0),
+    dict(kernel_size="2"),
+    dict(kernel_size=True),
+    dict(kernel_size=None),
+    dict(kernel_size=np.float64(2)),
+    dict(kernel_size=np.bool_(True)),
+    dict(kernel_size=np.array([2, 2])),
+    dict(kernel_size=torch.tensor([2, 2])),
+    dict(kernel_size=torch.tensor(2.0)),
+    dict(kernel_size=(2.0, 2)),
+    dict(kernel_size=(True, 2)),
+    dict(kernel_size=(torch.tensor(2.0), 2)),
+    dict(kernel_size=(2, 2.0)),
+    dict(kernel_size=(2, "a")),
+    dict(kernel_size=[np.int64(2), None]),
+    dict(kernel_size=(2, torch.tensor([3, 3]))),
+    dict(kernel_size=(2, torch.tensor(2.0))),
+    dict(kernel_size=2, stride=1.0),
+    dict(kernel_size=2, stride=(1, 1.5)),
+    dict(kernel_size=2, padding=True),
+    dict(kernel_size=2, padding=1.0),
+    dict(kernel_size=2, dilation=1.0),
+    dict(kernel_size=2, dilation=(1.0,)),
+    dict(kernel_size=2, ceil_mode="no"),
+    dict(kernel_size=2, ceil_mode=1),
+    dict(kernel_size=2, ceil_mode=None),
+    dict(kernel_size=2, ceil_mode=np.bool_(True)),
+    dict(kernel_size=2, ceil_mode=torch.tensor(True)),
+]
+
+
+@pytest.mark.parametrize("args", REFUSED_ARGS, ids=repr)
+def test_ill_typed_arguments_refused_like_torch(args):
+    x = torch.randn(1, 2, 6, 6)
+    with pytest.raises(TypeError) as expected:
+        TF.max_pool2d(x, **args)
+    with pytest.raises(TypeError) as got:
+        F.max_pool2d(x, **args)
+    assert str(got.value) == str(expected.value)
+    with pytest.raises(TypeError) as got:
+        dlkern.nn.MaxPool2d(**args)(x)
+    assert str(got.value) == str(expected.value)
+
+
+def test_non_tensor_input_refused_like_torch():
+    for bad in ([[1.0]], 3, None):
+        with pytest.raises(TypeError) as expected:
+            TF.max_pool2d(bad, 2)
+        with pytest.raises(TypeError) as got:
+            F.max_pool2d(bad, 2)
+        assert str(got.value) == str(expected.value)
+
+
+def test_symint_arguments_under_torch_compile():
+    """Sizes traced as SymInts (dynamic shapes) are ints to max_pool2d, as they are to PyTorch's."""
+    torch._dynamo.reset()
+
+    def step(t):
+        return F.max_pool2d(t, t.shape[-1] // 3, stride=[t.shape[-2] // 4, 1])
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for shape in [(2, 3, 8, 9), (1, 2, 12, 6)]:
+        x = torch.randn(shape)
+        ref = TF.max_pool2d(x, shape[-1] // 3, stride=[shape[-2] // 4, 1])
+        assert torch.equal(compiled(x), ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TorchScript and export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_module_torchscript_refused_and_trace_matches_eager():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), dlkern.nn.MaxPool2d(2, ceil_mode=True))
+    with pytest.raises(RuntimeError, match=r"dlkern.nn.MaxPool2d: torch.jit.script is not supported"):
+        torch.jit.script(model)
+    x = torch.randn(2, 3, 9, 9)
+    traced = torch.jit.trace(model, (x,), check_trace=True, check_inputs=[(torch.randn(1, 3, 11, 8),)])
+    for inp in [x, torch.randn(3, 3, 9, 9)]:
+        assert torch.equal(traced(inp), model(inp))
+    assert "dlkern::max_pool2d" in str(traced.inlined_graph)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)  # the recorded graph holds the registered op, not a Python call
+    buffer.seek(0)
+    assert torch.equal(torch.jit.load(buffer)(x), model(x))
+
+
+def test_export_matches_eager():
+    model = dlkern.nn.MaxPool2d(3, stride=2, padding=1, return_indices=True)
+    x = torch.randn(2, 3, 9, 9)
+    exported = torch.export.export(model, (x,))
+    assert "dlkern.max_pool2d" in str(exported.graph)
+    for a, b in zip(exported.module()(x), model(x)):
+        assert torch.equal(a, b)

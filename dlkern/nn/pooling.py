@@ -1,9 +1,10 @@
 import torch
 
 from dlkern import functional as F
+from dlkern.nn._jit import NotScriptable
 
 
-class MaxPool2d(torch.nn.MaxPool2d):
+class MaxPool2d(NotScriptable, torch.nn.MaxPool2d):
     """``torch.nn.MaxPool2d`` computed by dlkern's max-pool kernels."""
 
     def forward(self, input):

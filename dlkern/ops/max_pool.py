@@ -6,6 +6,8 @@ messages as the C++ checks (which reproduce ATen's), so tracing fails where eage
 """
 
 import torch
+from torch._functorch.utils import unwrap_dead_wrappers
+from torch.autograd import forward_ad
 from torch._prims_common import suggest_memory_format
 
 import dlkern._extension  # noqa: F401  (registers torch.ops.dlkern.*)
@@ -107,35 +109,157 @@ def _pool_args(ctx):
     return ctx.kernel_size, ctx.stride, ctx.padding, ctx.dilation, ctx.ceil_mode
 
 
+def gather_at_argmax(t, indices):
+    """t (shaped like the input) read at each window's argmax: the forward-mode derivative of max pooling, and the
+    gradient of its backward (which is linear in grad_output)."""
+    return t.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
+
+
 def _setup_context(ctx, inputs, output):
     input, ctx.kernel_size, ctx.stride, ctx.padding, ctx.dilation, ctx.ceil_mode = inputs
     _, indices = output
     ctx.mark_non_differentiable(indices)
     ctx.save_for_backward(input, indices)
+    ctx.save_for_forward(indices)
 
 
 def _max_pool2d_grad(ctx, grad_output, _grad_indices):
     input, indices = ctx.saved_tensors
-    grad_input = torch.ops.dlkern.max_pool2d_backward(grad_output, input, indices, *_pool_args(ctx))
+    grad_input = max_pool2d_backward(grad_output, input, indices, *_pool_args(ctx))
     return grad_input, None, None, None, None, None
 
 
-torch.library.register_autograd("dlkern::max_pool2d", _max_pool2d_grad, setup_context=_setup_context)
-
-
 def _backward_setup_context(ctx, inputs, output):
-    _, input, indices, *_ = inputs
-    ctx.save_for_backward(indices)
+    _, input, indices, *pool_args = inputs
+    ctx.kernel_size, ctx.stride, ctx.padding, ctx.dilation, ctx.ceil_mode = pool_args
+    ctx.save_for_backward(input, indices)
+    ctx.save_for_forward(input, indices)
 
 
 def _max_pool2d_backward_grad(ctx, grad_grad_input):
-    # The backward is linear in grad_output: its own gradient reads grad_grad_input at the argmax of each window.
-    (indices,) = ctx.saved_tensors
-    grad_grad_output = grad_grad_input.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
-    return grad_grad_output, None, None, None, None, None, None, None
+    _, indices = ctx.saved_tensors
+    return gather_at_argmax(grad_grad_input, indices), None, None, None, None, None, None, None
 
 
+# The raw ops are differentiable by reverse-mode autograd for callers of torch.ops.dlkern.* (and opcheck); the
+# functional API goes through the autograd.Functions below, which torch.func transforms and forward-mode AD need.
+torch.library.register_autograd("dlkern::max_pool2d", _max_pool2d_grad, setup_context=_setup_context)
 torch.library.register_autograd(
     "dlkern::max_pool2d_backward", _max_pool2d_backward_grad, setup_context=_backward_setup_context
 )
 
+
+def _batched(t, dim, batch_size):
+    """t with its vmap batch dim first (an unbatched t is broadcast over the batch)."""
+    return t.expand(batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+def _max_pool2d_vmap(info, in_dims, input, kernel_size, stride, padding, dilation, ceil_mode):
+    # Pooling works plane by plane: the batch dims and an example's own N (and C) flatten into one leading dim.
+    torch._check(input.dim() - 1 in (3, 4), lambda: "non-empty 3D or 4D (batch mode) tensor expected for input")
+    x = _batched(input, in_dims[0], info.batch_size)
+    output, indices = torch.ops.dlkern.max_pool2d(
+        x.flatten(0, -4), kernel_size, stride, padding, dilation, ceil_mode
+    )
+    return (output.unflatten(0, x.shape[:-3]), indices.unflatten(0, x.shape[:-3])), (0, 0)
+
+
+def _max_pool2d_backward_vmap(info, in_dims, grad_output, input, indices, *pool_args):
+    go, x, idx = (_batched(t, d, info.batch_size) for t, d in zip((grad_output, input, indices), in_dims))
+    grad_input = torch.ops.dlkern.max_pool2d_backward(
+        go.flatten(0, -4), x.flatten(0, -4), idx.flatten(0, -4), *pool_args
+    )
+    return grad_input.unflatten(0, x.shape[:-3]), 0
+
+
+torch.library.register_vmap("dlkern::max_pool2d", _max_pool2d_vmap)
+torch.library.register_vmap("dlkern::max_pool2d_backward", _max_pool2d_backward_vmap)
+
+
+class _MaxPool2d(torch.autograd.Function):
+    """dlkern::max_pool2d for reverse-mode autograd and the torch.func transforms (vmap through the ops' vmap rules).
+    No jvp: Dynamo refuses an autograd.Function with a custom jvp, so this is what torch.compile traces."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
+        return torch.ops.dlkern.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_max_pool2d_grad)
+
+
+class _MaxPool2dWithJvp(_MaxPool2d):
+    """_MaxPool2d with forward-mode AD, for eager: the output tangent is the input tangent at the argmax."""
+
+    @staticmethod
+    def jvp(ctx, input_tangent, *_):
+        (indices,) = ctx.saved_tensors
+        return gather_at_argmax(input_tangent, indices), None
+
+
+class _MaxPool2dBackward(torch.autograd.Function):
+    """dlkern::max_pool2d_backward, differentiable again (double backward, Hessians) under every transform."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
+        return torch.ops.dlkern.max_pool2d_backward(
+            grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode
+        )
+
+    setup_context = staticmethod(_backward_setup_context)
+    backward = staticmethod(_max_pool2d_backward_grad)
+
+
+class _MaxPool2dBackwardWithJvp(_MaxPool2dBackward):
+    @staticmethod
+    def jvp(ctx, grad_output_tangent, *_):
+        # linear in grad_output; the input only selects the argmax (a piecewise-constant choice: no derivative)
+        input, indices = ctx.saved_tensors
+        if grad_output_tangent is None:
+            return torch.zeros_like(input)
+        return max_pool2d_backward(grad_output_tangent, input, indices, *_pool_args(ctx))
+
+
+def _apply(function, *args):
+    """function.apply(*args), without the per-call inspect.signature binding that autograd.Function.apply does for a
+    Function with setup_context (two thirds of a small max pool's host time); with every argument passed positionally
+    that binding changes nothing. The torch.func transforms get the full apply, which they rely on."""
+    if torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    # what Function.apply does next without transforms: drop dead functorch wrappers, then the C++ apply
+    return super(torch.autograd.Function, function).apply(*unwrap_dead_wrappers(args))
+
+
+def _differentiable(*tensors):
+    """Whether this call's derivatives may be asked for: reverse mode, an open dual level (forward mode: a tensor may
+    carry a tangent) or a torch.func transform. If not, the op alone does it, without the Function's host cost."""
+    return (
+        (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        or forward_ad._current_level >= 0
+        or torch._C._are_functorch_transforms_active()
+    )
+
+
+def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
+    """dlkern::max_pool2d, differentiable in every autograd mode (list arguments already normalized)."""
+    args = (input, kernel_size, stride, padding, dilation, ceil_mode)
+    if torch.compiler.is_compiling():
+        return _MaxPool2d.apply(*args)
+    # torch.jit.trace records the op itself: a graph that saves, where a Function would be a Python call
+    if torch.jit.is_tracing() or not _differentiable(input):
+        return torch.ops.dlkern.max_pool2d(*args)
+    return _apply(_MaxPool2dWithJvp, *args)
+
+
+def max_pool2d_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
+    """dlkern::max_pool2d_backward, itself differentiable in every autograd mode."""
+    args = (grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode)
+    if torch.compiler.is_compiling():
+        return _MaxPool2dBackward.apply(*args)
+    if not _differentiable(grad_output, input):
+        return torch.ops.dlkern.max_pool2d_backward(*args)
+    return _apply(_MaxPool2dBackwardWithJvp, *args)
