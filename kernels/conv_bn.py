@@ -61,6 +61,16 @@ def _scalar(hi, lo, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc + a @ b. DOT_FP32 (set in Triton's interpreter for 16-bit operands, which it multiplies as raw bits)
+    upcasts the operands first; the GPU keeps 16-bit tensor-core dots."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
 def _rows(offs_m, OH, OW):
     """(n, oh, ow) of flattened output rows m = (n*OH + oh)*OW + ow."""
     ow = offs_m % OW
@@ -79,7 +89,7 @@ def conv_fwd_kernel(
     out_n_stride, out_c_stride, out_h_stride, out_w_stride,
     M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr, SAVE_Z: tl.constexpr,
-    ACT: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out = act(conv(x, w) + bias). With STATS (training) it stores z = conv(x, w) + bias instead and, per
@@ -110,7 +120,7 @@ def conv_fwd_kernel(
             mask=a_mask, other=0.0,
         )
         b = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc = _dot(a, b, acc, PRECISION, ACC_DTYPE, DOT_FP32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
 
@@ -333,7 +343,7 @@ def conv_bwd_input_kernel(
     dx_n_stride, dx_c_stride, dx_h_stride, dx_w_stride,
     M_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo,
     KH: tl.constexpr, KW: tl.constexpr, BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr,
-    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx as an implicit GEMM: rows (n, ih, iw) (M_in = N*H*W), columns c_in, reduction k = (c_out, kh, kw).
@@ -374,7 +384,7 @@ def conv_bwd_input_kernel(
             w_ptr + (co * C_in * KH * KW + r)[:, None] + offs_n[None, :] * (KH * KW),
             mask=mask_k[:, None] & mask_n[None, :], other=0.0,
         )
-        acc = tl.dot(gz.to(w_ptr.dtype.element_ty), b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
+        acc = _dot(gz.to(w_ptr.dtype.element_ty), b, acc, PRECISION, ACC_DTYPE, DOT_FP32)
     dx_offs = (n * dx_n_stride + ih * dx_h_stride + iw * dx_w_stride)[:, None] + offs_n[None, :] * dx_c_stride
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -388,7 +398,7 @@ def conv_bwd_weight_kernel(
     x_n_stride, x_c_stride, x_h_stride, x_w_stride,
     M, rows_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo,
     KH: tl.constexpr, KW: tl.constexpr, BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr,
-    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One split's share of dW[c_out, k] = sum_m dL/dz[m, c_out] * x_col[m, k] and of d(bias)[c_out] =
@@ -429,9 +439,7 @@ def conv_bwd_weight_kernel(
         x_mask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_offs = (n * x_n_stride)[:, None] + c[None, :] * x_c_stride + ih * x_h_stride + iw * x_w_stride
         x_col = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
-        acc = tl.dot(
-            tl.trans(gz.to(x_ptr.dtype.element_ty)), x_col, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE
-        )
+        acc = _dot(tl.trans(gz.to(x_ptr.dtype.element_ty)), x_col, acc, PRECISION, ACC_DTYPE, DOT_FP32)
     if BN:
         # Batch statistics cancel any per-channel shift, so the exact bias gradient is 0; the sum above would
         # only add rounding noise (cancellation of O(1) terms) to it.

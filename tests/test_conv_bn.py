@@ -5,12 +5,14 @@ Triton kernel runs in Triton's interpreter, one program after another.
 """
 
 import copy
+import re
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dlkern
 from dlkern.nn import ConvBNReLU2d
@@ -360,7 +362,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size "
                                          r"torch.Size\(\[1, 4, 1, 1\]\)"):
         ConvBNReLU2d(3, 4, 3)(torch.randn(1, 3, 3, 3))
-    with pytest.raises(ValueError, match="running_mean and running_var must be defined in evaluation mode"):
+    with pytest.raises(ValueError, match="running_mean must be defined in evaluation mode"):
         f(x, w, None, None, None, training=False)
     with pytest.raises(ValueError, match="momentum=None .* needs num_batches_tracked"):
         f(x, w, None, torch.zeros(4), torch.ones(4), training=True, momentum=None)
@@ -368,14 +370,19 @@ def test_bad_arguments():
         f(x, w, None, None, None, training=True, activation="elu", activation_params=(1.0, 2.0, 3.0))
 
 
-@pytest.mark.parametrize("device", [p for p in DEVICES if not isinstance(p, str)])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_autocast(device, dtype):
-    """fp16/bf16 under autocast: the conv in `dtype`, BatchNorm's statistics and buffers in float32."""
+@pytest.mark.parametrize("input_dtype", ["float32", "autocast"], ids=["float32-input", "16-bit-input"])
+def test_autocast(device, dtype, input_dtype):
+    """fp16/bf16 under autocast (CPU autocast on CPU): the conv in `dtype`, BatchNorm's statistics and buffers in
+    float32; the input may already be in `dtype` (a previous layer's autocast output). Both sides round the conv
+    output to `dtype` and normalize it in float32: the dtype's tolerance."""
     torch.manual_seed(11)
-    block, stock = make_pair(32, 32, 3, torch.float32, device=device, padding=1)
+    block, stock = make_pair(8, 8, 3, torch.float32, device=device, padding=1)
     stock.float()
-    x = torch.randn(8, 32, 14, 14, device=device)
+    x = torch.randn(2, 8, 6, 6, device=device)
+    if input_dtype == "autocast":
+        x = x.to(dtype)
     for _ in range(2):
         with torch.autocast(device, dtype=dtype):
             out, ref = block(x), stock(x)
@@ -388,3 +395,273 @@ def test_autocast(device, dtype):
     block.eval(), stock.eval()
     with torch.autocast(device, dtype=dtype):
         assert_close(block(x).float(), stock(x).float(), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 9: strided and short BatchNorm tensors, dtypes, empty batches, torch.func, both paths
+# ---------------------------------------------------------------------------------------------------------------
+
+F64 = dict(dtype=torch.float64)
+
+
+@pytest.fixture(params=["triton", "composite"])
+def path(request, monkeypatch):
+    """Both ways a CPU tensor is computed: Triton's interpreter, or the PyTorch composite (TRITON_INTERPRET unset)."""
+    if request.param == "composite":
+        monkeypatch.setattr(triton_support, "INTERPRETING", False)
+        monkeypatch.setattr(triton_support, "_warned", {ops.OP})  # warned already: tested above
+    return request.param
+
+
+def stock_block(x, w, b, rm, rv, gamma, beta, training, activation=F.relu, momentum=0.1, eps=1e-5, **conv_kw):
+    return activation(F.batch_norm(F.conv2d(x, w, b, **conv_kw), rm, rv, gamma, beta, training, momentum, eps))
+
+
+def leaves_grads(leaves):
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strided_and_expanded_parameters(path, training):
+    """Every tensor may be a strided view or expanded: conv weight expanded, conv bias and BatchNorm weight [::2],
+    BatchNorm bias expanded, running buffers [::2] (updated in place inside their views, the rest untouched)."""
+    torch.manual_seed(12)
+    C = 4
+    leaves = [torch.randn(2, 2, 5, 5, **F64), torch.randn(1, 2, 3, 3, **F64), torch.randn(2 * C, **F64),
+              torch.rand(2 * C, **F64) + 0.5, torch.randn(1, **F64)]
+    buffers = [torch.randn(2 * C, **F64), torch.rand(2 * C, **F64) + 0.5]
+
+    def run(leaves, buffers, fn):
+        leaves = [t.clone().requires_grad_() for t in leaves]
+        x, w, b, gamma, beta = leaves
+        rm, rv = [t.clone() for t in buffers]
+        args = (x, w.expand(C, 2, 3, 3), b[::2], rm[::2], rv[::2], gamma[::2], beta.expand(C), training)
+        out = fn(*args)
+        out.backward(torch.linspace(-1, 1, out.numel(), **F64).view_as(out))
+        return out, leaves_grads(leaves), (rm, rv)
+
+    def ours(*args):
+        return dlkern.functional.conv_bn_act2d(*args, momentum=0.3, padding=1, activation="elu")
+
+    def stock(*args):
+        return stock_block(*args, activation=F.elu, momentum=0.3, padding=1)
+
+    out, grads, bufs = run(leaves, buffers, ours)
+    ref, ref_grads, ref_bufs = run(leaves, buffers, stock)
+    assert_close(out, ref)
+    for name, a, b in zip(["input", "weight", "bias", "bn_weight", "bn_bias"], grads, ref_grads):
+        assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+    for a, b in zip(bufs, ref_bufs):
+        assert_close(a, b)  # the odd elements (outside the views) included
+
+
+def test_expanded_running_buffer_is_refused():
+    x, w = torch.randn(2, 2, 4, 4), torch.randn(3, 2, 3, 3)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor refers to a single"):
+        dlkern.functional.conv_bn_act2d(x, w, None, torch.zeros(1).expand(3), torch.ones(3), training=True)
+
+
+BN_SIZE_CASES = [
+    pytest.param(True, dict(bn_weight=torch.ones(1)), id="short-weight"),
+    pytest.param(True, dict(bn_bias=torch.zeros(2)), id="short-bias"),
+    pytest.param(True, dict(running_mean=torch.zeros(1)), id="short-running-mean"),
+    pytest.param(True, dict(running_var=torch.ones(5)), id="long-running-var"),
+    pytest.param(False, dict(running_mean=torch.zeros(1)), id="eval-1-element-mean"),
+    pytest.param(False, dict(running_var=torch.ones(1)), id="eval-1-element-var"),
+    pytest.param(False, dict(bn_weight=torch.ones(2), running_mean=torch.zeros(3)), id="eval-mean-first"),
+]
+
+
+def bn_arguments(sizes, channels=4):
+    args = dict(running_mean=torch.zeros(channels), running_var=torch.ones(channels), bn_weight=torch.ones(channels),
+                bn_bias=torch.zeros(channels))
+    args.update(sizes)
+    return args
+
+
+@pytest.mark.parametrize("training, sizes", BN_SIZE_CASES)
+def test_batchnorm_tensor_sizes(training, sizes):
+    """PyTorch's error, word for word, in eager, in the op itself, and under torch.compile(fullgraph=True)."""
+    x, w = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    a = bn_arguments(sizes)
+    with pytest.raises(RuntimeError) as expected:
+        F.batch_norm(F.conv2d(x, w), a["running_mean"], a["running_var"], a["bn_weight"], a["bn_bias"], training)
+    message = str(expected.value)
+
+    def ours(x, w):
+        return dlkern.functional.conv_bn_act2d(x, w, None, a["running_mean"], a["running_var"], a["bn_weight"],
+                                               a["bn_bias"], training)
+
+    with pytest.raises(RuntimeError, match=f"^{re.escape(message)}$"):
+        ours(x, w)
+    with pytest.raises(Exception, match="should contain 4 elements not"):  # Dynamo may report another first
+        torch.compile(ours, fullgraph=True, backend="aot_eager")(x, w)
+    # The ops check too (their fakes as well, under FakeTensorMode), whoever calls them.
+    geo = ([1, 1], [0, 0, 0, 0], [1, 1])
+    if "bn_weight" in sizes or "bn_bias" in sizes:
+        with pytest.raises(RuntimeError, match="should contain 4 elements not"):
+            torch.ops.dlkern.conv_bn_act2d(x, w, None, a["bn_weight"], a["bn_bias"], 1e-5, *geo, "relu", 0.0, 0.0,
+                                           False)
+    else:
+        stats = torch.ones(3, 4)
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            torch.ops.dlkern.bn_update_running_stats(a["running_mean"], a["running_var"], None, stats, 18, 0.1)
+        with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=re.escape(message)):
+            torch.ops.dlkern.bn_update_running_stats(*(mode.from_tensor(t) for t in (
+                a["running_mean"], a["running_var"])), None, mode.from_tensor(stats), 18, 0.1)
+
+
+@pytest.mark.parametrize(
+    "training, eps, dtypes",
+    [
+        pytest.param(True, 0.0, {}, id="eps-0-train"),
+        pytest.param(True, -1e-5, {}, id="eps-negative-train"),
+        pytest.param(False, -1e-5, {}, id="eps-negative-eval"),
+        pytest.param(True, 1e-5, dict(running_mean=torch.float64, running_var=torch.float64), id="float64-buffers"),
+        pytest.param(False, 1e-5, dict(running_var=torch.float64), id="eval-float64-var"),
+        pytest.param(True, 1e-5, dict(bn_weight=torch.float16), id="float16-weight"),
+        pytest.param(True, 1e-5, dict(bn_bias=torch.float64), id="float64-bias"),
+        pytest.param(False, 1e-5, dict(input=torch.float64, weight=torch.float64), id="float64-input-float-bn"),
+    ],
+)
+def test_refused_as_pytorch_refuses(training, eps, dtypes):
+    """eps <= 0 in training, eps < 0, BatchNorm tensors of another dtype: PyTorch's exception and message."""
+    x, w = torch.randn(2, 3, 5, 5, dtype=dtypes.get("input")), torch.randn(4, 3, 3, 3, dtype=dtypes.get("weight"))
+    a = {k: v.to(dtypes.get(k, v.dtype)) for k, v in bn_arguments({}).items()}
+    with pytest.raises((RuntimeError, ValueError)) as expected:
+        F.batch_norm(F.conv2d(x, w), a["running_mean"], a["running_var"], a["bn_weight"], a["bn_bias"], training,
+                     eps=eps)
+    with pytest.raises(type(expected.value), match=f"^{re.escape(str(expected.value))}$"):
+        dlkern.functional.conv_bn_act2d(x, w, None, a["running_mean"], a["running_var"], a["bn_weight"],
+                                        a["bn_bias"], training, eps=eps)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_empty_batch(path, momentum):
+    """N = 0 in training: an empty output, zero gradients for every parameter, running statistics untouched and
+    num_batches_tracked counted, as the stock Conv2d -> BatchNorm2d (whose BatchNorm returns early)."""
+    torch.manual_seed(13)
+    block, stock = make_pair(3, 4, 3, torch.float64, padding=1, bn_kw=dict(momentum=momentum))
+    x = torch.randn(0, 3, 5, 5, **F64)
+    out, ref = block(x.clone().requires_grad_()), stock(x.clone().requires_grad_())
+    assert out.shape == ref.shape == (0, 4, 5, 5) and out.dtype == ref.dtype
+    out.sum().backward()
+    ref.sum().backward()
+    for (name, p), q in zip(block.named_parameters(), stock.parameters()):
+        assert p.grad is not None and torch.equal(p.grad, q.grad), name
+    check_buffers(block, stock)
+    assert block[1].num_batches_tracked.item() == 1
+
+
+def test_conv_bias_gradient_is_exactly_zero(path):
+    """The documented difference: a conv bias ahead of training BatchNorm has true gradient 0 (the batch mean
+    cancels it); dlkern returns exactly 0, where PyTorch returns rounding noise."""
+    torch.manual_seed(14)
+    block, _ = make_pair(3, 4, 3, torch.float32, padding=1)
+    block(torch.randn(2, 3, 5, 5)).square().sum().backward()
+    assert torch.equal(block[0].bias.grad, torch.zeros(4))
+
+
+STOCK_ACTIVATIONS = {
+    "none": lambda u: u, "relu": F.relu, "leaky_relu": F.leaky_relu, "elu": F.elu, "softplus": F.softplus,
+    "silu": F.silu, "swish": lambda u: u * torch.sigmoid(u), "gelu": F.gelu,
+    "gelu_tanh": lambda u: F.gelu(u, approximate="tanh"), "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+    "hardsigmoid": lambda u: F.relu6(u + 3.0) / 6.0, "hardtanh": F.hardtanh,
+    "hard_logistic": lambda u: torch.clamp(0.25 * u + 0.5, 0, 1),
+}
+
+
+@pytest.mark.parametrize("activation", ops.FUSABLE)
+def test_eval_backward_every_activation(path, activation):
+    """Eval mode with gradients (fine-tuning with frozen BatchNorm), every fusable activation and none, on both
+    paths (the composite once aliased its two outputs without an activation)."""
+    torch.manual_seed(15)
+    leaves = [torch.randn(2, 2, 4, 4, **F64), torch.randn(3, 2, 3, 3, **F64), torch.randn(3, **F64),
+              torch.rand(3, **F64) + 0.5, torch.randn(3, **F64)]
+    rm, rv = torch.randn(3, **F64) * 0.1, torch.rand(3, **F64) + 0.5
+
+    def run(fn):
+        xs = [t.clone().requires_grad_() for t in leaves]
+        out = fn(*xs)
+        out.backward(torch.linspace(-1, 1, out.numel(), **F64).view_as(out))
+        return [out] + leaves_grads(xs)
+
+    ours = run(lambda x, w, b, g, be: dlkern.functional.conv_bn_act2d(x, w, b, rm, rv, g, be, False, padding=1,
+                                                                     activation=None if activation == "none"
+                                                                     else activation))
+    ref = run(lambda x, w, b, g, be: stock_block(x, w, b, rm, rv, g, be, False, STOCK_ACTIVATIONS[activation],
+                                                 padding=1))
+    for name, a, b in zip(["output", "input", "weight", "bias", "bn_weight", "bn_bias"], ours, ref):
+        assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
+    if activation == "none":  # the module form of the report
+        block, stock = make_pair(2, 3, 3, torch.float64, activation=nn.Identity(), padding=1)
+        block.eval(), stock.eval()
+        step(block, stock, leaves[0], torch.float64)
+
+
+def functional_block(training, rm=None, rv=None):
+    def f(x, w, gamma, beta):
+        return dlkern.functional.conv_bn_act2d(x, w, None, rm, rv, gamma, beta, training, padding=1,
+                                               activation="silu")
+
+    def ref(x, w, gamma, beta):
+        return stock_block(x, w, None, rm, rv, gamma, beta, training, F.silu, padding=1)
+
+    return f, ref
+
+
+def small_args():
+    torch.manual_seed(16)
+    return (torch.randn(2, 2, 3, 3, **F64), torch.randn(3, 2, 2, 2, **F64), torch.rand(3, **F64) + 0.5,
+            torch.randn(3, **F64))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_func_reverse_mode(training):
+    """torch.func.grad, vjp, jacrev and vmap(grad) (per-sample gradients) as for the stock ops."""
+    args = small_args()
+    f, ref = functional_block(training, *(() if training else (torch.randn(3, **F64), torch.rand(3, **F64) + 0.5)))
+
+    def loss(fn):
+        return lambda *a: fn(*a).square().sum()
+
+    for ours, theirs in zip(torch.func.grad(loss(f), argnums=(0, 1, 2, 3))(*args),
+                            torch.func.grad(loss(ref), argnums=(0, 1, 2, 3))(*args)):
+        assert_close(ours, theirs)
+    (out, vjp_fn), (ref_out, ref_vjp_fn) = torch.func.vjp(f, *args), torch.func.vjp(ref, *args)
+    assert_close(out, ref_out)
+    g = torch.randn_like(out)
+    for ours, theirs in zip(vjp_fn(g), ref_vjp_fn(g)):
+        assert_close(ours, theirs)
+    assert_close(torch.func.jacrev(f, argnums=2)(*args), torch.func.jacrev(ref, argnums=2)(*args))
+    # vmap: each vmapped call is its own batch (its own statistics in training), as for the stock ops.
+    xs = torch.randn(3, *args[0].shape, **F64)
+    assert_close(torch.func.vmap(f, in_dims=(0, None, None, None))(xs, *args[1:]),
+                 torch.func.vmap(ref, in_dims=(0, None, None, None))(xs, *args[1:]))
+    per_sample = torch.func.vmap(torch.func.grad(loss(f), argnums=1), in_dims=(0, None, None, None))
+    per_sample_ref = torch.func.vmap(torch.func.grad(loss(ref), argnums=1), in_dims=(0, None, None, None))
+    assert_close(per_sample(xs, *args[1:]), per_sample_ref(xs, *args[1:]))
+
+
+def test_unsupported_autograd_is_a_clear_error():
+    """Forward mode and double backward raise errors naming the op, never a silent zero; vmap of a training
+    block cannot update running statistics once per vmapped call."""
+    args = small_args()
+    f, _ = functional_block(True)
+    forward_ad = "dlkern.conv_bn_act2d: forward-mode AD"
+    with pytest.raises(NotImplementedError, match=forward_ad):
+        torch.func.jvp(f, args, tuple(torch.ones_like(a) for a in args))
+    with pytest.raises(NotImplementedError, match=forward_ad):
+        torch.func.jacfwd(f, argnums=2)(*args)
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match=forward_ad):
+        f(torch.autograd.forward_ad.make_dual(args[0], torch.ones_like(args[0])), *args[1:])
+    x = args[0].clone().requires_grad_()
+    (gx,) = torch.autograd.grad(f(x, *args[1:]).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="dlkern.conv_bn_act2d: double backward"):
+        gx.square().sum().backward()
+    with pytest.raises((RuntimeError, NotImplementedError), match="dlkern.conv_bn_act2d: "):
+        torch.func.hessian(lambda x: f(x, *args[1:]).sum())(args[0])
+    f_running, _ = functional_block(True, torch.zeros(3, **F64), torch.ones(3, **F64))
+    with pytest.raises(RuntimeError, match="vmap over a training block cannot update BatchNorm's running"):
+        torch.func.vmap(f_running, in_dims=(0, None, None, None))(args[0][None].expand(2, -1, -1, -1, -1),
+                                                                  *args[1:])

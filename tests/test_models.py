@@ -1,6 +1,8 @@
 """dlkern.models.MnistCNN: the dlkern backend against the torch backend from the same weights, and checkpoints in
 the seed script's layout. Batches of 2: on CPU the fused blocks run in Triton's interpreter (~1 s a step)."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +10,7 @@ from torch import nn
 import dlkern
 from dlkern.models import MnistCNN
 from dlkern.nn import ConvBNReLU2d
+from dlkern.ops import triton_support
 from helpers import assert_close
 
 SEED_KEYS = [f"mymodel.{i}.{p}" for c, b in ((0, 1), (4, 5), (8, 9)) for i, ps in (
@@ -161,3 +164,47 @@ def test_channels_last_eval():
     x = torch.randn(2, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert_tensor_close("output", ours.to(memory_format=torch.channels_last)(x), ref(x))
+
+
+def assert_error_like_pytorchs(name, actual, same_dtype_torch, reference, dtype):
+    """Under autocast both models round to `dtype` at different points (dlkern once after the fused BatchNorm,
+    PyTorch after the conv and again after BatchNorm), so neither is "right": each is compared with the float64
+    model, and dlkern's error may be at most 4x PyTorch's own under the same autocast, plus one rounding of the
+    tensor's largest value in `dtype` (PyTorch's error can happen to be ~0, e.g. the last bias's gradient).
+    Triton's interpreter rounds float32 -> bfloat16 by truncation (twice the error, all of one sign, so sums
+    drift): there bfloat16 gets 8x (fp16, rounded to nearest there, keeps 4x; seen up to 5x for bf16)."""
+    reference = reference.double()
+    ours = (actual.double() - reference).abs().max().item()
+    theirs = (same_dtype_torch.double() - reference).abs().max().item()
+    floor = torch.finfo(dtype).eps * reference.abs().max().item()
+    factor = 8 if dtype == torch.bfloat16 and triton_support.INTERPRETING else 4
+    assert ours <= factor * theirs + floor, f"{name}: error {ours:.3g}, PyTorch's under autocast {theirs:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_autocast_matches_torch(dtype, training):
+    """The whole MnistCNN under torch.autocast (CPU autocast here; the second block gets a 16-bit input from the
+    first): output, every gradient and the running statistics, against stock PyTorch under the same autocast."""
+    ours, ref = pair()
+    ref64 = copy.deepcopy(ref).double()
+    for model in (ours, ref, ref64):
+        model.train(training)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.autocast("cpu", dtype=dtype):
+        out, out_ref = ours(x), ref(x)
+    out64 = ref64(x.double())
+    assert out.dtype == out_ref.dtype == dtype
+    assert_error_like_pytorchs("output", out, out_ref, out64, dtype)
+    g = torch.randn(out64.shape)
+    out.float().backward(g)
+    out_ref.float().backward(g)
+    out64.backward(g.double())
+    for (name, p), q, r in zip(ours.named_parameters(), ref.parameters(), ref64.parameters(), strict=True):
+        assert_error_like_pytorchs(name, p.grad, q.grad, r.grad, dtype)
+    for (name, a), b, c in zip(ours.state_dict().items(), ref.state_dict().values(), ref64.state_dict().values()):
+        assert a.dtype == b.dtype, name  # float32 running statistics, as PyTorch's
+        if a.is_floating_point():
+            assert_error_like_pytorchs(name, a, b, c, dtype)
+        else:
+            assert torch.equal(a, b), name

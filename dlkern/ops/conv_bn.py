@@ -55,6 +55,11 @@ def _precision(dtype, allow_tf32):
     return "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
 
 
+def _dot_fp32(dtype):
+    # Triton's interpreter multiplies 16-bit tl.dot operands as raw bits: upcast them there (not on the GPU).
+    return INTERPRETING and dtype in (torch.float16, torch.bfloat16)
+
+
 def _np2(n, lo=16, hi=64):
     return max(lo, min(hi, triton.next_power_of_2(int(n))))
 
@@ -135,12 +140,37 @@ def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation,
         N, C_in, H, W, C_out, OH, OW, *input.stride(), *dst.stride(),
         M, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *_hi_lo(p0), *_hi_lo(p1),
         KH=KH, KW=KW, HAS_BIAS=bias is not None, STATS=stats, SAVE_Z=z is not None and not stats, ACT=act,
-        PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=_acc_dtype(input.dtype), **blocks,
+        PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=_acc_dtype(input.dtype),
+        DOT_FP32=_dot_fp32(input.dtype), **blocks,
     )
     return blocks["BLOCK_M"] if INTERPRETING else _conv_fwd.best_config.kwargs["BLOCK_M"]
 
 
+def _dense(*tensors):
+    """The kernels index these per channel (bias, BatchNorm's weight and bias) or per element (the conv weight)
+    as dense arrays: strided or expanded ones are copied (a no-op for contiguous ones)."""
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def check_bn_sizes(channels, running_mean=None, running_var=None, bn_weight=None, bn_bias=None):
+    """PyTorch's checks (and messages, in its order) of BatchNorm's per-channel tensors, in the ops and fakes too."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", bn_weight),
+                    ("bias", bn_bias)):
+        if t is not None:
+            _check(t.numel() == channels, f"{name} should contain {channels} elements not {t.numel()}")
+
+
+def _check(condition, message):
+    """torch._check with a ready message: Dynamo (fullgraph) traces a message closure only over constants."""
+    torch._check(condition, lambda: message)
+
+
 # ---------------------------------------------------------------------------------------------- PyTorch composite
+
+
+def _per_channel(t, dtype):
+    """A per-channel vector (any shape of C elements, as BatchNorm accepts) broadcastable over (N, C, H, W)."""
+    return t.to(dtype).reshape(-1, 1, 1)
 
 
 def _torch_act(u, act, p0, p1):
@@ -168,6 +198,7 @@ def conv_bn_act2d(
     """act(BatchNorm(conv(input) + bias)) with batch statistics: returns (out, z, stats)."""
     geo = geometry(input, weight, stride, padding, dilation)
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
+    check_bn_sizes(C_out, bn_weight=bn_weight, bn_bias=bn_bias)
     sdtype = _stats_dtype(input.dtype)
     if not runs_triton(input, OP):
         z = _torch_conv(input, weight, bias, stride, padding, dilation)
@@ -176,10 +207,10 @@ def conv_bn_act2d(
         invstd = torch.rsqrt(var + eps)
         u = (zs - mean[:, None, None]) * invstd[:, None, None]
         if bn_weight is not None:
-            u = u * bn_weight.to(sdtype)[:, None, None] + bn_bias.to(sdtype)[:, None, None]
+            u = u * _per_channel(bn_weight, sdtype) + _per_channel(bn_bias, sdtype)
         return _torch_act(u, activation, p0, p1).to(input.dtype), z, torch.stack([mean, invstd, var])
 
-    weight = weight.contiguous()
+    weight, bias, bn_weight, bn_bias = _dense(weight, bias, bn_weight, bn_bias)
     M = N * OH * OW
     z = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
     out = torch.empty_like(z)
@@ -207,6 +238,7 @@ def conv_bn_act2d(
 @conv_bn_act2d.register_fake
 def _(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1, allow_tf32):
     N, C_in, H, W, C_out, KH, KW, OH, OW = geometry(input, weight, stride, padding, dilation)
+    check_bn_sizes(C_out, bn_weight=bn_weight, bn_bias=bn_bias)
     z = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
     return torch.empty_like(z), torch.empty_like(z), input.new_empty(3, C_out, dtype=_stats_dtype(input.dtype))
 
@@ -216,14 +248,17 @@ def _train_setup_context(ctx, inputs, output):
         ctx.allow_tf32 = inputs
     _, z, stats = output
     ctx.mark_non_differentiable(z, stats)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for z and stats, which nothing differentiates
     ctx.has_bias = bias is not None
     ctx.save_for_backward(input, weight, z, stats, bn_weight, bn_bias)
 
 
 def _train_backward(ctx, grad_out, _grad_z, _grad_stats):
+    if grad_out is None:
+        return (None,) * 13
     input, weight, z, stats, bn_weight, bn_bias = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dw, db, dgamma, dbeta = torch.ops.dlkern.conv_bn_act2d_backward(
+    dx, dw, db, dgamma, dbeta = _block_backward(
         grad_out, input, weight, z, stats, bn_weight, bn_bias, ctx.stride, ctx.padding, ctx.dilation, ctx.act,
         ctx.p0, ctx.p1, ctx.allow_tf32, need[0], need[1] or need[2],
     )
@@ -247,24 +282,43 @@ def bn_update_running_stats(
     momentum: Optional[float],
 ) -> None:
     """num_batches_tracked += 1; running = (1 - f)*running + f*batch with f = momentum, or 1/num_batches_tracked
-    when momentum is None; the variance unbiased by count/(count - 1). All on device: no host sync."""
+    when momentum is None; the variance unbiased by count/(count - 1). All on device: no host sync.
+    Strided buffers are updated through a dense copy, written back."""
+    _check_running_buffers(running_mean, running_var, stats)
     if not runs_triton(running_mean, OP):
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         f = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
-        running_mean.mul_(1 - f).add_(stats[0].to(running_mean.dtype), alpha=f)
-        running_var.mul_(1 - f).add_((stats[2] * (count / (count - 1))).to(running_var.dtype), alpha=f)
+        running_mean.mul_(1 - f).add_(stats[0].to(running_mean.dtype).view(running_mean.shape), alpha=f)
+        var = (stats[2] * (count / (count - 1))).to(running_var.dtype).view(running_var.shape)
+        running_var.mul_(1 - f).add_(var, alpha=f)
         return
+    mean_buf, var_buf = _dense(running_mean, running_var)
     launch(
         kernels.bn_running_update_kernel, (1,),
-        running_mean, running_var, num_batches_tracked if num_batches_tracked is not None else running_mean, stats,
-        running_mean.numel(), count, *_hi_lo(momentum if momentum is not None else 0.0),
+        mean_buf, var_buf, num_batches_tracked if num_batches_tracked is not None else mean_buf, stats,
+        mean_buf.numel(), count, *_hi_lo(momentum if momentum is not None else 0.0),
         HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None, BLOCK_C=256,
     )
+    for buf, dense in ((running_mean, mean_buf), (running_var, var_buf)):
+        if dense is not buf:
+            buf.copy_(dense)
+
+
+def _check_running_buffers(running_mean, running_var, stats):
+    check_bn_sizes(stats.shape[1], running_mean, running_var)
+    for buf in (running_mean, running_var):
+        # As PyTorch's in-place ops: an expanded buffer has no one place to hold each channel's statistic.
+        _check(
+            torch._debug_has_internal_overlap(buf) != 1,
+            "unsupported operation: more than one element of the written-to tensor refers to a single memory "
+            "location. Please clone() the tensor before performing the operation.",
+        )
 
 
 @bn_update_running_stats.register_fake
 def _(running_mean, running_var, num_batches_tracked, stats, count, momentum):
+    _check_running_buffers(running_mean, running_var, stats)
     return None
 
 
@@ -282,10 +336,15 @@ def conv_bias_act2d(
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
     if not runs_triton(input, OP):
         z = _torch_conv(input, weight, bias, stride, padding, dilation)
-        return _torch_act(z, activation, p0, p1), z if save_preact else z.new_empty(0)
+        out = _torch_act(z, activation, p0, p1)
+        if not save_preact:
+            return out, z.new_empty(0)
+        # Without an activation out is z: a custom op's outputs may not alias each other.
+        return out, z.clone() if out is z else z
     out = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
     z = torch.empty_like(out) if save_preact else None
-    _gemm_fwd(input, weight.contiguous(), bias, out, z, None, geo, stride, padding, dilation, activation, p0, p1,
+    weight, bias = _dense(weight, bias)
+    _gemm_fwd(input, weight, bias, out, z, None, geo, stride, padding, dilation, activation, p0, p1,
               allow_tf32, stats=False)
     return out, z if save_preact else out.new_empty(0)
 
@@ -301,15 +360,18 @@ def _eval_setup_context(ctx, inputs, output):
     input, weight, bias, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, ctx.allow_tf32, _ = inputs
     _, z = output
     ctx.mark_non_differentiable(z)
+    ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(input, weight, z)
 
 
 def _eval_backward(ctx, grad_out, _grad_z):
+    if grad_out is None:
+        return (None,) * 11
     input, weight, z = ctx.saved_tensors
     torch._check(z.numel() > 0, lambda: "dlkern::conv_bias_act2d: backward needs save_preact=True")
     need = ctx.needs_input_grad
-    dx, dw, db, _, _ = torch.ops.dlkern.conv_bn_act2d_backward(
+    dx, dw, db, _, _ = _block_backward(
         grad_out, input, weight, z, None, None, None, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0,
         ctx.p1, ctx.allow_tf32, need[0], need[1] or need[2],
     )
@@ -333,28 +395,27 @@ def conv_bn_act2d_backward(
     geo = geometry(input, weight, stride, padding, dilation)
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
     bn, affine = stats is not None, bn_weight is not None and stats is not None
+    check_bn_sizes(C_out, bn_weight=bn_weight, bn_bias=bn_bias)
     # Skipped gradients come back as empty tensors, each its own: a custom op's outputs may not alias each other.
     def empty():
         return input.new_empty(0)
 
-    grad_gamma = torch.empty_like(bn_weight) if affine else empty()
-    grad_beta = torch.empty_like(bn_bias) if affine else empty()
+    grad_gamma, grad_beta = _bn_grads(bn_weight, bn_bias, affine, empty)
 
     if not runs_triton(input, OP):
         if bn:
             x_hat = (z.to(stats.dtype) - stats[0, :, None, None]) * stats[1, :, None, None]
-            u = x_hat * bn_weight.to(stats.dtype)[:, None, None] + bn_bias.to(stats.dtype)[:, None, None] \
-                if affine else x_hat
+            u = x_hat * _per_channel(bn_weight, stats.dtype) + _per_channel(bn_bias, stats.dtype) if affine else x_hat
             g_u = _torch_act_vjp(u, grad_out.to(stats.dtype), activation, p0, p1)
             sum_g, sum_gx = g_u.sum((0, 2, 3), dtype=torch.float64), (g_u * x_hat).sum((0, 2, 3), dtype=torch.float64)
             sum_g, sum_gx = sum_g.to(stats.dtype), sum_gx.to(stats.dtype)
-            a = stats[1] * bn_weight.to(stats.dtype) if affine else stats[1]
+            a = stats[1] * bn_weight.to(stats.dtype).reshape(-1) if affine else stats[1]
             count = N * OH * OW
             gz = a[:, None, None] * (g_u - (sum_g / count)[:, None, None] - x_hat * (sum_gx / count)[:, None, None])
             gz = gz.to(input.dtype)
             if affine:
-                grad_gamma.copy_(sum_gx)
-                grad_beta.copy_(sum_g)
+                grad_gamma.copy_(sum_gx.view(grad_gamma.shape))
+                grad_beta.copy_(sum_g.view(grad_beta.shape))
         else:
             gz = _torch_act_vjp(z, grad_out, activation, p0, p1)
         x_pad = F.pad(input, (padding[2], padding[3], padding[0], padding[1]))
@@ -367,7 +428,7 @@ def conv_bn_act2d_backward(
         db = (torch.zeros_like(gz[0, :, 0, 0]) if bn else gz.sum((0, 2, 3))) if weight_grad else empty()
         return dx, dw, db, grad_gamma, grad_beta
 
-    weight = weight.contiguous()
+    weight, bn_weight, bn_bias = _dense(weight, bn_weight, bn_bias)
     device = input.device
     acc = _acc_dtype(input.dtype)
     sdtype = stats.dtype if bn else _stats_dtype(input.dtype)
@@ -395,7 +456,7 @@ def conv_bn_act2d_backward(
             HAS_AFFINE=affine, BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=32,
         )
     common = dict(BN=bn, HAS_AFFINE=affine, ACT=activation, PRECISION=_precision(input.dtype, allow_tf32),
-                  ACC_DTYPE=acc)
+                  ACC_DTYPE=acc, DOT_FP32=_dot_fp32(input.dtype))
     gamma = bn_weight if affine else z
     beta = bn_bias if affine else z
     stats_arg = stats if bn else z
@@ -439,12 +500,124 @@ def conv_bn_act2d_backward(
 def _(grad_out, input, weight, z, stats, bn_weight, bn_bias, stride, padding, dilation, activation, p0, p1,
       allow_tf32, input_grad, weight_grad):
     affine = bn_weight is not None and stats is not None
+    check_bn_sizes(weight.shape[0], bn_weight=bn_weight, bn_bias=bn_bias)
     dx = torch.empty_like(input, memory_format=suggest_memory_format(input)) if input_grad else input.new_empty(0)
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else input.new_empty(0)
     db = weight.new_empty(weight.shape[0]) if weight_grad else input.new_empty(0)
-    grad_gamma = torch.empty_like(bn_weight) if affine else input.new_empty(0)
-    grad_beta = torch.empty_like(bn_bias) if affine else input.new_empty(0)
-    return dx, dw, db, grad_gamma, grad_beta
+    return (dx, dw, db, *_bn_grads(bn_weight, bn_bias, affine, lambda: input.new_empty(0)))
+
+
+def _bn_grads(bn_weight, bn_bias, affine, empty):
+    """Dense (contiguous) buffers for the BatchNorm weight and bias gradients, or empty ones without affine."""
+    if not affine:
+        return empty(), empty()
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (bn_weight, bn_bias)]
+
+
+# ---------------------------------------------------------------------------------------------- autograd and torch.func
+
+_NO_DOUBLE_BACKWARD = (
+    "dlkern.conv_bn_act2d: double backward (differentiating its gradients: create_graph=True, gradient "
+    "penalties, Hessians, torch.func.hessian) is not supported; compute that part with torch.nn.functional"
+)
+_NO_FORWARD_AD = (
+    "dlkern.conv_bn_act2d: forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) is not "
+    "supported; use reverse mode (backward, torch.func.grad/vjp/jacrev)"
+)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes a block's gradients through (as copies) when autograd records the backward (create_graph=True,
+    torch.func.grad): differentiating them again then raises a clear error, not a missing-formula one."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(num_grads, *tensors):  # the gradients, then the tensors they depend on
+        return tuple(t.clone() for t in tensors[:num_grads])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
+
+
+def _block_backward(grad_out, input, weight, z, stats, bn_weight, bn_bias, *args):
+    """conv_bn_act2d_backward, which has no autograd formula of its own: when autograd records the backward,
+    its results go through _NoDoubleBackward."""
+    with torch.no_grad():
+        grads = torch.ops.dlkern.conv_bn_act2d_backward(grad_out, input, weight, z, stats, bn_weight, bn_bias, *args)
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    sources = [t for t in (grad_out, input, weight, bn_weight, bn_bias) if t is not None and t.requires_grad]
+    return _NoDoubleBackward.apply(len(grads), *grads, *sources) if sources else grads
+
+
+def _block_functions(op, setup_context, backward):
+    """(traced, eager) autograd.Functions around a fused op: one autograd node per block, in the setup_context
+    form that torch.func.grad/vjp/jacrev accept. The eager one adds vmap (through the ops' own vmap rules) and
+    a clear forward-mode AD error; torch.compile gets the other, as Dynamo graph-breaks on a Function with jvp."""
+
+    class Traced(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return op(*args)
+
+    Traced.setup_context = staticmethod(setup_context)
+    Traced.backward = staticmethod(backward)
+
+    class Eager(Traced):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            raise NotImplementedError(_NO_FORWARD_AD)
+
+    return Traced, Eager
+
+
+_TRAIN = _block_functions(torch.ops.dlkern.conv_bn_act2d, _train_setup_context, _train_backward)
+_EVAL = _block_functions(torch.ops.dlkern.conv_bias_act2d, _eval_setup_context, _eval_backward)
+
+
+def _apply(functions, *args):
+    traced, eager = functions
+    return (traced if torch.compiler.is_compiling() else eager).apply(*args)
+
+
+def _vmap_by_loop(op):
+    """A vmap rule for a functional op: one call per vmapped slice (each is an independent call, so BatchNorm's
+    batch statistics are per slice, as vmap means), the results stacked."""
+
+    def rule(info, in_dims, *args):
+        def sliced(i):
+            return [a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)]
+
+        results = [op(*sliced(i)) for i in range(info.batch_size)]
+        stacked = tuple(torch.stack(r) for r in zip(*results))
+        return stacked, (0,) * len(stacked)
+
+    return rule
+
+
+for _op in (conv_bn_act2d, conv_bias_act2d, conv_bn_act2d_backward):
+    torch.library.register_vmap(_op, _vmap_by_loop(_op))
+
+
+@torch.library.register_vmap(bn_update_running_stats)
+def _(info, in_dims, *args):
+    raise RuntimeError(
+        "dlkern.conv_bn_act2d: torch.func.vmap over a training block cannot update BatchNorm's running statistics "
+        "(one update per vmapped call); pass running_mean=running_var=None, or for modules call "
+        "torch.func.replace_all_batch_norm_modules_ first"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -504,8 +677,7 @@ def check_activation(activation, params=()):
 
 
 def _check_input(input, weight, bias, stride, padding, dilation):
-    if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError("conv_bn_act2d(): input and weight must be Tensors")
+    """The conv's checks, on the operands as the conv sees them (after autocast's cast)."""
     if input.dim() != 4:
         raise ValueError(f"conv_bn_act2d(): expected 4D input (got {input.dim()}D input)")
     if weight.dim() != 4:
@@ -535,6 +707,8 @@ def _check_input(input, weight, bias, stride, padding, dilation):
 def _autocast(input, weight, bias):
     """What torch.autocast does to a conv: input, weight and bias in the autocast dtype (BatchNorm's parameters
     and statistics stay float32)."""
+    if not isinstance(input, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("conv_bn_act2d(): input and weight must be Tensors")
     device = input.device.type
     if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and input.is_floating_point():
         dtype = torch.get_autocast_dtype(device)
@@ -546,49 +720,94 @@ def fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
     """BatchNorm (eval) folded into the conv: W' = W*s, b' = (b - mean)*s + beta with s = gamma/sqrt(var + eps),
     computed in the statistics' dtype (float32 at least). Differentiable."""
     dtype = torch.promote_types(running_var.dtype, torch.float32)
-    scale = torch.rsqrt(running_var.to(dtype) + eps)
+
+    def vector(t):  # BatchNorm takes any shape of C elements
+        return t.to(dtype).reshape(-1)
+
+    scale = torch.rsqrt(vector(running_var) + eps)
     if bn_weight is not None:
-        scale = scale * bn_weight.to(dtype)
-    shift = -running_mean.to(dtype) if bias is None else bias.to(dtype) - running_mean.to(dtype)
+        scale = scale * vector(bn_weight)
+    shift = -vector(running_mean) if bias is None else bias.to(dtype) - vector(running_mean)
     shift = shift * scale
     if bn_bias is not None:
-        shift = shift + bn_bias.to(dtype)
+        shift = shift + vector(bn_bias)
     return weight * scale.to(weight.dtype)[:, None, None, None], shift
+
+
+_SCALAR_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
+def _check_batch_norm(dtype, z_shape, training, eps, running_mean, running_var, bn_weight, bn_bias):
+    """F.batch_norm's checks on the conv output z (its dtype and shape), in PyTorch's order and with its messages
+    (its CPU ones for dtypes: mixed is allowed only for a 16-bit z with float32 parameters)."""
+    channels = z_shape[1]
+    if training and z_shape[0] * z_shape[2] * z_shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(z_shape)}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if not training:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise ValueError(f"{name} must be defined in evaluation mode")
+    check_bn_sizes(channels, running_mean, running_var, bn_weight, bn_bias)
+    dtypes = [t.dtype for t in (bn_weight, bn_bias, running_mean, running_var) if t is not None]
+    if dtypes and dtypes[0] != dtype:
+        _check(all(d == torch.float32 for d in dtypes),
+               "mixed dtype (CPU): expect parameter to have scalar type of Float")
+        _check(dtype in (torch.float16, torch.bfloat16), "mixed dtype (CPU): all inputs must share same datatype.")
+    for d in dtypes:
+        expected, found = _SCALAR_NAMES.get(dtypes[0]), _SCALAR_NAMES.get(d)
+        _check(d == dtypes[0], f"expected scalar type {expected} but found {found}")
+
+
+def _empty_batch(input, weight, bias, bn_weight, bn_bias, stride, padding, dilation):
+    """Training on an empty batch: an empty output whose parameters get zero gradients, as PyTorch's (its
+    BatchNorm returns early and leaves the running statistics alone)."""
+    z = _torch_conv(input, weight, bias, stride, padding, dilation)
+    if bn_weight is not None:
+        z = z * _per_channel(bn_weight, z.dtype) + _per_channel(bn_bias, z.dtype)
+    return z
 
 
 def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked, training,
             momentum, eps, stride, padding, dilation, activation, activation_params=(), folded=None):
-    """The fused block: checks, autocast, then the training op (+ running update) or the folded eval op.
+    """The fused block: autocast, checks, then the training op (+ running update) or the folded eval op.
     ``folded`` (weight', bias') may be given by a module that caches the folding."""
     stride, padding, dilation = conv_args(weight, stride, padding, dilation)
     activation, p0, p1 = check_activation(activation, activation_params)
-    count, z_shape = _check_input(input, weight, bias, stride, padding, dilation)
-    if not training and folded is None:
-        if running_mean is None or running_var is None:
-            raise ValueError("conv_bn_act2d(): running_mean and running_var must be defined in evaluation mode")
-        folded = fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps)
+    conv_weight, conv_bias = weight, bias  # eval folds these, not autocast's 16-bit copies
     input, weight, bias = _autocast(input, weight, bias)
+    count, z_shape = _check_input(input, weight, bias, stride, padding, dilation)
+    channels = weight.shape[0]
+    _check_batch_norm(input.dtype, z_shape, training, eps, running_mean, running_var, bn_weight, bn_bias)
     allow_tf32 = torch.backends.cudnn.allow_tf32
     if training:
-        if count <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {torch.Size(z_shape)}"
-            )
-        if (bn_weight is None) != (bn_bias is None):
-            raise ValueError("conv_bn_act2d(): bn_weight and bn_bias must both be given or both be None")
-        out, _, stats = torch.ops.dlkern.conv_bn_act2d(
-            input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1, allow_tf32
+        if (bn_weight is None) != (bn_bias is None):  # BatchNorm2d(bias=False), or F.batch_norm with one of them
+            given = bn_weight if bn_weight is not None else bn_bias
+            filler = torch.ones if bn_bias is not None else torch.zeros
+            missing = filler(channels, dtype=given.dtype, device=given.device)
+            bn_weight, bn_bias = (missing, bn_bias) if bn_weight is None else (bn_weight, missing)
+        track = running_mean is not None and running_var is not None
+        if track and momentum is None and num_batches_tracked is None:
+            raise ValueError("conv_bn_act2d(): momentum=None (cumulative average) needs num_batches_tracked")
+        if count == 0:
+            if track and num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+            return _empty_batch(input, weight, bias, bn_weight, bn_bias, stride, padding, dilation)
+        out, _, stats = _apply(
+            _TRAIN, input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1,
+            allow_tf32,
         )
-        if running_mean is not None and running_var is not None:
-            if momentum is None and num_batches_tracked is None:
-                raise ValueError("conv_bn_act2d(): momentum=None (cumulative average) needs num_batches_tracked")
+        if track:
             torch.ops.dlkern.bn_update_running_stats(
                 running_mean, running_var, num_batches_tracked, stats, count, momentum
             )
         return out
+    if folded is None:
+        folded = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
     w, b = folded[0].to(input.dtype), folded[1].to(input.dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (input, w, b))
-    out, _ = torch.ops.dlkern.conv_bias_act2d(
-        input, w, b, stride, padding, dilation, activation, p0, p1, allow_tf32, needs_grad
-    )
+    out, _ = _apply(_EVAL, input, w, b, stride, padding, dilation, activation, p0, p1, allow_tf32, needs_grad)
     return out
