@@ -1,14 +1,16 @@
-"""dlkern::max_pool2d and dlkern::max_pool2d_backward: fake (meta) functions and autograd.
+"""dlkern::max_pool2d and dlkern::max_pool2d_backward: fake (meta) functions, vmap rules and autograd.
 
 The ops and their CPU/CUDA kernels are defined in C++ (csrc/max_pool2d.cpp, csrc/cuda/max_pool2d.cu). The fake
 functions here give torch.compile the output shapes and strides, and reject the same arguments with the same
-messages as the C++ checks (which reproduce ATen's), so tracing fails where eager would.
+messages as the C++ checks (which reproduce ATen's), so tracing fails where eager would. ``max_pool2d`` and
+``max_pool2d_backward`` below are the differentiable entry points: autograd.Functions with reverse and forward mode
+that the torch.func transforms accept (the ops' own register_autograd serves direct callers of torch.ops.dlkern.*).
 """
 
 import torch
 from torch._functorch.utils import unwrap_dead_wrappers
-from torch.autograd import forward_ad
 from torch._prims_common import suggest_memory_format
+from torch.autograd import forward_ad
 
 import dlkern._extension  # noqa: F401  (registers torch.ops.dlkern.*)
 
