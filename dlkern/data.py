@@ -84,41 +84,55 @@ def _read_idx(path, ndim, data_dir):
 
 
 # ---------------------------------------------------------------------------------------------- synthetic digits
-# Each digit is a set of pen strokes (line segments) in a unit box, x to the right and y downwards. An image is
-# its digit's strokes, bent by a smooth random displacement and put through a random affine map (rotation,
-# scale, shear, shift), drawn with a random pen width and pressure as an anti-aliased distance field, plus
-# noise: learnable like MNIST, and varied enough that a model must learn shapes, not pixels.
+# Each digit is a set of pen strokes (line segments) in a unit box, x to the right and y downwards, in one of a
+# few styles per class (a 7 with or without its crossbar, an open or closed 4, ...). An image is its digit's
+# strokes with a gap where the pen lifted, bent by a smooth random displacement and put through a random affine
+# map (rotation, scale, shear, shift), drawn with a random pen width and pressure as an anti-aliased distance
+# field, among stray strokes (clutter), on an uneven background with noise, sometimes partly covered by a blot
+# or an eraser patch. Hard on purpose: a correct CNN does not reach 100% in a couple of epochs, so accuracy can
+# tell a subtly wrong training backend from a right one.
 
 
 def _polyline(*points):
     return [(points[i], points[i + 1]) for i in range(len(points) - 1)]
 
 
-def _arc(cx, cy, rx, ry, start, stop, pieces=10):
+def _arc(cx, cy, rx, ry, start, stop, pieces=8):
     """An elliptical arc from angle `start` to `stop` in degrees (0 = right, 90 = down), as segments."""
     angles = [math.radians(start + (stop - start) * i / pieces) for i in range(pieces + 1)]
     return _polyline(*[(cx + rx * math.cos(a), cy + ry * math.sin(a)) for a in angles])
 
 
-_STROKES = [
-    _arc(0.5, 0.5, 0.3, 0.42, 0, 360, 16),                                                           # 0
-    _polyline((0.35, 0.22), (0.52, 0.08), (0.52, 0.92)),                                             # 1
-    _arc(0.5, 0.32, 0.27, 0.22, 200, 380) + _polyline((0.75, 0.4), (0.2, 0.92), (0.82, 0.92)),       # 2
-    _arc(0.48, 0.3, 0.24, 0.2, 210, 450) + _arc(0.48, 0.7, 0.27, 0.22, 270, 510),                    # 3
-    _polyline((0.66, 0.92), (0.66, 0.08), (0.18, 0.65), (0.85, 0.65)),                               # 4
-    _polyline((0.8, 0.08), (0.3, 0.08), (0.27, 0.45)) + _arc(0.5, 0.66, 0.27, 0.25, 220, 500),       # 5
-    _arc(0.72, 0.62, 0.47, 0.54, 250, 180, 8) + _arc(0.5, 0.7, 0.24, 0.21, 0, 360, 14),              # 6
-    _polyline((0.18, 0.08), (0.82, 0.08), (0.4, 0.92)),                                              # 7
-    _arc(0.5, 0.28, 0.19, 0.19, 0, 360, 12) + _arc(0.5, 0.7, 0.24, 0.22, 0, 360, 14),                # 8
-    _arc(0.5, 0.32, 0.23, 0.21, 0, 360, 14) + _polyline((0.73, 0.32), (0.62, 0.92)),                 # 9
+_STYLES = [  # per digit, its styles
+    [_arc(0.5, 0.5, 0.3, 0.42, 0, 360, 12),
+     _arc(0.5, 0.5, 0.22, 0.42, 0, 360, 12) + _polyline((0.66, 0.2), (0.34, 0.8))],                  # 0, slashed
+    [_polyline((0.52, 0.08), (0.52, 0.92)),
+     _polyline((0.32, 0.25), (0.52, 0.08), (0.52, 0.92)) + _polyline((0.34, 0.92), (0.7, 0.92))],     # 1
+    [_arc(0.5, 0.32, 0.27, 0.22, 200, 380, 6) + _polyline((0.75, 0.4), (0.2, 0.92), (0.82, 0.92)),
+     _arc(0.5, 0.32, 0.27, 0.22, 200, 380, 6) + _polyline((0.75, 0.4), (0.3, 0.85))
+     + _arc(0.3, 0.85, 0.08, 0.07, 0, 360, 5) + _polyline((0.36, 0.9), (0.82, 0.92))],                # 2, looped
+    [_arc(0.48, 0.3, 0.24, 0.2, 210, 450, 7) + _arc(0.48, 0.7, 0.27, 0.22, 270, 510, 7),
+     _polyline((0.22, 0.08), (0.75, 0.08), (0.45, 0.42)) + _arc(0.48, 0.68, 0.27, 0.24, 270, 510, 7)],  # 3, flat top
+    [_polyline((0.66, 0.92), (0.66, 0.08), (0.18, 0.65), (0.85, 0.65)),
+     _polyline((0.3, 0.08), (0.22, 0.6), (0.85, 0.6)) + _polyline((0.68, 0.25), (0.68, 0.92))],      # 4, open
+    [_polyline((0.8, 0.08), (0.3, 0.08), (0.27, 0.45)) + _arc(0.5, 0.66, 0.27, 0.25, 220, 500, 8),
+     _polyline((0.78, 0.1), (0.32, 0.1), (0.3, 0.48)) + _arc(0.48, 0.68, 0.25, 0.24, 230, 470, 6)],  # 5
+    [_arc(0.72, 0.62, 0.47, 0.54, 250, 180, 5) + _arc(0.5, 0.7, 0.24, 0.21, 0, 360, 10),
+     _polyline((0.62, 0.08), (0.3, 0.6)) + _arc(0.5, 0.7, 0.22, 0.2, 0, 360, 10)],                   # 6, straight
+    [_polyline((0.18, 0.08), (0.82, 0.08), (0.4, 0.92)),
+     _polyline((0.18, 0.1), (0.82, 0.08), (0.45, 0.92)) + _polyline((0.4, 0.5), (0.78, 0.5))],       # 7, crossed
+    [_arc(0.5, 0.28, 0.19, 0.19, 0, 360, 9) + _arc(0.5, 0.7, 0.24, 0.22, 0, 360, 10),
+     _polyline((0.3, 0.1), (0.7, 0.9), (0.3, 0.9), (0.7, 0.1), (0.3, 0.1))],                         # 8, crossed
+    [_arc(0.5, 0.32, 0.23, 0.21, 0, 360, 10) + _polyline((0.73, 0.32), (0.62, 0.92)),
+     _arc(0.5, 0.3, 0.22, 0.2, 0, 360, 10) + _arc(0.3, 0.32, 0.43, 0.6, 0, 100, 5)],                 # 9, curled
 ]
+_FAR = ((-9.0, -9.0), (-9.0, -9.0))  # a segment that never comes near a pixel: padding, or a lifted pen
 
 
 def _templates():
-    """(10, S, 2, 2) stroke segments, padded with far-away segments that never come near a pixel."""
-    most = max(len(s) for s in _STROKES)
-    far = ((-9.0, -9.0), (-9.0, -9.0))
-    return torch.tensor([s + [far] * (most - len(s)) for s in _STROKES], dtype=torch.float32)
+    """(10, styles, S, 2 ends, 2 coordinates) stroke segments, padded with far-away segments."""
+    most = max(len(style) for styles in _STYLES for style in styles)
+    return torch.tensor([[style + [_FAR] * (most - len(style)) for style in styles] for styles in _STYLES])
 
 
 def synthetic_digits(n, seed=0, chunk=512, progress=None):
@@ -128,34 +142,73 @@ def synthetic_digits(n, seed=0, chunk=512, progress=None):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 10, (n,), generator=g)
     u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(n, *shape, generator=g)  # noqa: E731
-    angle = u(-0.3, 0.3)                                      # radians, about +-17 degrees
-    scale = u(0.8, 1.1, 1) * torch.stack([u(0.8, 1.15), torch.ones(n)], 1)  # overall size and aspect
-    shear = u(-0.25, 0.25)
-    shift = u(-2.5, 2.5, 2)                                   # pixels
-    half_width = u(0.55, 1.4)                                 # pen half-width in pixels
-    pressure = u(0.65, 1.0)
+    templates = _templates()
+    strokes = templates[labels, torch.randint(0, templates.shape[1], (n,), generator=g)]  # (n, S, 2, 2)
+    used = (strokes[:, :, 0, 0] > -9).sum(1)
+    # The pen lifts: in about half the images a run of up to a fifth of the segments is missing (never a 1's
+    # single stroke).
+    gap_start = (u(0, 1) * used).long()
+    gap_length = (u(-0.2, 0.2).clamp_min(0) * used).floor().long()
+    index = torch.arange(strokes.shape[1])
+    lifted = (index >= gap_start[:, None]) & (index < (gap_start + gap_length)[:, None])
+    strokes = torch.where(lifted[:, :, None, None], torch.tensor(_FAR), strokes)
+    # Wobble: a smooth random displacement of the unit box, so strokes bend but stay connected.
+    freq, phase, amp = u(1.0, 3.0, 1, 1, 2), u(0.0, 2 * math.pi, 1, 1, 2), u(0.0, 0.09, 1, 1, 2)
+    strokes = strokes + amp * torch.sin(2 * math.pi * freq * strokes.flip(-1) + phase)
+    angle = u(-0.4, 0.4)                                      # radians, about +-23 degrees
+    scale = u(0.7, 1.1, 1) * torch.stack([u(0.7, 1.2), torch.ones(n)], 1)  # overall size and aspect
+    shear = u(-0.4, 0.4)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    # Unit box centred on 0, mapped to a 20-pixel box centred in the 28-pixel image (as MNIST's digits are).
+    # Unit box centred on 0, mapped to a 20-pixel box near the centre of the 28-pixel image (as MNIST's digits).
     linear = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)   # rotation (n, 2, 2)
     linear = linear @ torch.stack([torch.stack([torch.ones(n), shear], 1),
                                    torch.stack([torch.zeros(n), torch.ones(n)], 1)], 1)  # shear
     linear = linear * scale[:, None, :] * 20.0
-    strokes = _templates()[labels]  # (n, S, 2 ends, 2 coordinates)
-    # Wobble: a smooth random displacement of the unit box, so strokes bend but stay connected.
-    freq, phase, amp = u(1.0, 3.0, 1, 1, 2), u(0.0, 2 * math.pi, 1, 1, 2), u(0.0, 0.06, 1, 1, 2)
-    strokes = strokes + amp * torch.sin(2 * math.pi * freq * strokes.flip(-1) + phase)
-    segments = (strokes - 0.5) @ linear.transpose(1, 2)[:, None] + (14.0 + shift)[:, None, None]
-    ys, xs = torch.meshgrid(torch.arange(28.0) + 0.5, torch.arange(28.0) + 0.5, indexing="ij")
-    pixels = torch.stack([xs, ys], -1).reshape(1, 784, 1, 2)
+    segments = (strokes - 0.5) @ linear.transpose(1, 2)[:, None] + (14.0 + u(-3.0, 3.0, 2))[:, None, None]
+    # Clutter: 1-3 stray straight strokes, 3-9 pixels long, anywhere in the image.
+    start = u(1.0, 27.0, 3, 2)
+    direction = u(0, 2 * math.pi, 3)
+    end = start + u(3.0, 9.0, 3, 1) * torch.stack([torch.cos(direction), torch.sin(direction)], -1)
+    stray = torch.stack([start, end], 2)
+    stray = torch.where((torch.arange(3) < torch.randint(1, 4, (n, 1), generator=g))[:, :, None, None],
+                        stray, torch.tensor(_FAR))
+    half_width, stray_width = u(0.5, 1.6), u(0.4, 1.0)
     images = torch.empty(n, 784)
-    for lo in _chunks(n, chunk, progress):  # distance from every pixel to every segment, a chunk at a time
-        a, b = segments[lo:lo + chunk, None, :, 0], segments[lo:lo + chunk, None, :, 1]
-        ab, ap = b - a, pixels - a
-        t = ((ap * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-9)).clamp(0, 1)
-        dist = (ap - t[..., None] * ab).norm(dim=-1).amin(-1)                             # (chunk, 784)
-        images[lo:lo + chunk] = (half_width[lo:lo + chunk, None] + 0.5 - dist).clamp(0, 1)
-    images = images * pressure[:, None] + 0.08 * torch.randn(n, 784, generator=g)
+    ys, xs = torch.meshgrid(torch.arange(28.0) + 0.5, torch.arange(28.0) + 0.5, indexing="ij")
+    pixels = torch.stack([xs.flatten(), ys.flatten()], 1)  # (784, 2)
+    for lo in _chunks(n, chunk, progress):
+        hi = min(lo + chunk, n)
+        ink = (half_width[lo:hi, None] + 0.5 - _distance(pixels, segments[lo:hi])).clamp(0, 1)
+        stray_ink = (stray_width[lo:hi, None] + 0.5 - _distance(pixels, stray[lo:hi])).clamp(0, 1)
+        images[lo:hi] = torch.maximum(ink, 0.8 * stray_ink)
+    images = images * u(0.5, 1.0, 1)  # pen pressure
+    # A blot (ink) or an eraser patch over a random 4-8 pixel square in a third of the images.
+    corner, side = u(0, 1, 2), u(4, 8)
+    low = corner * (28 - side[:, None])
+    inside = ((pixels[None] >= low[:, None]) & (pixels[None] < (low + side[:, None])[:, None])).all(-1)
+    patch = u(0, 1)
+    images = torch.where(inside & (patch < 1 / 6)[:, None], torch.zeros(()), images)
+    images = torch.where(inside & ((patch >= 1 / 6) & (patch < 1 / 3))[:, None], 0.6 * images + 0.4, images)
+    # Uneven background: a linear ramp of random direction and strength, then noise.
+    ramp = u(0, 0.25, 1) * ((pixels[None] - 14) / 14 * torch.nn.functional.normalize(u(-1, 1, 2), dim=1)[:, None]
+                            ).sum(-1).add(1).div(2)
+    images = images + ramp + u(0.04, 0.12, 1) * torch.randn(n, 784, generator=g)
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).reshape(n, 28, 28), labels
+
+
+def _distance(pixels, segments):
+    """(N, P) distance from each of P pixels (P, 2) to the nearest of each image's segments (N, S, 2, 2).
+
+    |p - a - t (b - a)|^2 expanded, with the pixel-by-segment dot products as one batched matmul: a few passes
+    over an (N, P, S) tensor instead of many over (N, P, S, 2)."""
+    a, ab = segments[:, :, 0], segments[:, :, 1] - segments[:, :, 0]                    # (N, S, 2)
+    ab_ab = (ab * ab).sum(-1).clamp_min(1e-9)[:, None]                                   # (N, 1, S)
+    pa = pixels @ a.transpose(1, 2)                                                      # (N, P, S): p . a
+    ap_ab = pixels @ ab.transpose(1, 2) - (a * ab).sum(-1)[:, None]                      # (p - a) . ab
+    ap_ap = (pixels * pixels).sum(-1)[None, :, None] - 2 * pa + (a * a).sum(-1)[:, None]  # |p - a|^2
+    t = (ap_ab / ab_ab).clamp_(0, 1)
+    squared = ap_ap - t * (2 * ap_ab - t * ab_ab)
+    return squared.amin(-1).clamp_min(0).sqrt()
 
 
 def _chunks(n, chunk, progress):

@@ -45,6 +45,24 @@ def test_synthetic_digits():
     frac_bright = (images > 128).float().mean().item()
     assert 0.03 < frac_bright < 0.3
     assert images[:, 10:18, 10:18].float().mean() > 2 * images[:, :4, :].float().mean()
+    # Every image has ink: a lifted pen, an eraser patch or low pressure never blank a digit.
+    assert (images.flatten(1).amax(1) > 100).all()
+
+
+def test_synthetic_digits_are_not_easy():
+    """The hardness: per class, images vary far more than the class means differ, so a nearest-class-mean
+    classifier (what a broken CNN that learns little might amount to) stays far from perfect: measured 0.40 and
+    0.42 with seeds 3 and 4."""
+    images, labels = synthetic_digits(2000, seed=3)
+    x = images.flatten(1).float()
+    means = torch.stack([x[labels == c].mean(0) for c in range(10)])
+    nearest = torch.cdist(x, means).argmin(1)
+    assert (nearest == labels).float().mean() < 0.6
+
+
+def test_synthetic_digits_chunks_agree():
+    """Drawing in chunks of any size gives the same images (every random number is drawn before the chunks)."""
+    assert torch.equal(synthetic_digits(50, seed=2, chunk=7)[0], synthetic_digits(50, seed=2)[0])
 
 
 @pytest.mark.parametrize("layout", ["torchvision", "flat-gz"])
@@ -88,11 +106,16 @@ def test_missing_or_corrupt_files(tmp_path):
 
 
 def test_short_run_learns(tmp_path):
-    """Two epochs over 3000 synthetic digits (~10 s on one CPU core) reach >= 97% test accuracy (99% measured)."""
+    """Two epochs over 3000 synthetic digits (~10 s on one CPU core) reach >= 75% test accuracy.
+
+    The synthetic digits are hard on purpose (dlkern.data): stock PyTorch measured 0.810 / 0.785 / 0.818 here
+    with seeds 0 / 1 / 2 (0.627 / 0.527 / 0.664 after one epoch; chance is 0.1). 0.75 leaves room for another
+    machine's float rounding and seed-to-seed spread (about 0.03) while failing a loop that learns markedly
+    worse; the old, easy digits gave 0.99 here, so any loop that learned at all passed."""
     metrics = train(tmp_path, "--dataset", "synthetic", "--backend", "torch", "--epochs", "2", "--train-size",
                     "3000", "--test-size", "1000", "--no-progress")
     last = metrics["epochs"][-1]
-    assert last["test_acc"] >= 0.97, metrics["epochs"]
+    assert last["test_acc"] >= 0.75, metrics["epochs"]
     assert last["train_loss"] < metrics["epochs"][0]["train_loss"]
     assert (last["train_samples"], last["test_samples"]) == (3000, 1000)
     assert metrics["best_test_acc"] == max(r["test_acc"] for r in metrics["epochs"])
