@@ -1,9 +1,11 @@
-"""Time to accuracy: seconds of training until the MNIST CNN's test accuracy first reaches 99%.
+"""Time to accuracy: seconds of training until the MNIST CNN's test accuracy first reaches a target: 99% on
+MNIST, 90% on the synthetic digits (hard on purpose: stock PyTorch reaches ~92% after 2 epochs of 12000 images),
+75% on the quick CPU run's 3000 synthetic digits.
 
 The recipe of ``python -m dlkern.train``: MnistCNN, Adam(lr=1e-3), cross-entropy, batch 64, seed 0 (the same
 initial weights and the same batch order for every backend), images normalized with MNIST's mean and std, the
 dataset on the device. Only training steps count: the clock stops (after a device sync) every few steps, the
-whole test set is evaluated off the clock, and the run stops at the first evaluation at or above 99% or when
+whole test set is evaluated off the clock, and the run stops at the first evaluation at or above the target or when
 its time budget is spent. A warm-up run on a throwaway model first takes Triton JIT, autotuning and cuDNN's
 algorithm search out of the measurement.
 
@@ -22,7 +24,8 @@ from dlkern.data import MNIST_MEAN, MNIST_STD, DatasetError, load_mnist, synthet
 from dlkern.models import MnistCNN
 from timing import free_memory, print_table, sync
 
-TARGET_ACC = 0.99
+TARGET_ACC = {"mnist": 0.99, "synthetic": 0.90}
+QUICK_CPU_SYNTHETIC_TARGET = 0.75  # 3000 images: a correct run reaches 0.78-0.82 in 2 epochs
 BATCH = 64
 EVAL_BATCH = 1000
 SYNTHETIC_SIZES = (12000, 2000)  # train, test: dlkern.train's
@@ -57,7 +60,13 @@ def _train_step(model, optimizer, x, y):
     optimizer.step()
 
 
-def _time_to_accuracy(backend, train, test, budget_s, eval_every, run):
+def _target(run, dataset):
+    if dataset == "synthetic" and run.quick and not run.cuda:
+        return QUICK_CPU_SYNTHETIC_TARGET
+    return TARGET_ACC[dataset]
+
+
+def _time_to_accuracy(backend, train, test, budget_s, eval_every, target, run):
     """(seconds, steps, best accuracy, reached)."""
     (train_x, train_y), (test_x, test_y) = train, test
     backend_name = "torch" if backend == "eager" else backend
@@ -86,7 +95,7 @@ def _time_to_accuracy(backend, train, test, budget_s, eval_every, run):
             sync(run)
             clock += time.perf_counter() - start
             best = max(best, _accuracy(model, test_x, test_y))
-            if best >= TARGET_ACC:
+            if best >= target:
                 return clock, steps, best, True
             if clock >= budget_s:
                 break
@@ -112,12 +121,13 @@ def run_suite(run):
 
     rows = []
     for dataset, (train_set, test_set) in datasets.items():
-        budget_s, eval_every = _budget_s(run, dataset), EVAL_EVERY[dataset]
+        budget_s, eval_every, target = _budget_s(run, dataset), EVAL_EVERY[dataset], _target(run, dataset)
         train, test = _prepare(*train_set, run.device), _prepare(*test_set, run.device)
         times = {}
         for backend in backends:
             try:
-                seconds, steps, best, reached = _time_to_accuracy(backend, train, test, budget_s, eval_every, run)
+                seconds, steps, best, reached = _time_to_accuracy(backend, train, test, budget_s, eval_every, target,
+                                                                   run)
             except Exception as e:  # one failing backend must not cost the other
                 run.fail("accuracy", f"{backend} on {dataset}", e)
                 continue
@@ -126,7 +136,7 @@ def run_suite(run):
             times[backend] = seconds if reached else None
             note = None if reached else f"not reached within the {budget_s} s budget"
             rows.append(dict(
-                suite="accuracy", case=f"{dataset} to {TARGET_ACC:.0%}", impl=backend, dtype="float32",
+                suite="accuracy", case=f"{dataset} to {target:.0%}", impl=backend, dtype="float32",
                 size=f"{len(train[1])} train / {len(test[1])} test", batch=BATCH, tta_s=seconds if reached else None,
                 train_s=seconds, steps=steps, epochs=steps / (len(train[1]) // BATCH), best_acc=best,
                 reached=reached, baseline="eager", note=note, **{"pass": "train"},
@@ -134,7 +144,7 @@ def run_suite(run):
         for r in rows:
             if r["case"].startswith(dataset) and times.get("eager") and times.get(r["impl"]):
                 r["speedup"] = times["eager"] / times[r["impl"]]
-    print(f"\ntime to {TARGET_ACC:.0%} test accuracy (training seconds only, batch {BATCH}, Adam 1e-3)")
+    print(f"\ntime to a test accuracy (training seconds only, batch {BATCH}, Adam 1e-3)")
     print_table(rows, [
         ("case", "dataset", "{}"), ("size", "size", "{}"), ("impl", "impl", "{}"), ("tta_s", "seconds", "{:.2f}"),
         ("steps", "steps", "{}"), ("epochs", "epochs", "{:.2f}"), ("best_acc", "best acc", "{:.4f}"),
