@@ -96,9 +96,11 @@ def _qualify(prefix, name):
 
 
 def _convert(module, name, report, memo):
-    """The converted `module` (itself, changed in place, or its twin). `memo` keeps shared modules shared."""
+    """The converted `module` (itself, changed in place, or its twin). `memo` keeps shared modules shared: it maps
+    id(module) to (module, result), holding `module` alive so that its id cannot be reused (by a placeholder or
+    block created later in this conversion) while the memo exists."""
     if id(module) in memo:
-        return memo[id(module)]
+        return memo[id(module)][1]
     result = module
     if type(module) in _TWINS and _has_hooks(module):
         report.skipped.append((name, "a forward or backward hook is registered on it (a twin would drop it)"))
@@ -119,7 +121,7 @@ def _convert(module, name, report, memo):
                 new = _convert(child, _qualify(name, child_name), report, memo)
                 if new is not child:
                     module._modules[child_name] = new
-    memo[id(module)] = result
+    memo[id(module)] = (module, result)
     return result
 
 

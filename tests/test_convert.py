@@ -241,3 +241,88 @@ def test_sequential_subclasses():
     assert ours.dlkern_report.fused == [("0.0", "0.1", "0.2")]
     assert "own forward" in dict(ours.dlkern_report.skipped)["1.1"]
     assert list(ours.state_dict()) == list(stock.state_dict())
+
+
+# ------------------------------------------------------------------------------------------- item: the memo (ids)
+
+
+def fused_blocks(model):
+    return [m for m in model.modules() if isinstance(m, ConvBNReLU2d)]
+
+
+def check_report_matches_model(ours):
+    """dlkern_report counts what the model really holds: each fused run is a ConvBNReLU2d at the conv's name
+    whose children are the run's modules, and each replaced name holds a module of the reported dlkern type."""
+    report = ours.dlkern_report
+    modules = dict(ours.named_modules(remove_duplicate=False))
+    assert len(fused_blocks(ours)) == len({id(modules[conv]) for conv, _, _ in report.fused})
+    for conv, bn, act in report.fused:
+        block = modules[conv]
+        assert isinstance(block, ConvBNReLU2d), conv
+        assert type(modules[bn]) is nn.Identity and type(modules[act]) is nn.Identity
+    for name, _, new in report.replaced:
+        assert type(modules[name]) is getattr(dlkern.nn, new), name
+
+
+def test_repeated_conversion_keeps_every_layer():
+    """The memo used to be keyed by id() of modules it let die: a placeholder created later could get a freed
+    module's id and be 'converted' into that module's twin (layers replaced by a MaxPool2d, say)."""
+    torch.manual_seed(4)
+
+    def block():
+        return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(1))
+
+    stock = randomize_bn(nn.Sequential(*(block() for _ in range(4)))).double()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    for _ in range(20):
+        ours = dlkern.convert(stock)
+        assert [[type(m) for m in b] for b in ours] == [[ConvBNReLU2d, nn.Identity, nn.Identity,
+                                                         dlkern.nn.MaxPool2d]] * 4
+        assert len(ours.dlkern_report.fused) == 4 and len(ours.dlkern_report.replaced) == 4
+        check_report_matches_model(ours)
+        check_same_function(stock, ours, x)
+
+
+class SharedNested(nn.Module):
+    """Nested Sequentials, depthwise convs (groups > 1: not fused), ReLU6, and modules used in two places."""
+
+    def __init__(self):
+        super().__init__()
+        relu6 = nn.ReLU6()
+        shared = nn.Sequential(*cbr(6, 6, nn.ReLU6()))  # called twice
+        self.body = nn.Sequential(
+            nn.Sequential(*cbr(3, 6, relu6), nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6),
+                                                           nn.BatchNorm2d(6), relu6)),
+            shared,
+            nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=3), nn.BatchNorm2d(6), nn.ReLU6(),
+                          nn.Sequential(*cbr(6, 6, nn.Hardtanh(-0.5, 0.5)))),
+            shared,
+            relu6,
+            nn.MaxPool2d(2),
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_nested_depthwise_shared():
+    torch.manual_seed(5)
+    stock = randomize_bn(SharedNested()).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for _ in range(5):
+        ours = dlkern.convert(stock)
+        report = ours.dlkern_report
+        assert report.fused == [("body.0.0", "body.0.1", "body.0.2"), ("body.1.0", "body.1.1", "body.1.2"),
+                                ("body.2.3.0", "body.2.3.1", "body.2.3.2")]
+        skipped = dict(report.skipped)
+        assert "groups=6" in skipped["body.0.3.0"] and "groups=3" in skipped["body.2.0"]
+        assert ours.body[1] is ours.body[3]  # still shared
+        # One ReLU6 object sat in three places: absorbed into a block, after a depthwise conv, standalone. It
+        # stays inside the block; elsewhere one twin replaces it in both places.
+        assert ours.body[0][0][2] is not ours.body[4] and ours.body[0][3][2] is ours.body[4]
+        assert type(ours.body[4]) is dlkern.nn.Hardtanh
+        assert type(ours.body[2][2]) is dlkern.nn.Hardtanh
+        check_report_matches_model(ours)
+        assert len(fused_blocks(ours)) == 3
+        check_same_function(stock, ours, x)
+        check_state_dicts_cross(stock, ours)
