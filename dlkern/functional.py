@@ -4,10 +4,11 @@
 import operator
 
 import torch
+import torch.nn.functional as _F
 
+from dlkern.ops import activation as _act
 from dlkern.ops import conv_bn as _conv_bn
 from dlkern.ops import max_pool as _max_pool
-from dlkern.ops.activation import activation_inplace as _activation_inplace
 
 __all__ = [
     "max_pool2d",
@@ -96,89 +97,100 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _activation(input, act, p0=0.0, p1=0.0, inplace=False):
+def _activation(input, act, p0=0.0, p1=0.0, inplace=False, aten=None):
+    """The activation ``act`` of input; ``aten()`` (PyTorch's own op) computes, or refuses, the dtypes the kernels
+    do not cover (integers, bool, complex), so that they behave exactly as in PyTorch."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{act}(): argument 'input' must be a Tensor, not {type(input).__name__}")
+    if aten is not None and input.dtype not in _act.KERNEL_DTYPES:
+        return aten()
     if inplace:
-        return _activation_inplace(input, act, float(p0), float(p1))
-    return torch.ops.dlkern.activation(input, act, float(p0), float(p1))
+        return _act.activation_inplace(input, act, float(p0), float(p1))
+    return _act.apply_activation(input, act, float(p0), float(p1))
 
 
 def sigmoid(input):
     """``torch.sigmoid``: 1 / (1 + exp(-x)), stable at both ends; the backward reads the output."""
-    return _activation(input, "sigmoid")
+    return _activation(input, "sigmoid", aten=lambda: torch.sigmoid(input))
 
 
 def tanh(input):
     """``torch.tanh``, with relative precision near 0; the backward reads the output."""
-    return _activation(input, "tanh")
+    return _activation(input, "tanh", aten=lambda: torch.tanh(input))
 
 
 def relu(input, inplace=False):
     """``torch.nn.functional.relu``: max(x, 0); gradient 0 at 0."""
-    return _activation(input, "relu", inplace=inplace)
+    return _activation(input, "relu", inplace=inplace, aten=lambda: _F.relu(input, inplace))
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
     """``torch.nn.functional.leaky_relu``: x if x > 0 else negative_slope * x."""
-    return _activation(input, "leaky_relu", negative_slope, inplace=inplace)
+    return _activation(input, "leaky_relu", negative_slope, inplace=inplace,
+                       aten=lambda: _F.leaky_relu(input, negative_slope, inplace))
 
 
 def prelu(input, weight):
     """``torch.nn.functional.prelu``: x if x > 0 else weight[c] * x, with weight of 1 or C = input.size(1)
-    elements; the weight gradient is a deterministic per-channel reduction."""
+    elements (of input's dtype, any strides); the weight gradient is a deterministic per-channel reduction."""
     if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("prelu(): arguments 'input' and 'weight' must be Tensors")
-    return torch.ops.dlkern.activation_channelwise(input, weight, "prelu")
+    if input.dtype not in _act.KERNEL_DTYPES:
+        return _F.prelu(input, weight)
+    return _act.apply_channelwise(input, weight, "prelu")
 
 
 def elu(input, alpha=1.0, inplace=False):
     """``torch.nn.functional.elu``: x if x > 0 else alpha * expm1(x)."""
-    return _activation(input, "elu", alpha, inplace=inplace)
+    return _activation(input, "elu", alpha, inplace=inplace, aten=lambda: _F.elu(input, alpha, inplace))
 
 
 def softplus(input, beta=1.0, threshold=20.0):
     """``torch.nn.functional.softplus``: log(1 + exp(beta * x)) / beta, linear where beta * x > threshold."""
-    return _activation(input, "softplus", beta, threshold)
+    return _activation(input, "softplus", beta, threshold, aten=lambda: _F.softplus(input, beta, threshold))
 
 
 def silu(input, inplace=False):
     """``torch.nn.functional.silu``: x * sigmoid(x)."""
-    return _activation(input, "silu", inplace=inplace)
+    return _activation(input, "silu", inplace=inplace, aten=lambda: _F.silu(input, inplace))
 
 
 def gelu(input, approximate="none"):
     """``torch.nn.functional.gelu``: x * Phi(x) (``approximate='none'``) or its tanh approximation (``'tanh'``)."""
     if approximate not in ("none", "tanh"):
         raise RuntimeError("approximate argument must be either none or tanh.")
-    return _activation(input, "gelu" if approximate == "none" else "gelu_tanh")
+    return _activation(input, "gelu" if approximate == "none" else "gelu_tanh",
+                       aten=lambda: _F.gelu(input, approximate=approximate))
 
 
 def hardsigmoid(input, inplace=False):
     """``torch.nn.functional.hardsigmoid``: clamp(x / 6 + 1/2, 0, 1); gradient 1/6 strictly inside (-3, 3)."""
-    return _activation(input, "hardsigmoid", inplace=inplace)
+    return _activation(input, "hardsigmoid", inplace=inplace, aten=lambda: _F.hardsigmoid(input, inplace))
 
 
 def hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
-    """``torch.nn.functional.hardtanh``: clamp(x, min_val, max_val); gradient 1 strictly inside."""
+    """``torch.nn.functional.hardtanh``: clamp(x, min_val, max_val); gradient 1 strictly inside (0 everywhere
+    with a NaN bound, whose output is NaN everywhere, as PyTorch's)."""
     if min_val > max_val:
         raise ValueError("min_val cannot be greater than max_val")
-    return _activation(input, "hardtanh", min_val, max_val, inplace=inplace)
+    return _activation(input, "hardtanh", min_val, max_val, inplace=inplace,
+                       aten=lambda: _F.hardtanh(input, min_val, max_val, inplace))
 
 
 def swish(input, beta=1.0):
     """x * sigmoid(beta * x) (dlkern; beta = 1 is SiLU). ``beta`` is a float or a tensor of 1 or C = input.size(1)
-    elements (per channel), which gets a gradient when it requires one."""
+    elements (per channel, of input's dtype, any strides), which gets a gradient when it requires one.
+    Floating-point inputs only (float16, bfloat16, float32, float64), as PyTorch's silu."""
     if isinstance(beta, torch.Tensor):
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"swish(): argument 'input' must be a Tensor, not {type(input).__name__}")
-        return torch.ops.dlkern.activation_channelwise(input, beta, "swish")
+        return _act.apply_channelwise(input, beta, "swish")
     return _activation(input, "swish", beta)
 
 
 def hard_logistic(input):
     """clamp(0.25 * x + 0.5, 0, 1) (dlkern): the logistic's tangent line at 0, clipped; gradient 1/4 strictly
-    inside (-2, 2)."""
+    inside (-2, 2). Floating-point inputs only, as PyTorch's hardsigmoid."""
     return _activation(input, "hard_logistic")
 
 

@@ -168,6 +168,7 @@ def act_fwd(x, ACT: tl.constexpr, p0, p1):
         y = tl.where(x <= -3.0, 0.0, tl.where(x >= 3.0, 1.0, x / 6.0 + 0.5))
     elif ACT == "hardtanh":
         y = tl.where(x < p0, p0, tl.where(x > p1, p1, x))
+        y = tl.where((p0 != p0) | (p1 != p1), p0 + p1, y)  # a NaN bound gives NaN everywhere, as ATen's clamp
     elif ACT == "hard_logistic":
         y = tl.where(x <= -2.0, 0.0, tl.where(x >= 2.0, 1.0, 0.25 * x + 0.5))
     else:
@@ -263,7 +264,7 @@ def act_grad_param(x, ACT: tl.constexpr, p0):
         d = tl.where(x > 0, 0.0, x)
     elif ACT == "swish":
         s, s_neg = _sigmoid_pair(x * p0)
-        d = _times_decaying(x, x * (s * s_neg))
+        d = _times_decaying(x * x, s * s_neg)  # 0 at +-inf (x * (x * q) would be inf * 0 there)
     else:
         tl.static_assert(False, "act_grad_param: only prelu and swish have a tensor parameter")
     return d
@@ -305,7 +306,8 @@ def _offsets(idx, size1, size2, size3, stride0, stride1, stride2, stride3):
 # output keeps the input's strides. With STRIDED=True each tensor gets its own strides in a view of at most four
 # dims (coalesced on the host) and the kernels walk the logical row-major index.
 # A per-channel parameter (prelu weight, swish beta) is read at channel (i // ch_div) % C, where i is the memory
-# offset (flat: ch_div = stride of dim 1) or the logical index (strided: ch_div = product of sizes after dim 1).
+# offset (flat: ch_div = stride of dim 1) or the logical index (strided: ch_div = product of sizes after dim 1),
+# times the parameter's own stride (any 1-D view: a slice, an expanded scalar).
 
 
 def _elementwise_configs():
@@ -328,7 +330,7 @@ def _elementwise_configs():
 @triton.jit(do_not_specialize=["numel", "size_bucket", "C", "ch_div", "size1", "size2", "size3"])
 def activation_fwd_kernel(
     x_ptr, y_ptr, w_ptr,
-    numel, size_bucket, p0: tl.float64, p1: tl.float64, C, ch_div,
+    numel, size_bucket, p0: tl.float64, p1: tl.float64, C, ch_div, w_stride,
     size1, size2, size3,
     x_stride0, x_stride1, x_stride2, x_stride3,
     y_stride0, y_stride1, y_stride2, y_stride3,
@@ -347,7 +349,7 @@ def activation_fwd_kernel(
     x = _compute_dtype(tl.load(x_ptr + x_offs, mask=mask))
     a = _scalar_arg(p0, x)
     if PER_CHANNEL:
-        a = tl.load(w_ptr + (idx // ch_div) % C, mask=mask).to(x.dtype)
+        a = tl.load(w_ptr + ((idx // ch_div) % C) * w_stride, mask=mask).to(x.dtype)
     y = act_fwd(x, ACT, a, _scalar_arg(p1, x))
     tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -356,7 +358,7 @@ def activation_fwd_kernel(
 @triton.jit(do_not_specialize=["numel", "size_bucket", "C", "ch_div", "size1", "size2", "size3"])
 def activation_bwd_kernel(
     g_ptr, s_ptr, w_ptr, dx_ptr, dw_ptr,
-    numel, size_bucket, p0: tl.float64, p1: tl.float64, C, ch_div,
+    numel, size_bucket, p0: tl.float64, p1: tl.float64, C, ch_div, w_stride,
     size1, size2, size3,
     g_stride0, g_stride1, g_stride2, g_stride3,
     s_stride0, s_stride1, s_stride2, s_stride3,
@@ -382,7 +384,7 @@ def activation_bwd_kernel(
     a = _scalar_arg(p0, s)
     b = _scalar_arg(p1, s)
     if PER_CHANNEL:
-        a = tl.load(w_ptr + (idx // ch_div) % C, mask=mask).to(s.dtype)
+        a = tl.load(w_ptr + ((idx // ch_div) % C) * w_stride, mask=mask).to(s.dtype)
     if FROM_OUTPUT:
         d = act_grad_from_output(s, ACT, a, b)
     else:

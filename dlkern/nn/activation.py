@@ -1,9 +1,11 @@
 """dlkern's activation modules. The torch.nn namesakes are subclassed (same constructor arguments, repr,
-parameters and state_dict keys) with forward computed by dlkern's Triton kernels; Swish and HardLogistic are new."""
+parameters and state_dict keys) with forward computed by dlkern's Triton kernels; Swish and HardLogistic are new.
+torch.jit.script refuses them with a clear error (NotScriptable); torch.jit.trace, torch.export and torch.compile work."""
 
 import torch
 
 from dlkern import functional as F
+from dlkern.nn._jit import NotScriptable
 
 __all__ = [
     "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softplus", "SiLU", "GELU", "Hardsigmoid", "Hardtanh",
@@ -11,84 +13,84 @@ __all__ = [
 ]
 
 
-class Sigmoid(torch.nn.Sigmoid):
+class Sigmoid(NotScriptable, torch.nn.Sigmoid):
     """``torch.nn.Sigmoid`` computed by dlkern's kernels."""
 
     def forward(self, input):
         return F.sigmoid(input)
 
 
-class Tanh(torch.nn.Tanh):
+class Tanh(NotScriptable, torch.nn.Tanh):
     """``torch.nn.Tanh`` computed by dlkern's kernels."""
 
     def forward(self, input):
         return F.tanh(input)
 
 
-class ReLU(torch.nn.ReLU):
+class ReLU(NotScriptable, torch.nn.ReLU):
     """``torch.nn.ReLU`` computed by dlkern's kernels."""
 
     def forward(self, input):
         return F.relu(input, inplace=self.inplace)
 
 
-class LeakyReLU(torch.nn.LeakyReLU):
+class LeakyReLU(NotScriptable, torch.nn.LeakyReLU):
     """``torch.nn.LeakyReLU`` computed by dlkern's kernels."""
 
     def forward(self, input):
         return F.leaky_relu(input, self.negative_slope, self.inplace)
 
 
-class PReLU(torch.nn.PReLU):
+class PReLU(NotScriptable, torch.nn.PReLU):
     """``torch.nn.PReLU`` computed by dlkern's kernels (the weight gradient is a deterministic reduction)."""
 
     def forward(self, input):
         return F.prelu(input, self.weight)
 
 
-class ELU(torch.nn.ELU):
+class ELU(NotScriptable, torch.nn.ELU):
     """``torch.nn.ELU`` computed by dlkern's kernels."""
 
     def forward(self, input):
         return F.elu(input, self.alpha, self.inplace)
 
 
-class Softplus(torch.nn.Softplus):
+class Softplus(NotScriptable, torch.nn.Softplus):
     """``torch.nn.Softplus`` computed by dlkern's kernels."""
 
     def forward(self, input):
         return F.softplus(input, self.beta, self.threshold)
 
 
-class SiLU(torch.nn.SiLU):
+class SiLU(NotScriptable, torch.nn.SiLU):
     """``torch.nn.SiLU`` computed by dlkern's kernels."""
 
     def forward(self, input):
         return F.silu(input, inplace=self.inplace)
 
 
-class GELU(torch.nn.GELU):
+class GELU(NotScriptable, torch.nn.GELU):
     """``torch.nn.GELU`` computed by dlkern's kernels (exact for ``approximate='none'``)."""
 
     def forward(self, input):
         return F.gelu(input, approximate=self.approximate)
 
 
-class Hardsigmoid(torch.nn.Hardsigmoid):
+class Hardsigmoid(NotScriptable, torch.nn.Hardsigmoid):
     """``torch.nn.Hardsigmoid`` computed by dlkern's kernels."""
 
     def forward(self, input):
         return F.hardsigmoid(input, self.inplace)
 
 
-class Hardtanh(torch.nn.Hardtanh):
+class Hardtanh(NotScriptable, torch.nn.Hardtanh):
     """``torch.nn.Hardtanh`` computed by dlkern's kernels."""
 
     def forward(self, input):
         return F.hardtanh(input, self.min_val, self.max_val, self.inplace)
 
 
-class Swish(torch.nn.Module):
+class Swish(NotScriptable, torch.nn.Module):
     r"""Swish: :math:`x \cdot \sigma(\beta x)` (Ramachandran et al., 2017); ``beta=1`` is SiLU.
 
     Args:
@@ -128,7 +130,7 @@ class Swish(torch.nn.Module):
         return f"beta={self.beta}"
 
 
-class HardLogistic(torch.nn.Module):
+class HardLogistic(NotScriptable, torch.nn.Module):
     r"""Hard logistic: :math:`\max(0, \min(1, 0.25x + 0.5))`, the logistic's tangent line at 0, clipped
     (``torch.nn.Hardsigmoid`` uses slope 1/6 instead of 1/4). No parameters."""
 

@@ -13,12 +13,16 @@ parameters as in :func:`activation_spec`):
 
 CUDA tensors run the Triton kernels (and so do CPU tensors under TRITON_INTERPRET=1); other CPU tensors run
 an equivalent PyTorch composite after a one-time warning. None of them reads tensor values on the host.
-Outputs have the input's strides when it is dense (``empty_like``), as PyTorch's elementwise ops.
+Outputs have the input's strides when it is dense (``empty_like``), as PyTorch's elementwise ops. Every op has a
+vmap rule. Autograd (reverse mode, forward mode, double backward, torch.func) lives in the
+``torch.autograd.Function``s at the end, which dlkern.functional calls; ``activation`` and ``activation_channelwise``
+also register their Function's backward, for direct calls of the op (reverse mode).
 """
 
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import triton
 
 from dlkern.kernels.activation import (
@@ -31,10 +35,10 @@ from dlkern.ops.triton_support import INTERPRETING, launch, runs_triton, sm_coun
 
 # Out of place, the backward reads the output where ATen's does and it is exact; every other op saves its input.
 SAVE_OUTPUT = frozenset({"sigmoid", "tanh", "relu"})
-# In place, the input is gone: these backwards are exact from the output (ATen's relu_/leaky_relu_/elu_ do the
-# same; its hardtanh_ clones the input, but clamp's output tells inside from outside just as well). The others
-# (silu, hardsigmoid, ...) keep a copy of the input, as ATen does.
-INPLACE_FROM_OUTPUT = frozenset({"sigmoid", "tanh", "relu", "leaky_relu", "elu", "hardtanh"})
+# In place, the input is gone: these backwards read the output, exactly as ATen's relu_/leaky_relu_/elu_/sigmoid_/
+# tanh_ (so a later in-place op on the output makes the backward raise, as in PyTorch). The others (hardtanh, silu,
+# hardsigmoid, ...) keep a copy of the input, as ATen's do (hardtanh_ clones its input: a later in-place op works).
+INPLACE_FROM_OUTPUT = frozenset({"sigmoid", "tanh", "relu", "leaky_relu", "elu"})
 CHANNELWISE = frozenset({"prelu", "swish"})
 
 
@@ -81,12 +85,34 @@ def activation_spec(module):
 # Checks shared by the real and the fake implementations
 # ----------------------------------------------------------------------------------------------------------------
 
+# The dtypes the kernels (and the composites) compute; functional defers every other dtype to ATen.
+KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+# Scalar parameters per activation. ATen converts them to the math type (float for fp16/bf16/fp32 inputs, double
+# for fp64), hardtanh's bounds to the input's dtype itself, and refuses a finite value beyond that type's range.
+_PARAM_COUNT = {"leaky_relu": 1, "elu": 1, "softplus": 2, "swish": 1, "hardtanh": 2}
+_TYPE_LIMITS = {dt: (name, torch.finfo(dt).max) for dt, name in (
+    (torch.float16, "c10::Half"), (torch.bfloat16, "c10::BFloat16"), (torch.float32, "float"),
+    (torch.float64, "double"))}
+# ATen's ScalarType names, for its dtype messages.
+_ATEN_NAMES = {torch.float16: "Half", torch.bfloat16: "BFloat16", torch.float32: "Float", torch.float64: "Double",
+               torch.bool: "Bool", torch.uint8: "Byte", torch.int8: "Char", torch.int16: "Short", torch.int32: "Int",
+               torch.int64: "Long"}
 
-def _check_input(x, act):
+
+def _check_input(x, act, p0=0.0, p1=0.0):
     torch._check(act in ACTIVATIONS, lambda: f"dlkern activation: unknown activation {act!r}")
     torch._check(
-        x.is_floating_point(), lambda: f"dlkern {act}: expected a floating-point input, got {x.dtype}"
+        x.dtype in KERNEL_DTYPES,
+        lambda: f"dlkern {act}: expected a floating-point input (float16, bfloat16, float32 or float64), got {x.dtype}",
     )
+    count = _PARAM_COUNT.get(act)
+    if count:
+        type_name, limit = _TYPE_LIMITS[x.dtype if act == "hardtanh" else _compute_dtype(x.dtype)]
+        for p in (p0, p1)[:count]:
+            torch._check(
+                not (abs(p) > limit and not math.isinf(p)),
+                lambda: f"value cannot be converted to type {type_name} without overflow",
+            )
 
 
 def _check_channelwise(x, weight, act):
@@ -95,7 +121,11 @@ def _check_channelwise(x, weight, act):
     torch._check(
         weight.dim() <= 1, lambda: f"{act}: Expected `weight` to be a scalar or 1D tensor, but got: ndim = {weight.dim()}"
     )
-    torch._check(weight.is_floating_point(), lambda: f"{act}: expected a floating-point weight, got {weight.dtype}")
+    torch._check(
+        weight.dtype == x.dtype,
+        lambda: f"{act}: Type promoting not supported. Got {_ATEN_NAMES.get(x.dtype, x.dtype)} and "
+        f"{_ATEN_NAMES.get(weight.dtype, weight.dtype)}",
+    )
     if weight.numel() != 1:
         torch._check(x.dim() > 0, lambda: "Not allow zero-dim input tensor.")
         channels = x.shape[1] if x.dim() > 1 else 1
@@ -104,6 +134,24 @@ def _check_channelwise(x, weight, act):
             lambda: f"Mismatch of parameter numbers and input channel size. Found parameter numbers = "
             f"{weight.numel()} and channel size = {channels}.",
         )
+
+
+def _check_inplace(x):
+    torch._check(
+        torch._debug_has_internal_overlap(x) != 1,
+        lambda: "unsupported operation: more than one element of the written-to tensor refers to a single memory "
+        "location. Please clone() the tensor before performing the operation.",
+    )
+    # ATen's in-place ops refuse this in their autograd layer, which a custom op's mutation does not go through.
+    torch._check(
+        not x.is_inference() or torch.is_inference_mode_enabled(),
+        lambda: "Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone to get "
+        "a normal tensor before doing inplace update.See https://github.com/pytorch/rfcs/pull/17 for more details.",
+    )
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,12 +197,14 @@ def _layout(tensors):
 
 
 def _channel_args(x, weight, strided):
-    """(C, ch_div) so that a kernel reads the parameter of element i at (i // ch_div) % C."""
+    """(C, ch_div, w_stride): a kernel reads the parameter of element i at ((i // ch_div) % C) * w_stride, so
+    a weight of any stride (a slice, an expanded scalar) is read where it lives."""
     if weight is None or weight.numel() == 1:
-        return 1, 1
+        return 1, 1, 0
+    w_stride = weight.stride(-1)
     if strided:  # i is the logical row-major index
-        return x.shape[1], math.prod(x.shape[2:])
-    return x.shape[1], x.stride(1)  # i is the memory offset (dense)
+        return x.shape[1], math.prod(x.shape[2:]), w_stride
+    return x.shape[1], x.stride(1), w_stride  # i is the memory offset (dense)
 
 
 def _size_bucket(numel):
@@ -178,11 +228,11 @@ def _launch_forward(y, x, act, p0, p1, weight=None):
         y.copy_(y_dense)
         return
     strided, sizes, (y_strides, x_strides) = plan
-    C, ch_div = _channel_args(x, weight, strided)
+    C, ch_div, w_stride = _channel_args(x, weight, strided)
     launch(
         activation_fwd_kernel, _grid(numel),
         x, y, x if weight is None else weight,
-        numel, _size_bucket(numel), float(p0), float(p1), C, ch_div,
+        numel, _size_bucket(numel), float(p0), float(p1), C, ch_div, w_stride,
         *sizes, *x_strides, *y_strides,
         ACT=act, PER_CHANNEL=weight is not None, STRIDED=strided,
     )
@@ -203,11 +253,11 @@ def _launch_backward(dx, grad_output, saved, act, p0, p1, from_output, weight=No
             dw_elems.copy_(dw_dense)
         return
     strided, sizes, (dx_strides, g_strides, s_strides) = plan
-    C, ch_div = _channel_args(saved, weight, strided)
+    C, ch_div, w_stride = _channel_args(saved, weight, strided)
     launch(
         activation_bwd_kernel, _grid(numel),
         grad_output, saved, saved if weight is None else weight, dx, dx if dw_elems is None else dw_elems,
-        numel, _size_bucket(numel), float(p0), float(p1), C, ch_div,
+        numel, _size_bucket(numel), float(p0), float(p1), C, ch_div, w_stride,
         *sizes, *g_strides, *s_strides, *dx_strides,
         ACT=act, FROM_OUTPUT=from_output, PER_CHANNEL=weight is not None, NEED_DW=dw_elems is not None,
         STRIDED=strided,
@@ -242,13 +292,14 @@ def _channel_sum(elems, channels):
     return total.view(channels)
 
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# PyTorch composites for CPU tensors without the interpreter
+# PyTorch composites: CPU tensors without the interpreter, and every derivative that autograd must differentiate
+# again (double backward, forward mode, torch.func). They follow the kernels' formulas (fp16/bf16 computed in
+# fp32, the limits at +-inf) so that every device gives the same values, special ones included.
 # ----------------------------------------------------------------------------------------------------------------
+
+# GELU constants, as in dlkern.kernels.activation.
+_SQRT1_2, _INV_SQRT_2PI, _K_BETA, _K_KAPPA = 0.7071067811865476, 0.3989422804014327, 0.7978845608028654, 0.044715
 
 
 def _channel_view(weight, x):
@@ -258,17 +309,44 @@ def _channel_view(weight, x):
     return weight.reshape((-1,) + (1,) * (x.dim() - 2))
 
 
+def _to_compute(t):
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _where(cond, a, b, like):
+    # torch.where(cond, a, b) in like's dtype: two bare Python floats would give float32 (and round a float64
+    # parameter), so other dtypes get them as 0-d tensors of like's dtype.
+    if like.dtype != torch.float32:
+        a = a if isinstance(a, torch.Tensor) else like.new_full((), a)
+        b = b if isinstance(b, torch.Tensor) else like.new_full((), b)
+    return torch.where(cond, a, b)
+
+
+def _times_decaying(x, q):
+    # x * q, q a factor decaying exponentially in |x|: 0 once q underflows, also at x = +-inf (as the kernels).
+    return torch.where(q == 0, 0.0, x * q)
+
+
+def _decaying_factor(x, act, beta):
+    """q with f(x) = x * q for silu/swish/gelu/gelu_tanh."""
+    if act == "gelu":
+        return 0.5 * (1.0 + torch.erf(x * _SQRT1_2))
+    if act == "gelu_tanh":  # 0.5(1 + tanh(u)) = sigma(2u)
+        return torch.sigmoid(2.0 * _K_BETA * (x + _K_KAPPA * x * x * x))
+    return torch.sigmoid(x * beta)
+
+
 def composite_forward(x, act, p0, p1, weight=None):
+    """f(x) with PyTorch ops (weight: prelu's / swish's tensor parameter, else p0)."""
     F = torch.nn.functional
+    if act in ("silu", "swish", "gelu", "gelu_tanh"):
+        xc = _to_compute(x)
+        beta = 1.0 if act == "silu" else p0 if weight is None else _channel_view(weight, x).to(xc.dtype)
+        return _times_decaying(xc, _decaying_factor(xc, act, beta)).to(x.dtype)
     if act == "prelu":
-        return F.prelu(x, weight.to(x.dtype) if weight is not None else x.new_full((1,), p0))
-    if act == "swish":
-        beta = _channel_view(weight, x).to(x.dtype) if weight is not None else p0
-        return x * torch.sigmoid(x * beta)
+        return F.prelu(x, weight if weight is not None else x.new_full((1,), p0))
     if act == "hard_logistic":
         return (x * 0.25 + 0.5).clamp(0.0, 1.0)
-    if act == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
     if act == "leaky_relu":
         return F.leaky_relu(x, p0)
     if act == "elu":
@@ -277,43 +355,91 @@ def composite_forward(x, act, p0, p1, weight=None):
         return F.softplus(x, p0, p1)
     if act == "hardtanh":
         return F.hardtanh(x, p0, p1)
-    return {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-            "hardsigmoid": F.hardsigmoid}[act](x)
+    return {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "hardsigmoid": F.hardsigmoid}[act](x)
 
 
-def composite_backward(g, s, act, p0, p1, from_output):
-    aten = torch.ops.aten
-    if act == "sigmoid":
-        return aten.sigmoid_backward(g, s if from_output else torch.sigmoid(s))
-    if act == "tanh":
-        return aten.tanh_backward(g, s if from_output else torch.tanh(s))
+def _derivative(s, act, p0, p1, from_output):
+    """f'(x) from s, the input (or the output with from_output), in s's dtype: the kernels' act_grad and
+    act_grad_from_output. p0 may be a tensor (prelu's weight, swish's beta, broadcast over s)."""
+    if from_output:
+        if act == "sigmoid":
+            return s * (1.0 - s)
+        if act == "tanh":
+            return 1.0 - s * s
+        if act == "elu":
+            return _where(s <= 0, s + p0, 1.0, s)
     if act == "relu":
-        return aten.threshold_backward(g, s, 0)
+        return _where(s <= 0, 0.0, 1.0, s)
     if act in ("leaky_relu", "prelu"):
-        return aten.leaky_relu_backward(g, s, p0, from_output)
+        return _where(s > 0, 1.0, p0, s)
     if act == "elu":
-        return aten.elu_backward(g, p0, 1, 1, from_output, s)
+        return _where(s <= 0, p0 * torch.exp(s), 1.0, s)
     if act == "softplus":
-        return aten.softplus_backward(g, s, p0, p1)
-    if act == "silu":
-        return aten.silu_backward(g, s)
-    if act in ("gelu", "gelu_tanh"):
-        return aten.gelu_backward(g, s, approximate="none" if act == "gelu" else "tanh")
+        z = s * p0
+        return _where(z > p1, 1.0, torch.sigmoid(z), s)
+    if act in ("silu", "swish"):
+        z = s if act == "silu" else s * p0
+        sig = torch.sigmoid(z)
+        return sig + _times_decaying(z, sig * torch.sigmoid(-z))  # sigma'(z) without the cancellation in 1 - sigma
+    if act == "gelu":
+        return 0.5 * (1.0 + torch.erf(s * _SQRT1_2)) + _times_decaying(s, torch.exp(-0.5 * s * s) * _INV_SQRT_2PI)
+    if act == "gelu_tanh":
+        u2 = 2.0 * _K_BETA * (s + _K_KAPPA * s * s * s)
+        du2 = 2.0 * _K_BETA * (1.0 + 3.0 * _K_KAPPA * s * s)
+        sig = torch.sigmoid(u2)
+        return sig + _times_decaying(s * du2, sig * torch.sigmoid(-u2))
+    if act == "sigmoid":
+        return torch.sigmoid(s) * torch.sigmoid(-s)
+    if act == "tanh":
+        e = torch.exp(-2.0 * s.abs())  # 1 - tanh^2 = 4e/(1 + e)^2: no cancellation where tanh saturates
+        return 4.0 * e / ((1.0 + e) * (1.0 + e))
     if act == "hardsigmoid":
-        return aten.hardsigmoid_backward(g, s)
+        return _where((s > -3.0) & (s < 3.0), 1.0 / 6.0, 0.0, s)
     if act == "hardtanh":
-        return aten.hardtanh_backward(g, s, p0, p1)
+        return _where((s > p0) & (s < p1), 1.0, 0.0, s)
     if act == "hard_logistic":
-        return g * ((s > -2) & (s < 2)).to(g.dtype) * 0.25
-    if act == "swish":
-        return _composite_swish_grads(g, s, p0)[0]
+        return _where((s > -2.0) & (s < 2.0), 0.25, 0.0, s)
     raise AssertionError(act)
 
 
-def _composite_swish_grads(g, x, beta):
-    sig = torch.sigmoid(x * beta)
-    q = sig * torch.sigmoid(-x * beta)  # sigma'(z), without the cancellation in 1 - sigma(z)
-    return g * (sig + x * beta * q), g * x * x * q
+def _param_derivative(x, act, w):
+    """df/dw per element: prelu's weight (x where x <= 0), swish's beta (x^2 sigma'(wx))."""
+    if act == "prelu":
+        return torch.where(x > 0, 0.0, x)
+    z = x * w
+    return _times_decaying(x * x, torch.sigmoid(z) * torch.sigmoid(-z))
+
+
+def composite_backward(g, s, act, p0, p1, from_output):
+    """g * f'(x) with PyTorch ops (differentiable), in s's dtype; s and from_output as in activation_backward."""
+    if act == "relu":  # ATen's op has the same values (NaN passes the gradient) and is the cheapest on the host
+        return torch.ops.aten.threshold_backward(g, s, 0)
+    sc = _to_compute(s)
+    return (g.to(sc.dtype) * _derivative(sc, act, p0, p1, from_output)).to(s.dtype)
+
+
+def composite_channelwise_backward(g, x, weight, act, weight_grad):
+    """(dx, dw or None) for prelu / tensor-beta swish with PyTorch ops (differentiable)."""
+    xc = _to_compute(x)
+    w = _channel_view(weight, x).to(xc.dtype)
+    gc = g.to(xc.dtype)
+    dx = (gc * _derivative(xc, act, w, 0.0, False)).to(x.dtype)
+    if not weight_grad:
+        return dx, None
+    dw_elems = gc * _param_derivative(xc, act, w)
+    dims = [d for d in range(x.dim()) if not (d == 1 and weight.numel() > 1)]
+    dw = dw_elems.sum(dims) if dims else dw_elems
+    return dx, dw.to(weight.dtype).reshape(weight.shape)
+
+
+def _composite_channelwise_jvp(x, weight, act, x_t, w_t):
+    """The tangent of f(x, w) for tangents x_t, w_t (either may be None)."""
+    xc = _to_compute(x)
+    w = _channel_view(weight, x).to(xc.dtype)
+    t = torch.zeros_like(xc) if x_t is None else x_t.to(xc.dtype) * _derivative(xc, act, w, 0.0, False)
+    if w_t is not None:
+        t = t + _channel_view(w_t, x).to(xc.dtype) * _param_derivative(xc, act, w)
+    return t.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,7 +449,7 @@ def _composite_swish_grads(g, x, beta):
 
 @torch.library.custom_op("dlkern::activation", mutates_args=())
 def activation(x: torch.Tensor, act: str, p0: float, p1: float) -> torch.Tensor:
-    _check_input(x, act)
+    _check_input(x, act, p0, p1)
     y = torch.empty_like(x)
     if runs_triton(x, act):
         _launch_forward(y, x, act, p0, p1)
@@ -334,18 +460,14 @@ def activation(x: torch.Tensor, act: str, p0: float, p1: float) -> torch.Tensor:
 
 @activation.register_fake
 def _(x, act, p0, p1):
-    _check_input(x, act)
+    _check_input(x, act, p0, p1)
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("dlkern::activation_", mutates_args=("x",))
 def activation_(x: torch.Tensor, act: str, p0: float, p1: float) -> None:
-    _check_input(x, act)
-    torch._check(
-        torch._debug_has_internal_overlap(x) != 1,
-        lambda: "unsupported operation: more than one element of the written-to tensor refers to a single memory "
-        "location. Please clone() the tensor before performing the operation.",
-    )
+    _check_input(x, act, p0, p1)
+    _check_inplace(x)
     if runs_triton(x, act):
         _launch_forward(x, x, act, p0, p1)
     else:
@@ -354,7 +476,7 @@ def activation_(x: torch.Tensor, act: str, p0: float, p1: float) -> None:
 
 @activation_.register_fake
 def _(x, act, p0, p1):
-    _check_input(x, act)
+    _check_input(x, act, p0, p1)
 
 
 @torch.library.custom_op("dlkern::activation_backward", mutates_args=())
@@ -396,7 +518,8 @@ def activation_channelwise_backward(
     grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, act: str, weight_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not runs_triton(x, act):
-        return _composite_channelwise_backward(grad_output, x, weight, act, weight_grad)
+        dx, dw = composite_channelwise_backward(grad_output, x, weight, act, weight_grad)
+        return torch.empty_like(x).copy_(dx), weight.new_empty(0) if dw is None else dw
     dx = torch.empty_like(x)
     channels = 1 if weight.numel() == 1 else weight.numel()
     dw_elems = torch.empty_like(dx, dtype=_compute_dtype(x.dtype)) if weight_grad else None
@@ -404,105 +527,281 @@ def activation_channelwise_backward(
     if not weight_grad:
         return dx, weight.new_empty(0)
     if x.numel() == 0:
-        return dx, torch.zeros_like(weight)
+        return dx, torch.zeros_like(weight, memory_format=torch.contiguous_format)
     return dx, _channel_sum(dw_elems, channels).to(weight.dtype).view(weight.shape)
 
 
 @activation_channelwise_backward.register_fake
 def _(grad_output, x, weight, act, weight_grad):
-    return torch.empty_like(x), (torch.empty_like(weight) if weight_grad else weight.new_empty(0))
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if weight_grad else weight.new_empty(0)
+    return torch.empty_like(x), dw
 
 
-def _composite_channelwise_backward(g, x, weight, act, weight_grad):
-    w = _channel_view(weight, x).to(x.dtype)
-    if act == "prelu":
-        dx = torch.where(x > 0, g, w * g)
-        dw_elems = torch.where(x > 0, torch.zeros_like(x), x * g)
-    else:
-        dx, dw_elems = _composite_swish_grads(g, x, w)
-    dx = torch.empty_like(x).copy_(dx)
+# ----------------------------------------------------------------------------------------------------------------
+# vmap rules (torch.func.vmap, and the Functions' generated vmap rules): one unbatched call per batch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _batch_first(t, bdim, size):
+    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
+
+
+@activation.register_vmap
+def _(info, in_dims, x, act, p0, p1):
+    return torch.ops.dlkern.activation(x, act, p0, p1), in_dims[0]  # elementwise: any batch dim
+
+
+@activation_.register_vmap
+def _(info, in_dims, x, act, p0, p1):
+    torch.ops.dlkern.activation_(x, act, p0, p1)
+    return None, None
+
+
+@activation_backward.register_vmap
+def _(info, in_dims, grad_output, saved, act, p0, p1, saved_is_output):
+    g, s = (_batch_first(t, d, info.batch_size) for t, d in zip((grad_output, saved), in_dims[:2]))
+    return torch.ops.dlkern.activation_backward(g, s, act, p0, p1, saved_is_output), 0
+
+
+def _fold_batch(x, weight):
+    """(x, weight) batched in dim 0 (weight (B, 1 or C)) as one unbatched channelwise problem: the batch is folded
+    into the channel dim. Returns (x2, w2, unfold), unfold mapping an x2-shaped result back to x's shape."""
+    B = x.shape[0]
+    if weight[0].numel() == 1:  # one parameter per sample: the samples are the channels
+        return x.reshape(1, B, -1), weight.reshape(B), lambda y: y.reshape(x.shape)
+    # (B, N, C, *rest) -> (N, B*C, *rest): channel b*C + c holds sample b's channel c
+    folded = x.movedim(0, 1)
+    shape = folded.shape
+    return (folded.reshape(shape[0], B * shape[2], *shape[3:]), weight.reshape(-1),
+            lambda y: y.reshape(shape).movedim(1, 0))
+
+
+@activation_channelwise.register_vmap
+def _(info, in_dims, x, weight, act):
+    x_dim, w_dim = in_dims[:2]
+    if w_dim is None and weight.numel() == 1:
+        return torch.ops.dlkern.activation_channelwise(x, weight, act), x_dim
+    if w_dim is None:  # one weight for every sample: the batch joins dim 0
+        x = x.movedim(x_dim, 0)
+        return torch.ops.dlkern.activation_channelwise(x.flatten(0, 1), weight, act).unflatten(0, x.shape[:2]), 0
+    x2, w2, unfold = _fold_batch(_batch_first(x, x_dim, info.batch_size), weight.movedim(w_dim, 0))
+    return unfold(torch.ops.dlkern.activation_channelwise(x2, w2, act)), 0
+
+
+@activation_channelwise_backward.register_vmap
+def _(info, in_dims, grad_output, x, weight, act, weight_grad):
+    g, x, weight = (_batch_first(t, d, info.batch_size) for t, d in zip((grad_output, x, weight), in_dims[:3]))
+    x2, w2, unfold = _fold_batch(x, weight)
+    g2 = _fold_batch(g, weight)[0]
+    dx, dw = torch.ops.dlkern.activation_channelwise_backward(g2, x2, w2, act, weight_grad)
     if not weight_grad:
-        return dx, weight.new_empty(0)
-    dims = [d for d in range(x.dim()) if not (d == 1 and weight.numel() > 1)]
-    dw = dw_elems.to(_compute_dtype(x.dtype)).sum(dims) if dims else dw_elems
-    return dx, dw.to(weight.dtype).reshape(weight.shape)
+        return (unfold(dx), dw), (0, None)
+    return (unfold(dx), dw.reshape(weight.shape)), (0, 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Autograd
+# Autograd: torch.autograd.Functions around the ops (one node per call). Each comes in two classes: the base,
+# traced by torch.compile (dynamo graph-breaks on a custom jvp), and a subclass with forward-mode AD (jvp), used in
+# eager mode. Their backward runs the kernel op, or, when it builds a graph (create_graph=True, and always under
+# torch.func's transforms), the differentiable composite: that is what double backward differentiates.
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _setup_context(ctx, inputs, output):
-    x, ctx.act, ctx.p0, ctx.p1 = inputs
-    ctx.saved_is_output = ctx.act in SAVE_OUTPUT
-    ctx.save_for_backward(output if ctx.saved_is_output else x)
+def _vjp(g, saved, act, p0, p1, from_output):
+    if torch.is_grad_enabled():
+        return composite_backward(g, saved, act, p0, p1, from_output)
+    return torch.ops.dlkern.activation_backward(g, saved, act, p0, p1, from_output)
 
 
-def _backward(ctx, grad_output):
-    (saved,) = ctx.saved_tensors
-    dx = torch.ops.dlkern.activation_backward(grad_output, saved, ctx.act, ctx.p0, ctx.p1, ctx.saved_is_output)
-    return dx, None, None, None
+class Activation(torch.autograd.Function):
+    """y = f(x) (``dlkern::activation``); the backward reads the output where ATen's does (SAVE_OUTPUT)."""
 
-
-torch.library.register_autograd("dlkern::activation", _backward, setup_context=_setup_context)
-
-
-def _channelwise_setup_context(ctx, inputs, output):
-    x, weight, ctx.act = inputs
-    ctx.save_for_backward(x, weight)
-
-
-def _channelwise_backward(ctx, grad_output):
-    x, weight = ctx.saved_tensors
-    weight_grad = ctx.needs_input_grad[1]
-    dx, dw = torch.ops.dlkern.activation_channelwise_backward(grad_output, x, weight, ctx.act, weight_grad)
-    return dx, (dw if weight_grad else None), None
-
-
-torch.library.register_autograd(
-    "dlkern::activation_channelwise", _channelwise_backward, setup_context=_channelwise_setup_context
-)
-
-
-class ActivationInplace(torch.autograd.Function):
-    """Autograd for ``activation_`` (custom ops cannot return an alias of their input, so the in-place op has no
-    autograd registration; this Function marks the input dirty, as ATen's in-place kernels do). It saves the
-    output where the backward is exact from it, otherwise a copy of the input taken before it is overwritten."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, act, p0, p1):
-        ctx.act, ctx.p0, ctx.p1 = act, p0, p1
-        ctx.saved_is_output = act in INPLACE_FROM_OUTPUT
-        original = None if ctx.saved_is_output else x.clone()
-        torch.ops.dlkern.activation_(x, act, p0, p1)
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(x if ctx.saved_is_output else original)
-        return x
+    def forward(x, act, p0, p1):
+        return torch.ops.dlkern.activation(x, act, p0, p1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.act, ctx.p0, ctx.p1 = inputs
+        ctx.from_output = ctx.act in SAVE_OUTPUT
+        ctx.save_for_backward(output if ctx.from_output else x)
 
     @staticmethod
     def backward(ctx, grad_output):
         (saved,) = ctx.saved_tensors
-        # The output no longer tells the branch apart with a negative slope/alpha: ATen refuses these too.
-        if ctx.act == "leaky_relu" and ctx.p0 < 0:
-            raise RuntimeError(
-                "In-place leakyReLu backward calculation is triggered with a negative slope which is not supported. "
-                "This is caused by calling in-place forward function with a negative slope, please call "
-                "out-of-place version instead."
-            )
-        if ctx.act == "elu" and ctx.p0 < 0:
-            raise RuntimeError(
-                "In-place elu backward calculation is triggered with a negative slope which is not supported. "
-                "This is caused by calling in-place forward function with a negative slope, please call "
-                "out-of-place version instead."
-            )
-        dx = torch.ops.dlkern.activation_backward(grad_output, saved, ctx.act, ctx.p0, ctx.p1, ctx.saved_is_output)
-        return dx, None, None, None
+        return _vjp(grad_output, saved, ctx.act, ctx.p0, ctx.p1, ctx.from_output), None, None, None
+
+
+class ActivationWithJvp(Activation):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        Activation.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(output if ctx.from_output else inputs[0])
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        (saved,) = ctx.saved_tensors
+        return composite_backward(x_t, saved, ctx.act, ctx.p0, ctx.p1, ctx.from_output)
+
+
+# Direct calls of the op (torch.ops.dlkern.activation) get the same reverse-mode autograd.
+torch.library.register_autograd("dlkern::activation", Activation.backward, setup_context=Activation.setup_context)
+
+
+class ActivationChannelwise(torch.autograd.Function):
+    """y = f(x, weight) for prelu / tensor-beta swish (``dlkern::activation_channelwise``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, act):
+        return torch.ops.dlkern.activation_channelwise(x, weight, act)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, ctx.act = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        weight_grad = ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            dx, dw = composite_channelwise_backward(grad_output, x, weight, ctx.act, weight_grad)
+        else:
+            dx, dw = torch.ops.dlkern.activation_channelwise_backward(grad_output, x, weight, ctx.act, weight_grad)
+        return dx, (dw if weight_grad else None), None
+
+
+class ActivationChannelwiseWithJvp(ActivationChannelwise):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ActivationChannelwise.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], inputs[1])
+
+    @staticmethod
+    def jvp(ctx, x_t, w_t, _):
+        x, weight = ctx.saved_tensors
+        return _composite_channelwise_jvp(x, weight, ctx.act, x_t, w_t)
+
+
+torch.library.register_autograd(
+    "dlkern::activation_channelwise", ActivationChannelwise.backward, setup_context=ActivationChannelwise.setup_context
+)
+
+
+def _refuse_negative_slope(act, p0):
+    # From the output of an in-place op with a negative slope/alpha the branch is lost: ATen refuses these too.
+    if act in ("leaky_relu", "elu") and p0 < 0:
+        name = "leakyReLu" if act == "leaky_relu" else "elu"
+        raise RuntimeError(
+            f"In-place {name} backward calculation is triggered with a negative slope which is not supported. "
+            "This is caused by calling in-place forward function with a negative slope, please call "
+            "out-of-place version instead."
+        )
+
+
+class ActivationInplace(torch.autograd.Function):
+    """x = f(x) in place (``dlkern::activation_``), marking x dirty as ATen's in-place ops do. The backward reads
+    the output where that is exact (INPLACE_FROM_OUTPUT), else ``original``, a copy of the input the caller
+    takes before it is overwritten (None otherwise)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, original, act, p0, p1):
+        torch.ops.dlkern.activation_(x, act, p0, p1)
+        return x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, original, ctx.act, ctx.p0, ctx.p1 = inputs
+        ctx.mark_dirty(x)
+        ctx.from_output = original is None
+        ctx.save_for_backward(output if ctx.from_output else original)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (saved,) = ctx.saved_tensors
+        _refuse_negative_slope(ctx.act, ctx.p0)
+        return _vjp(grad_output, saved, ctx.act, ctx.p0, ctx.p1, ctx.from_output), None, None, None, None
+
+
+class ActivationInplaceWithJvp(ActivationInplace):
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ActivationInplace.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(output if ctx.from_output else inputs[1])
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        (saved,) = ctx.saved_tensors
+        _refuse_negative_slope(ctx.act, ctx.p0)
+        return x_t.copy_(composite_backward(x_t, saved, ctx.act, ctx.p0, ctx.p1, ctx.from_output))  # in place
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points for dlkern.functional
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _differentiable(*tensors):
+    """Whether a call needs its autograd Function: reverse mode recording, or a forward-mode (dual) level open
+    (torch.autograd.forward_ad and torch.func.jvp; duals need not require grad). Not while torch.jit.trace records:
+    it records the op itself (whose registered autograd serves the traced graph), never a Python Function."""
+    if forward_ad._current_level >= 0:
+        return not torch.jit.is_tracing()
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not torch.jit.is_tracing()
+
+
+def _apply(eager, traced):
+    """fn.apply(*args) for the Function pair: ``traced`` (no jvp) under torch.compile; ``eager`` else. Eager calls
+    outside torch.func's transforms take Function.apply's own fast path directly, without its per-call
+    inspect.signature binding of default arguments (dlkern passes every argument positionally)."""
+    c_apply = super(torch.autograd.Function, eager).apply  # torch._C._FunctionBase.apply, bound to `eager`
+    unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+    def apply(x, *args):
+        if torch.compiler.is_compiling():
+            return traced.apply(x, *args)
+        if torch._C._are_functorch_transforms_active():
+            return eager.apply(x, *args)
+        return c_apply(unwrap_if_dead(x), *args)
+
+    return apply
+
+
+_activation_apply = _apply(ActivationWithJvp, Activation)
+_channelwise_apply = _apply(ActivationChannelwiseWithJvp, ActivationChannelwise)
+_inplace_apply = _apply(ActivationInplaceWithJvp, ActivationInplace)
+
+
+def apply_activation(x, act, p0, p1):
+    """y = f(x), autograd-aware (reverse, forward mode, torch.func)."""
+    if not _differentiable(x):
+        return torch.ops.dlkern.activation(x, act, p0, p1)
+    return _activation_apply(x, act, p0, p1)
+
+
+def apply_channelwise(x, weight, act):
+    """y = f(x, weight) for prelu / tensor-beta swish, autograd-aware."""
+    if not _differentiable(x, weight):
+        return torch.ops.dlkern.activation_channelwise(x, weight, act)
+    return _channelwise_apply(x, torch._C._functorch.unwrap_if_dead(weight), act)
 
 
 def activation_inplace(x, act, p0, p1):
     """``x = f(x)`` in place, autograd-aware; returns x."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return ActivationInplace.apply(x, act, p0, p1)
-    torch.ops.dlkern.activation_(x, act, p0, p1)
-    return x
+    if torch.jit.is_tracing() or torch._C._functorch.peek_interpreter_stack() is not None:
+        # torch.func's transforms do not take an autograd.Function that returns its input marked dirty, and a
+        # trace records ops: compute out of place (on a copy, which the backward may save) and copy into x.
+        return x.copy_(apply_activation(x.clone(), act, p0, p1))
+    if not _differentiable(x):
+        torch.ops.dlkern.activation_(x, act, p0, p1)
+        return x
+    # A copy of the input for the backward, as ATen's in-place ops without an exact formula from the output (not
+    # detached: a double backward differentiates through it).
+    original = None if act in INPLACE_FROM_OUTPUT else x.clone()
+    return _inplace_apply(x, original, act, p0, p1)
