@@ -8,7 +8,9 @@ block's entries ``i.0.*``/``i.1.*`` are saved as ``i.*``/``i+1.*`` and loaded ba
 and the stock model load each other's state_dicts with ``strict=True``. (Parameter order is unchanged too, so
 optimizer state_dicts cross as well.) Standalone activations and ``nn.MaxPool2d`` become their dlkern twins,
 sharing the original's parameters. Anything else, including subclasses of the stock modules (which may override
-``forward``), is left alone.
+``forward``), is left alone; so is a run with a hook already registered on one of its modules.
+
+What conversion changes that users can observe is the contract in :func:`convert`'s docstring.
 """
 
 import copy
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 import dlkern.nn as dnn
-from dlkern.nn.conv import ConvBNReLU2d, activation_spec
+from dlkern.nn.conv import ConvBNReLU2d, _has_hooks, activation_spec
 
 __all__ = ["convert", "ConversionReport"]
 
@@ -69,12 +71,35 @@ class ConversionReport:
 
 
 def convert(module, inplace=False):
-    """``module`` with every stock piece dlkern covers replaced by its dlkern twin (see the module docstring).
+    """``module`` with every stock piece dlkern covers replaced by its dlkern twin: each Conv2d -> BatchNorm2d ->
+    activation run inside an ``nn.Sequential`` fused into one ``ConvBNReLU2d``, standalone activations and
+    ``nn.MaxPool2d`` swapped for dlkern's (details in the ``dlkern.convert`` module docstring).
 
-    Computes the same function in train and eval mode; state_dicts load both ways with ``strict=True``.
     ``inplace=False`` (default) converts a deep copy and leaves ``module`` untouched. The returned model
     carries a :class:`ConversionReport` as ``dlkern_report``; the replacements are logged at INFO level, what
     could not be converted and why at DEBUG level (logger ``dlkern.convert``).
+
+    What a user can observe (the contract):
+
+    - The whole model computes the same function as the stock one, in train and eval mode (gradients and
+      running statistics included; a conv bias ahead of BatchNorm gets an exact zero gradient, see
+      ``ConvBNReLU2d``); ``state_dict``/``load_state_dict`` (strict), ``parameters()`` order, deepcopy and
+      pickling behave as for the stock model.
+    - Structure: ``seq[i]`` is the ConvBNReLU2d where the stock model has the conv; ``seq[i + 1]`` and
+      ``seq[i + 2]`` are ``nn.Identity`` placeholders where it has the BatchNorm and the activation. The absorbed
+      stock modules are the block's children ``seq[i][0]``, ``seq[i][1]``, ``seq[i][2]`` (the very objects of an
+      ``inplace=True`` conversion).
+    - Slicing: a slice of the converted Sequential that keeps a block computes the block's whole run, even where
+      it ends before the activation's index (``seq[:i + 2]`` computes conv -> BN -> activation where the stock
+      one computes conv -> BN); a slice starting at a placeholder skips the absorbed modules. Slice the stock
+      model for such pieces, or slice the block: ``seq[i][:2]`` is a plain ``nn.Sequential(conv, bn)``.
+    - Hooks registered after conversion on an absorbed module (``seq[i][0]``, ``[1]``, ``[2]``; forward,
+      forward-pre, backward), and ``torch.nn.utils.prune`` (a forward-pre-hook on the conv), run: while any of
+      them has such a hook, the block computes its children one by one as the stock Sequential does (unfused).
+      A hook on a placeholder runs too, seeing the block's output. Global module hooks
+      (``register_module_forward_hook``) see the block, not its children.
+    - ``torch.jit.script`` raises a clear error (dlkern modules are not scriptable); ``torch.jit.trace``,
+      ``torch.export`` and ``torch.compile`` work.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"dlkern.convert: expected an nn.Module, got {type(module).__name__}")
@@ -134,11 +159,6 @@ def _twin(module):
     for name, buf in module.named_buffers(recurse=False):
         setattr(twin, name, buf)
     return twin.train(module.training)
-
-
-def _has_hooks(module):
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
 
 
 def _why_not_fused(conv, bn, act):

@@ -326,3 +326,185 @@ def test_nested_depthwise_shared():
         assert len(fused_blocks(ours)) == 3
         check_same_function(stock, ours, x)
         check_state_dicts_cross(stock, ours)
+
+
+# ------------------------------------------------------------------------------------------- ConvBNReLU2d in eval
+
+
+def stock_and_block(c_in=2, c_out=3, act=None, seed=6):
+    """A stock Conv2d -> BatchNorm2d -> activation Sequential (float64, random statistics) and its fused twin."""
+    torch.manual_seed(seed)
+    stock = randomize_bn(nn.Sequential(*cbr(c_in, c_out, act or nn.ReLU()))).double().eval()
+    block = ConvBNReLU2d.fuse(*copy.deepcopy(stock)).eval()
+    return stock, block
+
+
+def copy_values(src, dst):
+    """dst's parameters and buffers take src's values (same keys)."""
+    dst.load_state_dict(src.state_dict())
+
+
+def test_eval_sees_writes_through_data():
+    """EMA / weight averaging writes through .data under no_grad, which does not bump the version counter: eval
+    must still use the current values (a cache keyed on versions served the old folding)."""
+    stock, block = stock_and_block()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(block(x), stock(x))
+        for step in range(3):
+            for s, o in zip(stock.state_dict().values(), block.state_dict().values(), strict=True):
+                if s.is_floating_point():
+                    new = s * 0.9 + 0.1 * torch.rand_like(s) + 0.05 * step
+                    s.data.copy_(new), o.data.copy_(new)  # as an EMA update does
+            assert_close(block(x), stock(x))
+
+
+def test_eval_sees_new_parameters():
+    """A new Parameter may sit in a freed one's memory (same data_ptr, version 0; the CUDA caching allocator
+    does this all the time): never served the old one's folding. Here the memory is one reused buffer."""
+    stock, block = stock_and_block()
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    shape = block[0].weight.shape
+    memory = bytearray(8 * shape.numel())
+    for step in range(3):
+        new = torch.randn(shape, dtype=torch.float64)
+        memory[:] = new.numpy().tobytes()  # new values in the same memory, no tensor op (no version bump)
+        block[0].weight = nn.Parameter(torch.frombuffer(memory, dtype=torch.float64).view(shape))
+        stock[0].weight = nn.Parameter(new)
+        with torch.no_grad():
+            assert_close(block(x), stock(x))
+
+
+def test_every_activation_name_of_the_op():
+    """ConvBNReLU2d(activation=name) accepts exactly the names conv_bn_act2d accepts, with the same defaults."""
+    from dlkern.ops.conv_bn import FUSABLE
+
+    torch.manual_seed(7)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    for name in FUSABLE:
+        block = ConvBNReLU2d(2, 3, 3, padding=1, activation=name, dtype=torch.float64)
+        randomize_bn(block)
+        conv, bn = block[0], block[1]
+        for training in (True, False):
+            block.train(training)
+            before = bn.running_mean.clone(), bn.running_var.clone()
+            expected = dlkern.functional.conv_bn_act2d(
+                x, conv.weight, conv.bias, before[0].clone(), before[1].clone(), bn.weight, bn.bias,
+                training=training, padding=1, activation=name)
+            assert_close(block(x), expected, msg=lambda m, n=name: f"{n}: {m}")
+    with pytest.raises(ValueError, match=r"ConvBNReLU2d: unknown activation 'prelu'; names: \['elu', "):
+        ConvBNReLU2d(2, 3, 3, activation="prelu")
+
+
+# ------------------------------------------------------------------------------------------- what users can observe
+
+
+def test_hooks_on_absorbed_modules_run():
+    """Hooks registered after conversion on the modules a block absorbed (block[0], [1], [2]) run as in the stock
+    model: forward, forward-pre and backward hooks, with the stock tensors."""
+    stock, _ = stock_and_block(act=nn.ReLU6())
+    stock.train()
+    ours = dlkern.convert(stock)
+    assert ours.dlkern_report.fused == [("0", "1", "2")]
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    seen = {}
+
+    def register(model, tag):
+        seen[tag] = []
+        model[0].register_forward_pre_hook(lambda m, i: seen[tag].append(("pre", i[0].clone())))
+        model[1].register_forward_hook(lambda m, i, o: seen[tag].append(("fwd", o.clone())))
+        model[1].register_forward_hook(lambda m, i, o: o * 2)  # changes the output
+        model[2].register_full_backward_hook(lambda m, gi, go: seen[tag].append(("bwd", go[0].clone())))
+
+    block = ours[0]
+    register(stock, "stock")
+    register(block, "ours")  # block[1] is the absorbed BatchNorm (ours[1] is a placeholder)
+    check_same_function(stock, ours, x, steps=(True, False))
+    assert [k for k, _ in seen["ours"]] == [k for k, _ in seen["stock"]] == ["pre", "fwd", "bwd"] * 2
+    for (_, a), (_, b) in zip(seen["ours"], seen["stock"], strict=True):
+        assert_close(a, b)
+
+
+def test_prune_after_conversion_trains():
+    """torch.nn.utils.prune works through a forward-pre-hook on the conv: after conversion it trains as stock."""
+    from torch.nn.utils import prune
+
+    stock, _ = stock_and_block()
+    stock.train()
+    ours = dlkern.convert(stock)
+    prune.l1_unstructured(stock[0], "weight", amount=0.5)
+    prune.l1_unstructured(ours[0][0], "weight", amount=0.5)
+    assert list(ours.state_dict()) == list(stock.state_dict())  # 0.weight_orig, 0.weight_mask, ...
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (stock, ours)]
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    for _ in range(3):
+        losses = []
+        for model, opt in zip((stock, ours), opts):
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss)
+        assert_close(losses[1], losses[0])
+    check_state_dicts_equal(stock, ours)
+
+
+def test_slicing_contract():
+    """Documented: a fused block sits at its conv's index and computes the whole conv -> BN -> activation run;
+    the BN's and activation's indices hold nn.Identity placeholders. So a slice that keeps the block computes the
+    whole run even where it ends before the activation, and one that starts at a placeholder skips the absorbed
+    modules. The absorbed stock modules themselves are block[0], block[1], block[2]."""
+    stock, _ = stock_and_block(act=nn.ReLU6())
+    ours = dlkern.convert(stock)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert type(ours[1]) is nn.Identity and type(ours[2]) is nn.Identity
+        assert_close(ours[:2](x), stock(x))  # conv + BN + activation, where stock[:2] is conv + BN
+        assert_close(ours[:1](x), stock(x))
+        assert_close(ours[1:](x), x)  # placeholders only
+        block = ours[0]
+        assert block[0] is ours[0][0] and type(block[1]) is nn.BatchNorm2d and type(block[2]) is nn.ReLU6
+        assert type(block[:2]) is nn.Sequential  # a slice of the block is a piece of the stock Sequential
+        assert_close(block[:2](x), stock[:2](x))
+
+
+@pytest.mark.xfail(raises=TypeError, strict=True,
+                   reason="dlkern/ops/conv_bn.py check_bn_sizes passes torch._check a traced 0-d tensor (numel() "
+                          "under torch.jit.trace); passes with _check(bool(condition), ...) there")
+def test_jit_trace():
+    """torch.jit.trace of a converted eval model passes its own check (the fold cache once changed the recorded
+    graph between runs) and matches eager on new inputs."""
+    stock, _ = stock_and_block()
+    ours = dlkern.convert(stock).eval()
+    x, x2 = torch.randn(2, 2, 5, 5, dtype=torch.float64), torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        traced = torch.jit.trace(ours, (x,), check_trace=True)
+        assert_close(traced(x), stock(x))
+        assert_close(traced(x2), stock(x2))
+
+
+def test_jit_script_raises_and_export_works():
+    stock, _ = stock_and_block()
+    ours = dlkern.convert(stock)
+    with pytest.raises(RuntimeError, match=r"dlkern.nn.ConvBNReLU2d: torch.jit.script is not supported"):
+        torch.jit.script(ours)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    for training in (False, True):
+        stock.train(training), ours.train(training)
+        exported = torch.export.export(ours, (x,)).module()
+        assert_close(exported(x), stock(x))
+
+
+def test_empty_batch():
+    """An empty batch passes through a block and a converted model as through the stock ones (train and eval)."""
+    stock, block = stock_and_block()
+    ours = dlkern.convert(stock)
+    x = torch.randn(0, 2, 5, 5, dtype=torch.float64)
+    for training in (True, False):
+        for model in (stock, block, ours):
+            model.train(training)
+        expected = stock(x)
+        assert expected.shape == (0, 3, 5, 5)
+        assert_close(block(x), expected)
+        assert_close(ours(x), expected)
+        check_state_dicts_equal(stock, ours)

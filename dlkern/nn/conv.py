@@ -1,14 +1,23 @@
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
+from dlkern.nn._jit import NotScriptable
+from dlkern.nn.activation import HardLogistic, Swish
 from dlkern.ops import conv_bn as _ops
 from dlkern.ops.activation import activation_spec as family_spec
 
-# Activation names accepted by ConvBNReLU2d(activation=...), as the stock modules they stand for.
+# The module ConvBNReLU2d(activation=name) holds for each name conv_bn_act2d accepts (_ops.FUSABLE), built with
+# that op's default parameters (_ops.DEFAULT_PARAMS), so both APIs compute the same function for a name.
+_DEFAULTS = _ops.DEFAULT_PARAMS
 _NAMED = {
-    "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "softplus": nn.Softplus, "silu": nn.SiLU,
-    "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
-    "hardsigmoid": nn.Hardsigmoid, "hardtanh": nn.Hardtanh, "none": nn.Identity,
+    "none": nn.Identity, "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(_DEFAULTS["leaky_relu"][0]),
+    "elu": lambda: nn.ELU(_DEFAULTS["elu"][0]), "softplus": lambda: nn.Softplus(*_DEFAULTS["softplus"]),
+    "silu": nn.SiLU, "swish": lambda: Swish(_DEFAULTS["swish"][0]), "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+    "hardsigmoid": nn.Hardsigmoid, "hardtanh": lambda: nn.Hardtanh(*_DEFAULTS["hardtanh"]),
+    "hard_logistic": HardLogistic,
 }
 
 
@@ -26,16 +35,34 @@ def activation_spec(module):
     return spec
 
 
-class ConvBNReLU2d(nn.Sequential):
+def _has_hooks(module):
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+class ConvBNReLU2d(NotScriptable, nn.Sequential):
     """``nn.Sequential(nn.Conv2d, nn.BatchNorm2d, activation)`` computed by dlkern's fused Triton kernels.
 
     Takes Conv2d's and BatchNorm2d's constructor arguments and holds those modules at "0" and "1" (the
     activation, ReLU by default, at "2"), so parameters, buffers and state_dict keys are the stock Sequential's
     and state_dicts load both ways with strict=True. ``activation``: a module (``nn.ReLU()``,
-    ``nn.LeakyReLU(0.2)``, a dlkern activation, ...), a name (``"relu"``, ``"gelu"``, ...), or None for none.
-    Training normalizes with batch statistics and updates the running buffers as BatchNorm2d does; eval uses
-    BatchNorm folded into the conv's weight and bias (cached until a parameter or buffer changes).
-    groups=1 and padding_mode='zeros' only.
+    ``nn.LeakyReLU(0.2)``, a dlkern activation, ...), one of the names ``conv_bn_act2d`` accepts (``"relu"``,
+    ``"swish"``, ``"hard_logistic"``, ``"none"``, ...; parameters at PyTorch's defaults), or None for none.
+    Training normalizes with batch statistics and updates the running buffers as BatchNorm2d does; eval folds
+    BatchNorm into the conv's weight and bias on every call (a few tiny ops: never a stale folding after an
+    EMA update through ``.data`` or a new Parameter). groups=1 and padding_mode='zeros' only.
+
+    Hooks: while any of the three children has a forward, forward-pre or backward hook (registered on
+    ``block[0]``, ``block[1]`` or ``block[2]``; ``torch.nn.utils.prune`` is one), the block runs its children
+    one by one as the stock Sequential does, so every hook runs; without such hooks it runs fused.
+
+    A deliberate difference (training): a conv bias ahead of BatchNorm cancels out of the output, so its gradient
+    is mathematically zero. dlkern computes exactly zero; stock PyTorch gets rounding noise there, which Adam
+    (normalizing the gradient) turns into a random walk of about ``lr`` per step. So after training the two
+    models' conv biases and running means differ slightly and their eval outputs differ slightly, though every
+    training loss agrees. Use ``bias=False`` on a conv followed by BatchNorm (the bias is redundant there).
+
+    ``torch.jit.script`` raises a clear error (use ``torch.jit.trace``, ``torch.export`` or ``torch.compile``).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
@@ -43,8 +70,8 @@ class ConvBNReLU2d(nn.Sequential):
                  activation="relu", device=None, dtype=None):
         _check_conv(groups, padding_mode)
         if isinstance(activation, str):
-            if activation not in _NAMED:
-                raise ValueError(f"ConvBNReLU2d: unknown activation {activation!r}; names: {sorted(_NAMED)}")
+            if activation not in _ops.FUSABLE:
+                raise ValueError(f"ConvBNReLU2d: unknown activation {activation!r}; names: {sorted(_ops.FUSABLE)}")
             activation = _NAMED[activation]()
         factory = dict(device=device, dtype=dtype)
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
@@ -67,26 +94,17 @@ class ConvBNReLU2d(nn.Sequential):
     def _init_from(self, conv, bn, activation):
         activation_spec(activation)  # fail now, not at the first forward
         nn.Sequential.__init__(self, conv, bn, nn.Identity() if activation is None else activation)
-        self._fold_key, self._fold = None, None
 
-    def _folded(self, conv, bn):
-        """BatchNorm folded into the conv, cached while no tensor it reads changes (keyed on their storage and
-        version counters). Not cached when autograd must see the folding, nor while torch.compile traces."""
-        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        ):
-            return None
-        key = (bn.eps,) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        if key != self._fold_key:
-            with torch.no_grad():
-                self._fold = _ops.fold_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight,
-                                          bn.bias, bn.eps)
-            self._fold_key = key
-        return self._fold
+    def __getitem__(self, idx):
+        # A slice is a part of the stock Sequential (block[:2] is conv + BatchNorm), so it is a plain Sequential.
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
 
     def forward(self, input):
         conv, bn, activation = self[0], self[1], self[2]
+        if any(_has_hooks(m) for m in (conv, bn, activation)):
+            return nn.Sequential.forward(self, input)  # the stock computation, so that the hooks run
         _check_conv(conv.groups, conv.padding_mode)
         name, p0, p1 = activation_spec(activation)
         # As BatchNorm2d: batch statistics in training, or in eval without running buffers; the buffers are
@@ -98,7 +116,6 @@ class ConvBNReLU2d(nn.Sequential):
             bn.running_mean if use_buffers else None, bn.running_var if use_buffers else None,
             bn.weight, bn.bias, bn.num_batches_tracked if bn.training and bn.track_running_stats else None,
             training, bn.momentum, bn.eps, conv.stride, conv.padding, conv.dilation, name, (p0, p1),
-            folded=None if training else self._folded(conv, bn),
         )
 
 
