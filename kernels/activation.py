@@ -389,7 +389,11 @@ def activation_bwd_kernel(
         d = act_grad_from_output(s, ACT, a, b)
     else:
         d = act_grad(s, ACT, a, b)
-    tl.store(dx_ptr + dx_offs, (g * d).to(dx_ptr.dtype.element_ty), mask=mask)
+    dx = g * d
+    if (ACT == "relu") | (ACT == "hardtanh") | (ACT == "hardsigmoid") | (ACT == "hard_logistic"):
+        # A flat branch, where ATen selects 0 (threshold_backward, hardtanh_backward): NaN or inf g gives 0 there.
+        dx = tl.where(d == 0, 0.0, dx)
+    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if NEED_DW:
         tl.store(dw_ptr + dx_offs, g * act_grad_param(s, ACT, a), mask=mask)
 

@@ -882,3 +882,29 @@ def test_vmap_rules_of_the_ops():
                 assert_close(got[0], expected[0])
                 if weight_grad:
                     assert_close(got[1], expected[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if c.breakpoints], ids=lambda c: c.id)
+def test_nonfinite_grad_output(case, dtype, device):
+    """NaN and inf in grad_output through the piecewise activations: where the derivative is a flat branch (relu,
+    hardtanh, hardsigmoid and hard_logistic outside their slopes) ATen selects 0; elsewhere g * f'(x) carries the
+    NaN or inf. dlkern's Triton backward does the same. (For the smooth ones the result at inf * f'(x) hangs on
+    whether a formula's f'(x) underflows to 0, which differs between correct formulas.)"""
+    x = torch.tensor([-7.0, -3.0, -2.5, -2.0, -0.5, 0.0, 0.25, 1.0, 2.0, 2.5, 3.0, 7.0, 30.0], dtype=torch.float64)
+    x = x.repeat(2 * C).reshape(2, C, -1)
+    g = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=torch.float64).repeat(x.numel())
+    g = g[:x.numel()].reshape(x.shape)
+    x, g = x.to(device=device, dtype=dtype), g.to(device=device, dtype=dtype)
+    w = _param(case, dtype, device)  # PyTorch in the same dtype: f'(x) may underflow to 0 there (sigmoid(30))
+    xr = x.clone().requires_grad_()
+    expected = torch.autograd.grad(case.ref(xr, w), xr, g)[0]
+    xd = x.clone().requires_grad_()
+    with launches("activation_bwd_kernel"):
+        actual = torch.autograd.grad(case.ours(xd, w), xd, g)[0]
+    torch.testing.assert_close(actual.isnan(), expected.isnan())
+    finite = expected.isfinite()
+    torch.testing.assert_close(actual.isinf(), expected.isinf())
+    torch.testing.assert_close(actual[~finite], expected[~finite], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(actual[finite], expected[finite])
