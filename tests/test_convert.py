@@ -377,12 +377,14 @@ def test_eval_sees_new_parameters():
 
 def test_every_activation_name_of_the_op():
     """ConvBNReLU2d(activation=name) accepts exactly the names conv_bn_act2d accepts, with the same defaults."""
-    from dlkern.ops.conv_bn import FUSABLE
+    from dlkern.nn.conv import activation_spec
+    from dlkern.ops.conv_bn import FUSABLE, check_activation
 
     torch.manual_seed(7)
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     for name in FUSABLE:
         block = ConvBNReLU2d(2, 3, 3, padding=1, activation=name, dtype=torch.float64)
+        assert activation_spec(block[2]) == check_activation(name)  # the same name and default parameters
         randomize_bn(block)
         conv, bn = block[0], block[1]
         for training in (True, False):
