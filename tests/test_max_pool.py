@@ -569,3 +569,67 @@ def test_export_matches_eager():
     assert "dlkern.max_pool2d" in str(exported.graph)
     for a, b in zip(exported.module()(x), model(x)):
         assert torch.equal(a, b)
+
+
+def every_2x2_window(dtype, channels_last):
+    """A (2, 3, 2, 512) input whose 256 2x2 windows hold every arrangement of NaN, -inf, 0 and 1 (ties, NaNs in
+    every position), the channels rotated so that neighbouring lanes differ."""
+    values = torch.tensor([float("nan"), float("-inf"), 0.0, 1.0], dtype=torch.float64)
+    combos = torch.tensor(list(itertools.product(range(4), repeat=4)))  # (256, 4) in window scan order
+    windows = values[combos].view(256, 2, 2).permute(1, 0, 2).reshape(2, 512)
+    x = torch.stack([windows.roll(17 * c, dims=1) for c in range(3)])
+    x = torch.stack([x, x.flip(-1)]).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_2x2_windows_select_what_torch_selects(dtype, channels_last):
+    """The CPU's 2x2/stride-2 kernel reduces each window as a tree (pairs, then the pairs' maxima); it must pick the
+    same value and index as ATen's scan: the first of equal maxima, a NaN over everything."""
+    x = every_2x2_window(dtype, channels_last)
+    assert check_forward(x, dict(kernel_size=2))
+    assert check_forward(x[..., :7], dict(kernel_size=2))  # odd width: a column no window covers, a short row
+    assert check_forward(x[..., :, :1, :], dict(kernel_size=(1, 2)))
+
+
+_ISA_CHECK = """
+import itertools, torch, torch.nn.functional as TF
+import dlkern.functional as F
+torch.manual_seed(0)
+cases = [((2, 40, 9, 11), dict(kernel_size=2)), ((2, 5, 28, 28), dict(kernel_size=2)),
+         ((3, 17, 7, 9), dict(kernel_size=3, stride=2, padding=1)), ((2, 3, 8, 9), dict(kernel_size=(2, 3), stride=1))]
+for (shape, args), dtype, cl in itertools.product(cases, [torch.float32, torch.float64, torch.bfloat16, torch.int32],
+                                                  [False, True]):
+    x = (torch.randn(shape) * 3).round().to(dtype)
+    if dtype.is_floating_point:
+        x = x.masked_fill(torch.rand(shape) < 0.1, float("nan"))
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out, idx = F.max_pool2d(x, **args, return_indices=True)
+    ref, ref_idx = TF.max_pool2d(x, **args, return_indices=True)
+    assert torch.equal(idx, ref_idx) and torch.allclose(out.double(), ref.double(), equal_nan=True), ("forward", shape, args, dtype, cl)
+    if dtype.is_floating_point:
+        g = torch.randn(out.shape).to(dtype)
+        k = args["kernel_size"]
+        pool = ([k, k] if isinstance(k, int) else list(k), [args.get("stride", 0)] if "stride" in args else [],
+                [args.get("padding", 0)], [1], False)
+        gi = torch.ops.dlkern.max_pool2d_backward(g, x, idx, *pool)
+        ref_gi = torch.ops.aten.max_pool2d_with_indices_backward(g.double(), x.double(), *pool, ref_idx)
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+        assert torch.allclose(gi.double(), ref_gi, rtol=tol, atol=tol, equal_nan=True), ("backward", shape, args, dtype, cl)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_kernels_under_every_isa(capability):
+    """The CPU kernels are compiled for AVX-512, AVX2 and the baseline ISA and picked at run time as ATen picks its
+    own (ATEN_CPU_CAPABILITY lowers both): each variant this machine can run must agree with PyTorch."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    done = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
