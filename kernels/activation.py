@@ -232,6 +232,17 @@ def act_grad(x, ACT: tl.constexpr, p0, p1):
 
 
 @triton.jit
+def times_grad(g, d, ACT: tl.constexpr):
+    """g * d for d = f'(x) from act_grad/act_grad_from_output. On a flat branch (relu, hardtanh, hardsigmoid,
+    hard_logistic where d is 0) ATen's backward selects 0 (threshold_backward, hardtanh_backward), so a NaN or inf
+    g gives 0 there, not NaN."""
+    gd = g * d
+    if (ACT == "relu") | (ACT == "hardtanh") | (ACT == "hardsigmoid") | (ACT == "hard_logistic"):
+        gd = tl.where(d == 0, 0.0, gd)
+    return gd
+
+
+@triton.jit
 def act_grad_from_output(y, ACT: tl.constexpr, p0, p1):
     """df/dx evaluated from the output y = f(x), for the activations where that is exact (as ATen's backward
     for sigmoid, tanh, relu and the in-place leaky_relu_/elu_/hardtanh_)."""
@@ -389,11 +400,7 @@ def activation_bwd_kernel(
         d = act_grad_from_output(s, ACT, a, b)
     else:
         d = act_grad(s, ACT, a, b)
-    dx = g * d
-    if (ACT == "relu") | (ACT == "hardtanh") | (ACT == "hardsigmoid") | (ACT == "hard_logistic"):
-        # A flat branch, where ATen selects 0 (threshold_backward, hardtanh_backward): NaN or inf g gives 0 there.
-        dx = tl.where(d == 0, 0.0, dx)
-    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + dx_offs, times_grad(g, d, ACT).to(dx_ptr.dtype.element_ty), mask=mask)
     if NEED_DW:
         tl.store(dw_ptr + dx_offs, g * act_grad_param(s, ACT, a), mask=mask)
 

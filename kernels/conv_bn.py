@@ -16,7 +16,7 @@ Backward:          bn_act_bwd_reduce_kernel (per-split sums of g_u and g_u*x_hat
 import triton
 import triton.language as tl
 
-from dlkern.kernels.activation import act_fwd, act_grad
+from dlkern.kernels.activation import act_fwd, act_grad, times_grad
 
 # ---------------------------------------------------------------------------------------------- math helpers
 
@@ -30,11 +30,12 @@ def _act(u, ACT: tl.constexpr, p0, p1):
 
 
 @triton.jit
-def _act_deriv(u, ACT: tl.constexpr, p0, p1):
+def _act_vjp(g, u, ACT: tl.constexpr, p0, p1):
+    """g * act'(u), 0 on an activation's flat branch whatever g (as ATen's backward)."""
     if ACT == "none":
-        return tl.full(u.shape, 1.0, u.dtype)
+        return g
     else:
-        return act_grad(u, ACT, p0, p1).to(u.dtype)
+        return times_grad(g, act_grad(u, ACT, p0, p1).to(u.dtype), ACT)
 
 
 @triton.jit
@@ -47,10 +48,10 @@ def _grad_z(g, z, mean, invstd, gamma, beta, coef_a, coef_b, coef_c, BN: tl.cons
     """
     if BN:
         x_hat = (z - mean) * invstd
-        g_u = g * _act_deriv(x_hat * gamma + beta, ACT, p0, p1)
+        g_u = _act_vjp(g, x_hat * gamma + beta, ACT, p0, p1)
         return coef_a * (g_u - coef_b - x_hat * coef_c)
     else:
-        return g * _act_deriv(z, ACT, p0, p1)
+        return _act_vjp(g, z, ACT, p0, p1)
 
 
 @triton.jit
@@ -271,7 +272,7 @@ def bn_act_bwd_reduce_kernel(
         z_offs = (n * z_n_stride + oh * z_h_stride + ow * z_w_stride)[:, None] + offs_c[None, :] * z_c_stride
         g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(dtype)
         x_hat = (tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(dtype) - mean) * invstd
-        g_u = tl.where(mask, g * _act_deriv(x_hat * gamma + beta, ACT, p0, p1), 0.0)
+        g_u = tl.where(mask, _act_vjp(g, x_hat * gamma + beta, ACT, p0, p1), 0.0)
         sum_g += tl.sum(g_u.to(tl.float64), axis=0)
         sum_gx += tl.sum((g_u * x_hat).to(tl.float64), axis=0)
     num_splits = tl.num_programs(0).to(tl.int64)

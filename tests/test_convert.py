@@ -470,9 +470,6 @@ def test_slicing_contract():
         assert_close(block[:2](x), stock[:2](x))
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="dlkern/ops/conv_bn.py check_bn_sizes passes torch._check a traced 0-d tensor (numel() "
-                          "under torch.jit.trace); passes with _check(bool(condition), ...) there")
 def test_jit_trace():
     """torch.jit.trace of a converted eval model passes its own check (the fold cache once changed the recorded
     graph between runs) and matches eager on new inputs."""

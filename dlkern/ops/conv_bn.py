@@ -161,7 +161,10 @@ def check_bn_sizes(channels, running_mean=None, running_var=None, bn_weight=None
 
 
 def _check(condition, message):
-    """torch._check with a ready message: Dynamo (fullgraph) traces a message closure only over constants."""
+    """torch._check with a ready message: Dynamo (fullgraph) traces a message closure only over constants.
+    Under torch.jit.trace a size (numel()) is a traced 0-d tensor: the condition is then read as a bool."""
+    if isinstance(condition, torch.Tensor):
+        condition = bool(condition)
     torch._check(condition, lambda: message)
 
 
