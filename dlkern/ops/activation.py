@@ -22,7 +22,6 @@ also register their Function's backward, for direct calls of the op (reverse mod
 import math
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 import triton
 
 from dlkern.kernels.activation import (
@@ -31,6 +30,7 @@ from dlkern.kernels.activation import (
     activation_fwd_kernel,
     channel_sum_kernel,
 )
+from dlkern.ops.autograd_support import call_op, function_apply, needs_autograd
 from dlkern.ops.triton_support import INTERPRETING, launch, runs_triton, sm_count
 
 # Out of place, the backward reads the output where ATen's does and it is exact; every other op saves its input.
@@ -747,49 +747,23 @@ class ActivationInplaceWithJvp(ActivationInplace):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _differentiable(*tensors):
-    """Whether a call needs its autograd Function: reverse mode recording, or a forward-mode (dual) level open
-    (torch.autograd.forward_ad and torch.func.jvp; duals need not require grad). Not while torch.jit.trace records:
-    it records the op itself (whose registered autograd serves the traced graph), never a Python Function."""
-    if forward_ad._current_level >= 0:
-        return not torch.jit.is_tracing()
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and not torch.jit.is_tracing()
-
-
-def _apply(eager, traced):
-    """fn.apply(*args) for the Function pair: ``traced`` (no jvp) under torch.compile; ``eager`` else. Eager calls
-    outside torch.func's transforms take Function.apply's own fast path directly, without its per-call
-    inspect.signature binding of default arguments (dlkern passes every argument positionally)."""
-    c_apply = super(torch.autograd.Function, eager).apply  # torch._C._FunctionBase.apply, bound to `eager`
-    unwrap_if_dead = torch._C._functorch.unwrap_if_dead
-
-    def apply(x, *args):
-        if torch.compiler.is_compiling():
-            return traced.apply(x, *args)
-        if torch._C._are_functorch_transforms_active():
-            return eager.apply(x, *args)
-        return c_apply(unwrap_if_dead(x), *args)
-
-    return apply
-
-
-_activation_apply = _apply(ActivationWithJvp, Activation)
-_channelwise_apply = _apply(ActivationChannelwiseWithJvp, ActivationChannelwise)
-_inplace_apply = _apply(ActivationInplaceWithJvp, ActivationInplace)
+_activation_apply = function_apply(ActivationWithJvp, Activation)
+_channelwise_apply = function_apply(ActivationChannelwiseWithJvp, ActivationChannelwise)
+_inplace_apply = function_apply(ActivationInplaceWithJvp, ActivationInplace)
 
 
 def apply_activation(x, act, p0, p1):
     """y = f(x), autograd-aware (reverse, forward mode, torch.func)."""
-    if not _differentiable(x):
-        return torch.ops.dlkern.activation(x, act, p0, p1)
+    if not needs_autograd(x):
+        return call_op(torch.ops.dlkern.activation, x, act, p0, p1)
     return _activation_apply(x, act, p0, p1)
 
 
 def apply_channelwise(x, weight, act):
     """y = f(x, weight) for prelu / tensor-beta swish, autograd-aware."""
-    if not _differentiable(x, weight):
-        return torch.ops.dlkern.activation_channelwise(x, weight, act)
-    return _channelwise_apply(x, torch._C._functorch.unwrap_if_dead(weight), act)
+    if not needs_autograd(x, weight):
+        return call_op(torch.ops.dlkern.activation_channelwise, x, weight, act)
+    return _channelwise_apply(x, weight, act)
 
 
 def activation_inplace(x, act, p0, p1):
@@ -798,8 +772,8 @@ def activation_inplace(x, act, p0, p1):
         # torch.func's transforms do not take an autograd.Function that returns its input marked dirty, and a
         # trace records ops: compute out of place (on a copy, which the backward may save) and copy into x.
         return x.copy_(apply_activation(x.clone(), act, p0, p1))
-    if not _differentiable(x):
-        torch.ops.dlkern.activation_(x, act, p0, p1)
+    if not needs_autograd(x):
+        call_op(torch.ops.dlkern.activation_, x, act, p0, p1)
         return x
     # A copy of the input for the backward, as ATen's in-place ops without an exact formula from the output (not
     # detached: a double backward differentiates through it).

@@ -25,6 +25,7 @@ from torch._prims_common import suggest_memory_format
 from dlkern.kernels import conv_bn as kernels
 from dlkern.kernels.activation import ACTIVATIONS
 from dlkern.ops.activation import composite_backward, composite_forward
+from dlkern.ops.autograd_support import call_op, function_apply, needs_autograd
 from dlkern.ops.triton_support import INTERPRETING, launch, runs_triton, sm_count
 
 OP = "conv_bn_act2d"
@@ -588,11 +589,8 @@ def _block_functions(op, setup_context, backward):
 
 _TRAIN = _block_functions(torch.ops.dlkern.conv_bn_act2d, _train_setup_context, _train_backward)
 _EVAL = _block_functions(torch.ops.dlkern.conv_bias_act2d, _eval_setup_context, _eval_backward)
-
-
-def _apply(functions, *args):
-    traced, eager = functions
-    return (traced if torch.compiler.is_compiling() else eager).apply(*args)
+_train_apply = function_apply(_TRAIN[1], _TRAIN[0])
+_eval_apply = function_apply(_EVAL[1], _EVAL[0])
 
 
 def _vmap_by_loop(op):
@@ -799,10 +797,12 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
             if track and num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
             return _empty_batch(input, weight, bias, bn_weight, bn_bias, stride, padding, dilation)
-        out, _, stats = _apply(
-            _TRAIN, input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1,
-            allow_tf32,
-        )
+        args = (input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1,
+                allow_tf32)
+        if needs_autograd(input, weight, bias, bn_weight, bn_bias):
+            out, _, stats = _train_apply(*args)
+        else:
+            out, _, stats = call_op(torch.ops.dlkern.conv_bn_act2d, *args)
         if track:
             torch.ops.dlkern.bn_update_running_stats(
                 running_mean, running_var, num_batches_tracked, stats, count, momentum
@@ -811,6 +811,9 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
     if folded is None:
         folded = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
     w, b = folded[0].to(input.dtype), folded[1].to(input.dtype)
+    if not needs_autograd(input, w, b):
+        return call_op(torch.ops.dlkern.conv_bias_act2d, input, w, b, stride, padding, dilation, activation, p0, p1,
+                       allow_tf32, False)[0]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (input, w, b))
-    out, _ = _apply(_EVAL, input, w, b, stride, padding, dilation, activation, p0, p1, allow_tf32, needs_grad)
+    out, _ = _eval_apply(input, w, b, stride, padding, dilation, activation, p0, p1, allow_tf32, needs_grad)
     return out

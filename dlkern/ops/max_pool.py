@@ -8,11 +8,10 @@ that the torch.func transforms accept (the ops' own register_autograd serves dir
 """
 
 import torch
-from torch._functorch.utils import unwrap_dead_wrappers
 from torch._prims_common import suggest_memory_format
-from torch.autograd import forward_ad
 
 import dlkern._extension  # noqa: F401  (registers torch.ops.dlkern.*)
+from dlkern.ops.autograd_support import call_op, function_apply, needs_autograd
 
 
 def _pooling_output_size(size, k, pad, stride, dilation, ceil_mode):
@@ -121,11 +120,15 @@ def _setup_context(ctx, inputs, output):
     input, ctx.kernel_size, ctx.stride, ctx.padding, ctx.dilation, ctx.ceil_mode = inputs
     _, indices = output
     ctx.mark_non_differentiable(indices)
+    # The indices never get a gradient: without this autograd would fill a zero tensor for them every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, indices)
     ctx.save_for_forward(indices)
 
 
 def _max_pool2d_grad(ctx, grad_output, _grad_indices):
+    if grad_output is None:  # the values had no gradient either (grads are not materialized)
+        return None, None, None, None, None, None
     input, indices = ctx.saved_tensors
     grad_input = max_pool2d_backward(grad_output, input, indices, *_pool_args(ctx))
     return grad_input, None, None, None, None, None
@@ -226,42 +229,21 @@ class _MaxPool2dBackwardWithJvp(_MaxPool2dBackward):
         return max_pool2d_backward(grad_output_tangent, input, indices, *_pool_args(ctx))
 
 
-def _apply(function, *args):
-    """function.apply(*args), without the per-call inspect.signature binding that autograd.Function.apply does for a
-    Function with setup_context (two thirds of a small max pool's host time); with every argument passed positionally
-    that binding changes nothing. The torch.func transforms get the full apply, which they rely on."""
-    if torch._C._are_functorch_transforms_active():
-        return function.apply(*args)
-    # what Function.apply does next without transforms: drop dead functorch wrappers, then the C++ apply
-    return super(torch.autograd.Function, function).apply(*unwrap_dead_wrappers(args))
-
-
-def _differentiable(*tensors):
-    """Whether this call's derivatives may be asked for: reverse mode, an open dual level (forward mode: a tensor may
-    carry a tangent) or a torch.func transform. If not, the op alone does it, without the Function's host cost."""
-    return (
-        (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        or forward_ad._current_level >= 0
-        or torch._C._are_functorch_transforms_active()
-    )
+_max_pool2d_apply = function_apply(_MaxPool2dWithJvp, _MaxPool2d)
+_max_pool2d_backward_apply = function_apply(_MaxPool2dBackwardWithJvp, _MaxPool2dBackward)
 
 
 def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     """dlkern::max_pool2d, differentiable in every autograd mode (list arguments already normalized)."""
     args = (input, kernel_size, stride, padding, dilation, ceil_mode)
-    if torch.compiler.is_compiling():
-        return _MaxPool2d.apply(*args)
-    # torch.jit.trace records the op itself: a graph that saves, where a Function would be a Python call
-    if torch.jit.is_tracing() or not _differentiable(input):
-        return torch.ops.dlkern.max_pool2d(*args)
-    return _apply(_MaxPool2dWithJvp, *args)
+    if not needs_autograd(input):
+        return call_op(torch.ops.dlkern.max_pool2d, *args)
+    return _max_pool2d_apply(*args)
 
 
 def max_pool2d_backward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
     """dlkern::max_pool2d_backward, itself differentiable in every autograd mode."""
     args = (grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode)
-    if torch.compiler.is_compiling():
-        return _MaxPool2dBackward.apply(*args)
-    if not _differentiable(grad_output, input):
-        return torch.ops.dlkern.max_pool2d_backward(*args)
-    return _apply(_MaxPool2dBackwardWithJvp, *args)
+    if not needs_autograd(grad_output, input):
+        return call_op(torch.ops.dlkern.max_pool2d_backward, *args)
+    return _max_pool2d_backward_apply(*args)
