@@ -610,7 +610,7 @@ def _(info, in_dims, grad_output, x, weight, act, weight_grad):
 def _vjp(g, saved, act, p0, p1, from_output):
     if torch.is_grad_enabled():
         return composite_backward(g, saved, act, p0, p1, from_output)
-    return torch.ops.dlkern.activation_backward(g, saved, act, p0, p1, from_output)
+    return call_op(torch.ops.dlkern.activation_backward, g, saved, act, p0, p1, from_output)
 
 
 class Activation(torch.autograd.Function):
@@ -620,7 +620,7 @@ class Activation(torch.autograd.Function):
 
     @staticmethod
     def forward(x, act, p0, p1):
-        return torch.ops.dlkern.activation(x, act, p0, p1)
+        return call_op(torch.ops.dlkern.activation, x, act, p0, p1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -657,7 +657,7 @@ class ActivationChannelwise(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, act):
-        return torch.ops.dlkern.activation_channelwise(x, weight, act)
+        return call_op(torch.ops.dlkern.activation_channelwise, x, weight, act)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -671,7 +671,8 @@ class ActivationChannelwise(torch.autograd.Function):
         if torch.is_grad_enabled():
             dx, dw = composite_channelwise_backward(grad_output, x, weight, ctx.act, weight_grad)
         else:
-            dx, dw = torch.ops.dlkern.activation_channelwise_backward(grad_output, x, weight, ctx.act, weight_grad)
+            dx, dw = call_op(torch.ops.dlkern.activation_channelwise_backward, grad_output, x, weight, ctx.act,
+                             weight_grad)
         return dx, (dw if weight_grad else None), None
 
 
@@ -712,7 +713,7 @@ class ActivationInplace(torch.autograd.Function):
 
     @staticmethod
     def forward(x, original, act, p0, p1):
-        torch.ops.dlkern.activation_(x, act, p0, p1)
+        call_op(torch.ops.dlkern.activation_, x, act, p0, p1)
         return x
 
     @staticmethod

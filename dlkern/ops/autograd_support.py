@@ -44,10 +44,12 @@ def function_apply(eager, traced):
 
 
 def call_op(op, *args):
-    """op(*args) for a call that needs no autograd (see :func:`needs_autograd`), below the Autograd dispatch key:
-    the op's registered Python autograd kernel costs 4-5 µs a call even under no_grad (a 2x2 max pool: 8.1 µs
-    through it, 3.6 µs below it; ATen's 3.2 µs). torch.jit.trace and torch.compile get the op as it is."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    """op(*args) below the Autograd dispatch key, for a call that needs no autograd of its own: one that
+    :func:`needs_autograd` clears, or an op called inside an autograd.Function's forward or non-differentiable
+    backward (the Function is the autograd node). The op's registered Python autograd kernel costs 4-5 µs a call
+    even under no_grad (a 2x2 max pool: 8.1 µs through it, 3.6 µs below it; ATen's 3.2 µs). torch.jit.trace,
+    torch.compile and torch.func's transforms get the op as it is."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

@@ -557,7 +557,8 @@ def _block_backward(grad_out, input, weight, z, stats, bn_weight, bn_bias, *args
     """conv_bn_act2d_backward, which has no autograd formula of its own: when autograd records the backward,
     its results go through _NoDoubleBackward."""
     with torch.no_grad():
-        grads = torch.ops.dlkern.conv_bn_act2d_backward(grad_out, input, weight, z, stats, bn_weight, bn_bias, *args)
+        grads = call_op(torch.ops.dlkern.conv_bn_act2d_backward, grad_out, input, weight, z, stats, bn_weight,
+                        bn_bias, *args)
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
     sources = [t for t in (grad_out, input, weight, bn_weight, bn_bias) if t is not None and t.requires_grad]
@@ -572,7 +573,7 @@ def _block_functions(op, setup_context, backward):
     class Traced(torch.autograd.Function):
         @staticmethod
         def forward(*args):
-            return op(*args)
+            return call_op(op, *args)
 
     Traced.setup_context = staticmethod(setup_context)
     Traced.backward = staticmethod(backward)

@@ -189,7 +189,7 @@ class _MaxPool2d(torch.autograd.Function):
 
     @staticmethod
     def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
-        return torch.ops.dlkern.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+        return call_op(torch.ops.dlkern.max_pool2d, input, kernel_size, stride, padding, dilation, ceil_mode)
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_max_pool2d_grad)
@@ -211,9 +211,8 @@ class _MaxPool2dBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
-        return torch.ops.dlkern.max_pool2d_backward(
-            grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode
-        )
+        return call_op(torch.ops.dlkern.max_pool2d_backward, grad_output, input, indices, kernel_size, stride,
+                       padding, dilation, ceil_mode)
 
     setup_context = staticmethod(_backward_setup_context)
     backward = staticmethod(_max_pool2d_backward_grad)
