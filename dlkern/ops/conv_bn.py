@@ -185,9 +185,35 @@ def _torch_act_vjp(u, g, act, p0, p1):
     return g if act == "none" else composite_backward(g, u, act, p0, p1, from_output=False)
 
 
+def _symmetric(padding):
+    """(top, bottom, left, right) as conv2d's (rows, columns) when top == bottom and left == right, else None."""
+    return [padding[0], padding[2]] if padding[0] == padding[1] and padding[2] == padding[3] else None
+
+
 def _torch_conv(input, weight, bias, stride, padding, dilation):
-    x = F.pad(input, (padding[2], padding[3], padding[0], padding[1]))
+    if _symmetric(padding) is not None:
+        return F.conv2d(input, weight, bias, stride, _symmetric(padding), dilation)
+    x = F.pad(input, (padding[2], padding[3], padding[0], padding[1]))  # 'same' with an even kernel
     return F.conv2d(x, weight, bias, stride, 0, dilation)
+
+
+def _torch_conv_backward(gz, input, weight, stride, padding, dilation, input_grad, weight_grad, empty):
+    """(dx, dw) of _torch_conv by ATen's convolution_backward (empty where not asked for)."""
+    pad = _symmetric(padding)
+    x = input if pad is not None else F.pad(input, (padding[2], padding[3], padding[0], padding[1]))
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        gz, x, weight, None, stride, pad or [0, 0], dilation, False, [0, 0], 1, [input_grad, weight_grad, False]
+    )
+    if input_grad:
+        if pad is None:
+            dx = dx[:, :, padding[0]:padding[0] + input.shape[2], padding[2]:padding[2] + input.shape[3]]
+        dx = dx.contiguous(memory_format=suggest_memory_format(input))
+    return dx if input_grad else empty(), dw.contiguous() if weight_grad else empty()
+
+
+def _vector(t, dtype):
+    """A per-channel tensor (any shape of C elements, as BatchNorm accepts) as a C-vector of dtype, or None."""
+    return None if t is None else t.to(dtype).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------- training forward
@@ -204,14 +230,13 @@ def conv_bn_act2d(
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
     check_bn_sizes(C_out, bn_weight=bn_weight, bn_bias=bn_bias)
     sdtype = _stats_dtype(input.dtype)
-    if not runs_triton(input, OP):
+    if not runs_triton(input, OP):  # ATen's own CPU kernels: batch statistics, then batch_norm with them
         z = _torch_conv(input, weight, bias, stride, padding, dilation)
         zs = z.to(sdtype)
-        var, mean = torch.var_mean(zs, dim=(0, 2, 3), correction=0)
+        mean, var = torch.batch_norm_update_stats(zs, None, None, 0.0)  # biased variance
         invstd = torch.rsqrt(var + eps)
-        u = (zs - mean[:, None, None]) * invstd[:, None, None]
-        if bn_weight is not None:
-            u = u * _per_channel(bn_weight, sdtype) + _per_channel(bn_bias, sdtype)
+        u = torch.batch_norm(zs, _vector(bn_weight, sdtype), _vector(bn_bias, sdtype), mean, var, False, 0.0, eps,
+                             False)
         return _torch_act(u, activation, p0, p1).to(input.dtype), z, torch.stack([mean, invstd, var])
 
     weight, bias, bn_weight, bn_bias = _dense(weight, bias, bn_weight, bn_bias)
@@ -407,28 +432,27 @@ def conv_bn_act2d_backward(
     grad_gamma, grad_beta = _bn_grads(bn_weight, bn_bias, affine, empty)
 
     if not runs_triton(input, OP):
-        if bn:
-            x_hat = (z.to(stats.dtype) - stats[0, :, None, None]) * stats[1, :, None, None]
-            u = x_hat * _per_channel(bn_weight, stats.dtype) + _per_channel(bn_bias, stats.dtype) if affine else x_hat
-            g_u = _torch_act_vjp(u, grad_out.to(stats.dtype), activation, p0, p1)
-            sum_g, sum_gx = g_u.sum((0, 2, 3), dtype=torch.float64), (g_u * x_hat).sum((0, 2, 3), dtype=torch.float64)
-            sum_g, sum_gx = sum_g.to(stats.dtype), sum_gx.to(stats.dtype)
-            a = stats[1] * bn_weight.to(stats.dtype).reshape(-1) if affine else stats[1]
-            count = N * OH * OW
-            gz = a[:, None, None] * (g_u - (sum_g / count)[:, None, None] - x_hat * (sum_gx / count)[:, None, None])
+        if bn:  # ATen's CPU kernels: the activation's backward on u, then BatchNorm's training backward
+            sdtype, (mean, invstd) = stats.dtype, (stats[0], stats[1])
+            zs = z.to(sdtype)
+            gamma = _vector(bn_weight, sdtype) if affine else None
+            g_u = grad_out.to(sdtype)
+            if activation != "none":
+                scale = invstd * gamma if affine else invstd  # u = z * scale + shift, per channel
+                shift = (_vector(bn_bias, sdtype) if affine else 0.0) - mean * scale
+                u = torch.addcmul(shift.view(-1, 1, 1), zs, scale.view(-1, 1, 1))
+                g_u = _torch_act_vjp(u, g_u, activation, p0, p1)
+            # eps only matters to its eval form: the training form reads the saved invstd
+            gz, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
+                g_u, zs, gamma, None, None, mean, invstd, True, 0.0, [True, affine, affine]
+            )
             gz = gz.to(input.dtype)
             if affine:
                 grad_gamma.copy_(sum_gx.view(grad_gamma.shape))
                 grad_beta.copy_(sum_g.view(grad_beta.shape))
         else:
             gz = _torch_act_vjp(z, grad_out, activation, p0, p1)
-        x_pad = F.pad(input, (padding[2], padding[3], padding[0], padding[1]))
-        dx = empty()
-        if input_grad:
-            dx = torch.nn.grad.conv2d_input(x_pad.shape, weight, gz, stride, 0, dilation)
-            dx = dx[:, :, padding[0]:padding[0] + H, padding[2]:padding[2] + W].contiguous(
-                memory_format=suggest_memory_format(input))
-        dw = torch.nn.grad.conv2d_weight(x_pad, weight.shape, gz, stride, 0, dilation) if weight_grad else empty()
+        dx, dw = _torch_conv_backward(gz, input, weight, stride, padding, dilation, input_grad, weight_grad, empty)
         db = (torch.zeros_like(gz[0, :, 0, 0]) if bn else gz.sum((0, 2, 3))) if weight_grad else empty()
         return dx, dw, db, grad_gamma, grad_beta
 
