@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from dlkern.data import MNIST_MEAN, MNIST_STD, DatasetError, load_mnist, synthetic_digits
 from dlkern.models import BACKENDS, MnistCNN
+from dlkern.ops import triton_support
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SYNTHETIC_SIZES = (12000, 2000)  # train, test: about 7 s to draw on one idle CPU core
@@ -181,6 +182,9 @@ def _run(args, rank, world):
 
     train_set, test_set = _load_data(args, main_rank, world)
     model = MnistCNN(in_channels=1, num_classes=10, backend=args.backend).to(device)
+    notice = triton_support.fallback_notice(device, "models.MnistCNN") if args.backend == "dlkern" else None
+    if notice and main_rank:  # said here, not as a warning in the middle of a progress bar
+        print(f"note: {notice}", flush=True)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     train_model = model

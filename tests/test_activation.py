@@ -908,3 +908,25 @@ def test_nonfinite_grad_output(case, dtype, device):
     torch.testing.assert_close(actual.isinf(), expected.isinf())
     torch.testing.assert_close(actual[~finite], expected[~finite], equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(actual[finite], expected[finite])
+
+
+def test_fallback_warns_once_per_process_at_the_callers_line(monkeypatch):
+    """Without a GPU or the interpreter: one warning for all of dlkern's Triton ops, pointing at the user's call (not
+    into dlkern or torch); fallback_notice lets a program say it up front instead (dlkern.train, before its bars)."""
+    monkeypatch.setattr(triton_support, "INTERPRETING", False)
+    monkeypatch.setattr(triton_support, "_warned", set())
+    x = torch.randn(2, C, 4, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        F.relu(x)
+        F.gelu(x)
+        F.prelu(x, torch.full((C,), 0.25))
+    assert len(caught) == 1 and caught[0].filename == __file__, [(w.filename, str(w.message)) for w in caught]
+    assert "PyTorch composite" in str(caught[0].message) and "dlkern.relu" in str(caught[0].message)
+    monkeypatch.setattr(triton_support, "_warned", set())
+    assert triton_support.fallback_notice("cuda", "x") is None
+    assert "PyTorch composites" in triton_support.fallback_notice("cpu", "models.MnistCNN")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        F.relu(x)
+    assert not caught

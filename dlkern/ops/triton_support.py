@@ -12,6 +12,7 @@ import collections
 import contextlib
 import functools
 import os
+import sys
 import warnings
 
 import torch
@@ -25,19 +26,52 @@ _warned = set()
 _on_cpu = False
 
 
+def _runs_on(device_type):
+    return device_type == "cuda" or ((INTERPRETING or _on_cpu) and device_type == "cpu")
+
+
+def _fallback_message(device_type, op_name):
+    return (
+        f"Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before triton is imported, to run them on the "
+        f"CPU in Triton's interpreter); dlkern's Triton ops (the activations, the fused conv block; first here: "
+        f"dlkern.{op_name}) compute {device_type} tensors with equivalent PyTorch composites instead. The max pool's "
+        "C++ kernel runs on CPU tensors as it is."
+    )
+
+
 def runs_triton(tensor, op_name):
-    """True when `op_name` should launch its Triton kernel for `tensor`; warns once per op when it cannot."""
-    if tensor.device.type == "cuda" or ((INTERPRETING or _on_cpu) and tensor.device.type == "cpu"):
+    """True when `op_name` should launch its Triton kernel for `tensor`; otherwise False, after one warning per
+    process that points at the user's call (every op that falls back is recorded in ``_warned``)."""
+    if _runs_on(tensor.device.type):
         return True
-    if op_name not in _warned:
-        _warned.add(op_name)
-        warnings.warn(
-            f"dlkern.{op_name}: Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 set before triton is "
-            f"imported, to run them on the CPU in Triton's interpreter); computing {tensor.device.type} tensors "
-            "with an equivalent PyTorch composite instead",
-            stacklevel=3,
-        )
+    if not _warned:
+        warnings.warn("dlkern: " + _fallback_message(tensor.device.type, op_name), stacklevel=_user_stacklevel())
+    _warned.add(op_name)
     return False
+
+
+def fallback_notice(device, op_name):
+    """For a program that prints its own notes (and whose progress bars a warning would break): the fallback
+    message for `device` if dlkern's Triton ops fall back there, and no warning later; None if they run Triton."""
+    device = torch.device(device)
+    if _runs_on(device.type):
+        return None
+    _warned.add(op_name)
+    return _fallback_message(device.type, op_name)
+
+
+_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # dlkern/
+)
+
+
+def _user_stacklevel():
+    """warnings.warn's stacklevel (counted from runs_triton's caller's warn call) of the first frame outside dlkern
+    and torch: the user's call, where the warning should point."""
+    frame, level = sys._getframe(2), 2  # 1: runs_triton, 2: its caller
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @contextlib.contextmanager
