@@ -84,17 +84,20 @@ def _rows(offs_m, OH, OW):
 
 @triton.jit
 def conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, z_ptr, part_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, z_ptr, part_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
     N, C_in, H, W, C_out, OH, OW,
     x_n_stride, x_c_stride, x_h_stride, x_w_stride,
     out_n_stride, out_c_stride, out_h_stride, out_w_stride,
-    M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo,
+    M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo, eps_hi, eps_lo,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr, SAVE_Z: tl.constexpr,
+    BN_EVAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     ACT: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out = act(conv(x, w) + bias). With STATS (training) it stores z = conv(x, w) + bias instead and, per
-    row tile and channel, the tile's mean and M2 = sum((z - mean)^2) at part[0|1, pid_m, c]."""
+    row tile and channel, the tile's mean and M2 = sum((z - mean)^2) at part[0|1, pid_m, c]. With BN_EVAL,
+    BatchNorm in eval mode (running mean and var; gamma, beta when given) is applied to conv + bias in the
+    epilogue, from the buffers as they are now: the folding costs no launch and can never be stale."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     K = C_in * KH * KW
@@ -124,6 +127,15 @@ def conv_fwd_kernel(
         acc = _dot(a, b, acc, PRECISION, ACC_DTYPE, DOT_FP32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+    if BN_EVAL:  # as batch_norm in eval: (z - mean) * invstd * gamma + beta
+        mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
+        var = tl.load(var_ptr + offs_n, mask=mask_n, other=1.0).to(ACC_DTYPE)
+        scale = 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, ACC_DTYPE))
+        if HAS_GAMMA:
+            scale = scale * tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
+        acc = (acc - mean[None, :]) * scale[None, :]
+        if HAS_BETA:
+            acc += tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
 
     out_offs = (n * out_n_stride + oh * out_h_stride + ow * out_w_stride)[:, None] + offs_n[None, :] * out_c_stride
     mask = mask_m[:, None] & mask_n[None, :]

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -239,6 +240,10 @@ def test_opcheck():
     out, z, stats = torch.ops.dlkern.conv_bn_act2d(x, w, b, gamma, beta, 1e-5, *geo, "relu", 0.0, 0.0, False)
     torch.library.opcheck(torch.ops.dlkern.conv_bn_act2d, (x, w, b, gamma, beta, 1e-5, *geo, "relu", 0.0, 0.0, False))
     torch.library.opcheck(torch.ops.dlkern.conv_bias_act2d, (x, w, b, *geo, "gelu", 0.0, 0.0, False, True))
+    running = (torch.randn(3), torch.rand(3) + 0.5)
+    torch.library.opcheck(torch.ops.dlkern.conv_bn_eval_act2d,
+                          (x.detach(), w.detach(), b.detach(), *running, gamma.detach(), beta.detach(), 1e-5, *geo,
+                           "silu", 0.0, 0.0, False))
     torch.library.opcheck(
         torch.ops.dlkern.bn_update_running_stats,
         (torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long), stats.detach(), 30, None),
@@ -682,3 +687,51 @@ def test_nonfinite_grad_on_flat_branch(training):
     for a, b in zip(ours, theirs):
         assert torch.isfinite(b).all()
         assert_close(a, b)
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops a block's forward dispatches (the top-level ones: those that would launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("path", ["triton", "composite"])
+@pytest.mark.parametrize("affine", ["both", "weight_only", "none"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eval_inference_is_one_launch(layout, affine, path, monkeypatch):
+    """Inference (eval, no autograd): BatchNorm applied in the conv kernel's epilogue from the buffers as they are
+    now -- one launch per block, nothing folded on the host, never stale -- matching stock eval, strided running
+    buffers included."""
+    if path == "composite":
+        monkeypatch.setattr(ops, "runs_triton", lambda t, name: False)
+    torch.manual_seed(11)
+    bn_kw = {} if affine == "both" else dict(affine=False) if affine == "none" else {}
+    block, stock = make_pair(3, 4, 3, torch.float64, padding=1, bn_kw=bn_kw)
+    if affine == "weight_only":  # BatchNorm2d(bias=False): a weight, no bias
+        for m in (block, stock):
+            m[1].bias = None
+    block.eval(), stock.eval()
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    var = torch.rand(8, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        for m in (block, stock):  # strided running buffers, written through .data (as an EMA would)
+            m[1].running_var = var.clone()[::2]
+            m[1].running_mean.data.copy_(torch.linspace(-1, 1, 4, dtype=torch.float64))
+        triton_support.launch_counts.clear()
+        with _RecordOps() as seen:
+            out = block(x)
+        assert seen.ops == ["dlkern.conv_bn_eval_act2d.default"]  # no host-side folding ops (each a GPU launch)
+        if path == "triton":
+            assert dict(triton_support.launch_counts) == {"conv_fwd_kernel": 1}
+        assert_close(out, stock(x))
+        for m in (block, stock):
+            m[1].running_mean.data.add_(0.5)
+        assert_close(block(x), stock(x))

@@ -127,20 +127,25 @@ def _fixed(**blocks):
     return blocks if INTERPRETING else {}
 
 
-def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation, act, p0, p1, allow_tf32, stats):
-    """Launches conv_fwd_kernel; returns its BLOCK_M (the row tile of the statistics partials)."""
+def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation, act, p0, p1, allow_tf32, stats,
+              bn_eval=None):
+    """Launches conv_fwd_kernel; returns its BLOCK_M (the row tile of the statistics partials). ``bn_eval``:
+    (running_mean, running_var, weight, bias, eps) of a BatchNorm in eval mode to apply in the epilogue."""
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
     M = N * OH * OW
     dst = z if stats else out
+    mean, var, gamma, beta, eps = bn_eval if bn_eval is not None else (dst, dst, None, None, 0.0)
     blocks = _fixed(BLOCK_M=128, BLOCK_N=_np2(C_out), BLOCK_K=_np2(C_in * KH * KW))
     launch(
         _conv_fwd,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"])),
         input, weight, bias if bias is not None else weight, out if out is not None else dst,
-        z if z is not None else dst, part if part is not None else dst,
+        z if z is not None else dst, part if part is not None else dst, mean, var,
+        gamma if gamma is not None else mean, beta if beta is not None else mean,
         N, C_in, H, W, C_out, OH, OW, *input.stride(), *dst.stride(),
         M, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *_hi_lo(p0), *_hi_lo(p1),
-        KH=KH, KW=KW, HAS_BIAS=bias is not None, STATS=stats, SAVE_Z=z is not None and not stats, ACT=act,
+        *_hi_lo(eps), KH=KH, KW=KW, HAS_BIAS=bias is not None, STATS=stats, SAVE_Z=z is not None and not stats,
+        BN_EVAL=bn_eval is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, ACT=act,
         PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=_acc_dtype(input.dtype),
         DOT_FP32=_dot_fp32(input.dtype), **blocks,
     )
@@ -383,6 +388,39 @@ def _(input, weight, bias, stride, padding, dilation, activation, p0, p1, allow_
     N, C_in, H, W, C_out, KH, KW, OH, OW = geometry(input, weight, stride, padding, dilation)
     out = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
     return out, torch.empty_like(out) if save_preact else out.new_empty(0)
+
+
+@torch.library.custom_op("dlkern::conv_bn_eval_act2d", mutates_args=())
+def conv_bn_eval_act2d(
+    input: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
+    bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float, stride: Sequence[int],
+    padding: Sequence[int], dilation: Sequence[int], activation: str, p0: float, p1: float, allow_tf32: bool,
+) -> Tensor:
+    """act(batch_norm(conv(input, weight) + bias, running stats, eval)) in one kernel, BatchNorm applied in the
+    epilogue from the buffers as they are: inference (no autograd)."""
+    geo = geometry(input, weight, stride, padding, dilation)
+    C_out = geo[4]
+    check_bn_sizes(C_out, running_mean, running_var, bn_weight, bn_bias)
+    if not runs_triton(input, OP):  # ATen's kernels: conv2d, then batch_norm in eval
+        z = _torch_conv(input, weight, bias, stride, padding, dilation)
+        u = torch.batch_norm(z, _vector(bn_weight, running_var.dtype), _vector(bn_bias, running_var.dtype),
+                             running_mean.reshape(-1), running_var.reshape(-1), False, 0.0, eps, False)
+        return _torch_act(u, activation, p0, p1)
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geo
+    out = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
+    weight, bias, running_mean, running_var, bn_weight, bn_bias = _dense(
+        weight, bias, running_mean, running_var, bn_weight, bn_bias)
+    _gemm_fwd(input, weight, bias, out, None, None, geo, stride, padding, dilation, activation, p0, p1, allow_tf32,
+              stats=False, bn_eval=(running_mean, running_var, bn_weight, bn_bias, eps))
+    return out
+
+
+@conv_bn_eval_act2d.register_fake
+def _(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride, padding, dilation,
+      activation, p0, p1, allow_tf32):
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geometry(input, weight, stride, padding, dilation)
+    check_bn_sizes(C_out, running_mean, running_var, bn_weight, bn_bias)
+    return _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
 
 
 def _eval_setup_context(ctx, inputs, output):
@@ -833,7 +871,11 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
                 running_mean, running_var, num_batches_tracked, stats, count, momentum
             )
         return out
-    if folded is None:
+    if folded is None and not needs_autograd(input, conv_weight, conv_bias, running_mean, running_var, bn_weight,
+                                             bn_bias):
+        return call_op(torch.ops.dlkern.conv_bn_eval_act2d, input, weight, bias, running_mean, running_var,
+                       bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1, allow_tf32)
+    if folded is None:  # autograd through the folding (frozen-BatchNorm fine-tuning)
         folded = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
     w, b = folded[0].to(input.dtype), folded[1].to(input.dtype)
     if not needs_autograd(input, w, b):
