@@ -48,9 +48,10 @@ class ConvBNReLU2d(NotScriptable, nn.Sequential):
     and state_dicts load both ways with strict=True. ``activation``: a module (``nn.ReLU()``,
     ``nn.LeakyReLU(0.2)``, a dlkern activation, ...), one of the names ``conv_bn_act2d`` accepts (``"relu"``,
     ``"swish"``, ``"hard_logistic"``, ``"none"``, ...; parameters at PyTorch's defaults), or None for none.
-    Training normalizes with batch statistics and updates the running buffers as BatchNorm2d does; eval folds
-    BatchNorm into the conv's weight and bias on every call (a few tiny ops: never a stale folding after an
-    EMA update through ``.data`` or a new Parameter). groups=1 and padding_mode='zeros' only.
+    Training normalizes with batch statistics and updates the running buffers as BatchNorm2d does; eval reads
+    the running buffers on every call (inference: in the conv kernel's epilogue; with autograd: folded into the
+    conv's weight and bias), so it never serves a stale folding after an EMA update through ``.data`` or a new
+    Parameter. groups=1 and padding_mode='zeros' only.
 
     Hooks: while any of the three children has a forward, forward-pre or backward hook (registered on
     ``block[0]``, ``block[1]`` or ``block[2]``; ``torch.nn.utils.prune`` is one), the block runs its children
