@@ -243,7 +243,8 @@ struct Pool2x2Nchw {
 
 // One output pixel at a time, its channels (contiguous) in blocks of one 512-bit register: a block's running max
 // and argmax stay in registers across the taps, and each tap's index is one scalar for the whole block.
-template <typename scalar_t, typename index_t>
+// kIndices false: values only (dlkern::max_pool2d_values), as ATen's forward when no gradient is needed.
+template <typename scalar_t, typename index_t, bool kIndices = true>
 struct PoolNhwc {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr int64_t kBlock = 64 / sizeof(acc_t) > 0 ? 64 / sizeof(acc_t) : 1;
@@ -259,7 +260,7 @@ struct PoolNhwc {
       const index_t first = static_cast<index_t>(first_valid(hstart, s.dH) * s.W + first_valid(wstart, s.dW));
       for (int64_t c = 0; c < C; c += kBlock) {
         block(in_image + c, s, hstart, wstart, first, std::min(kBlock, C - c), out + pixel * C + c,
-              ind + pixel * C + c);
+              kIndices ? ind + pixel * C + c : nullptr);
       }
       if (++ow == s.OW) {
         ow = 0;
@@ -280,7 +281,7 @@ struct PoolNhwc {
     index_t mi[kBlock];
     for (int64_t j = 0; j < count; ++j) {
       mv[j] = lower_bound<acc_t>();
-      mi[j] = first;
+      if constexpr (kIndices) mi[j] = first;
     }
     for (int64_t kh = 0; kh < s.kH; ++kh) {
       const int64_t ih = hstart + kh * s.dH;
@@ -294,13 +295,13 @@ struct PoolNhwc {
           const acc_t val = static_cast<acc_t>(src[j]);
           const bool take = takes(val, mv[j]);
           mv[j] = take ? val : mv[j];
-          mi[j] = take ? index : mi[j];
+          if constexpr (kIndices) mi[j] = take ? index : mi[j];
         }
       }
     }
     for (int64_t j = 0; j < count; ++j) {
       out[j] = static_cast<scalar_t>(mv[j]);
-      ind[j] = static_cast<int64_t>(mi[j]);
+      if constexpr (kIndices) ind[j] = static_cast<int64_t>(mi[j]);
     }
   }
 };
@@ -428,6 +429,32 @@ void max_pool2d_kernel(const scalar_t* in, scalar_t* out, int64_t* ind, const Ma
   });
 }
 
+// Values only, for a forward that needs no gradient and no indices: channels_last skips the int64 index stores
+// (a third of the bytes written); NCHW, where the index is a by-product of the pair compares, runs the full kernel.
+std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef dilation, bool ceil_mode);
+
+at::Tensor max_pool2d_values_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode) {
+  const MaxPool2dShape s = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode);
+  if (!s.channels_last) return std::get<0>(max_pool2d_cpu(input, kernel_size, stride, padding, dilation, ceil_mode));
+  at::Tensor out = at::empty(output_sizes(input, s), input.options().memory_format(memory_format_of(s)));
+  if (out.numel() == 0) return out;
+  const at::Tensor in = input.contiguous(memory_format_of(s));
+  const MaxPool2dShape* sp = &s;
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(1, s.C * s.kH * s.kW));
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dlkern::max_pool2d_values", [&] {
+    const scalar_t* in_ptr = in.const_data_ptr<scalar_t>();
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    at::parallel_for(0, s.N * s.OH * s.OW, grain, [&](int64_t begin, int64_t end) {
+      run_for_cpu<PoolNhwc<scalar_t, int64_t, false>>(in_ptr, out_ptr, static_cast<int64_t*>(nullptr), sp, begin,
+                                                      end);
+    });
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size,
                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                   at::IntArrayRef dilation, bool ceil_mode) {
@@ -489,11 +516,16 @@ TORCH_LIBRARY(dlkern, m) {
   m.def(
       "max_pool2d_backward(Tensor grad_output, Tensor input, Tensor indices, int[] kernel_size, int[] stride,"
       " int[] padding, int[] dilation, bool ceil_mode) -> Tensor");
+  // The forward's values alone (CPU): what dlkern.functional.max_pool2d runs when no gradient or indices are needed.
+  m.def(
+      "max_pool2d_values(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation,"
+      " bool ceil_mode) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dlkern, CPU, m) {
   m.impl("max_pool2d", &max_pool2d_cpu);
   m.impl("max_pool2d_backward", &max_pool2d_backward_cpu);
+  m.impl("max_pool2d_values", &max_pool2d_values_cpu);
 }
 
 }  // namespace dlkern

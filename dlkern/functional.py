@@ -88,7 +88,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     dilation = _int_list("dilation", dilation)
     if not isinstance(ceil_mode, bool):
         raise TypeError(f"max_pool2d(): argument 'ceil_mode' (position 6) must be bool, not {_type_name(ceil_mode)}")
-    output, indices = _max_pool.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    output, indices = _max_pool.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
     return (output, indices) if return_indices else output
 
 

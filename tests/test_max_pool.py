@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torch.utils._python_dispatch
 import torch.nn.functional as TF
 
 import dlkern
@@ -72,6 +73,9 @@ def check_forward(x, args):
     assert torch.equal(idx, ref_idx), msg
     assert idx.dtype == torch.int64
     assert (out.stride(), idx.stride()) == (ref_out.stride(), ref_idx.stride()), msg
+    values = F.max_pool2d(x, **args)  # no indices and no gradient: dlkern::max_pool2d_values on a CPU
+    torch.testing.assert_close(values, ref_out, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{msg}\n{m}")
+    assert values.stride() == ref_out.stride(), msg
     return True
 
 
@@ -246,6 +250,8 @@ def test_opcheck(device):
         (x_cl, ([3, 2], [1, 2], [1, 0], [1, 2], False)),
     ]:
         torch.library.opcheck(torch.ops.dlkern.max_pool2d.default, (inp, *args))
+        if inp.device.type == "cpu":
+            torch.library.opcheck(torch.ops.dlkern.max_pool2d_values.default, (inp.detach(), *args))
         out, idx = torch.ops.dlkern.max_pool2d(inp.detach(), *args)
         grad_out = torch.randn_like(out).requires_grad_()
         torch.library.opcheck(torch.ops.dlkern.max_pool2d_backward.default, (grad_out, inp.detach(), idx, *args))
@@ -633,3 +639,21 @@ def test_cpu_kernels_under_every_isa(capability):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     done = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_values_only_forward_runs_without_indices():
+    """A CPU forward that needs neither gradient nor indices runs dlkern::max_pool2d_values (no index stores), and
+    only then."""
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    seen = []
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        F.max_pool2d(x, 2)
+        F.max_pool2d(x, 2, return_indices=True)
+        F.max_pool2d(x.requires_grad_(), 2)
+    assert seen == ["dlkern.max_pool2d_values.default", "dlkern.max_pool2d.default", "dlkern.max_pool2d.default"]

@@ -95,6 +95,12 @@ def _max_pool2d_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
     return out, indices
 
 
+@torch.library.register_fake("dlkern::max_pool2d_values")
+def _max_pool2d_values_fake(input, kernel_size, stride, padding, dilation, ceil_mode):
+    shape, memory_format = max_pool2d_output(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=memory_format)
+
+
 @torch.library.register_fake("dlkern::max_pool2d_backward")
 def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
     shape, memory_format = max_pool2d_output(input, kernel_size, stride, padding, dilation, ceil_mode)
@@ -232,10 +238,14 @@ _max_pool2d_apply = function_apply(_MaxPool2dWithJvp, _MaxPool2d)
 _max_pool2d_backward_apply = function_apply(_MaxPool2dBackwardWithJvp, _MaxPool2dBackward)
 
 
-def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
-    """dlkern::max_pool2d, differentiable in every autograd mode (list arguments already normalized)."""
+def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, need_indices=True):
+    """(values, indices) of dlkern::max_pool2d, differentiable in every autograd mode (list arguments already
+    normalized). Without autograd and ``need_indices``, a CPU input gets (values, None) from
+    dlkern::max_pool2d_values, which writes no indices (as ATen's CPU forward when no gradient is needed)."""
     args = (input, kernel_size, stride, padding, dilation, ceil_mode)
     if not needs_autograd(input):
+        if not need_indices and input.device.type == "cpu":
+            return call_op(torch.ops.dlkern.max_pool2d_values, *args), None
         return call_op(torch.ops.dlkern.max_pool2d, *args)
     return _max_pool2d_apply(*args)
 
