@@ -3,11 +3,13 @@
 The ops and their CPU/CUDA kernels are defined in C++ (csrc/max_pool2d.cpp, csrc/cuda/max_pool2d.cu). The fake
 functions here give torch.compile the output shapes and strides, and reject the same arguments with the same
 messages as the C++ checks (which reproduce ATen's), so tracing fails where eager would. ``max_pool2d`` and
-``max_pool2d_backward`` below are the differentiable entry points: autograd.Functions with reverse and forward mode
-that the torch.func transforms accept (the ops' own register_autograd serves direct callers of torch.ops.dlkern.*).
+``max_pool2d_backward`` below are the differentiable entry points. Plain reverse mode takes the ops' C++ autograd
+(csrc/max_pool2d_autograd.cpp: an eager call and its backward never enter Python); forward-mode AD, the torch.func
+transforms and torch.compile take the autograd.Functions below (C++ Functions have no forward mode).
 """
 
 import torch
+from torch.autograd import forward_ad
 from torch._prims_common import suggest_memory_format
 
 import dlkern._extension  # noqa: F401  (registers torch.ops.dlkern.*)
@@ -152,13 +154,6 @@ def _max_pool2d_backward_grad(ctx, grad_grad_input):
     return gather_at_argmax(grad_grad_input, indices), None, None, None, None, None, None, None
 
 
-# The raw ops are differentiable by reverse-mode autograd for callers of torch.ops.dlkern.* (and opcheck); the
-# functional API goes through the autograd.Functions below, which torch.func transforms and forward-mode AD need.
-torch.library.register_autograd("dlkern::max_pool2d", _max_pool2d_grad, setup_context=_setup_context)
-torch.library.register_autograd(
-    "dlkern::max_pool2d_backward", _max_pool2d_backward_grad, setup_context=_backward_setup_context
-)
-
 
 def _batched(t, dim, batch_size):
     """t with its vmap batch dim first (an unbatched t is broadcast over the batch)."""
@@ -238,6 +233,13 @@ _max_pool2d_apply = function_apply(_MaxPool2dWithJvp, _MaxPool2d)
 _max_pool2d_backward_apply = function_apply(_MaxPool2dBackwardWithJvp, _MaxPool2dBackward)
 
 
+def _reverse_mode_only():
+    """Autograd needed in reverse mode only (no dual level, no torch.func transform, not compiling): the ops' C++
+    autograd serves it."""
+    return not (forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+                or torch.compiler.is_compiling())
+
+
 def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, need_indices=True):
     """(values, indices) of dlkern::max_pool2d, differentiable in every autograd mode (list arguments already
     normalized). Without autograd and ``need_indices``, a CPU input gets (values, None) from
@@ -247,6 +249,8 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, need_in
         if not need_indices and input.device.type == "cpu":
             return call_op(torch.ops.dlkern.max_pool2d_values, *args), None
         return call_op(torch.ops.dlkern.max_pool2d, *args)
+    if _reverse_mode_only():
+        return torch.ops.dlkern.max_pool2d(*args)  # its C++ autograd
     return _max_pool2d_apply(*args)
 
 
@@ -255,4 +259,6 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size, stride, paddin
     args = (grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode)
     if not needs_autograd(grad_output, input):
         return call_op(torch.ops.dlkern.max_pool2d_backward, *args)
+    if _reverse_mode_only():
+        return torch.ops.dlkern.max_pool2d_backward(*args)  # its C++ autograd
     return _max_pool2d_backward_apply(*args)
