@@ -48,6 +48,8 @@ _MAX_POOL2D_POSITIONS = {"kernel_size": 2, "stride": 3, "padding": 4, "dilation"
 def _int_list(name, value):
     """An int or a sequence of ints, as a list: what torch.nn.functional accepts for pooling arguments, refused with
     the messages of PyTorch's argument parser."""
+    if type(value) is int:  # the common case, first
+        return [value]
     where = f"max_pool2d(): argument '{name}'"
     position = _MAX_POOL2D_POSITIONS[name]
     if not isinstance(value, (tuple, list)):  # torch.Size is a tuple

@@ -246,8 +246,8 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, need_in
     dlkern::max_pool2d_values, which writes no indices (as ATen's CPU forward when no gradient is needed)."""
     args = (input, kernel_size, stride, padding, dilation, ceil_mode)
     if not needs_autograd(input):
-        if not need_indices and input.device.type == "cpu":
-            return call_op(torch.ops.dlkern.max_pool2d_values, *args), None
+        if not need_indices and input.device.type == "cpu":  # no autograd kernel to skip: called as it is
+            return torch.ops.dlkern.max_pool2d_values.default(*args), None
         return call_op(torch.ops.dlkern.max_pool2d, *args)
     if _reverse_mode_only():
         return torch.ops.dlkern.max_pool2d(*args)  # its C++ autograd
