@@ -2,6 +2,7 @@
 // eager call with a gradient, and its backward, never enter Python. C++ autograd Functions have no forward-mode AD:
 // dlkern/ops/max_pool.py keeps Python autograd.Functions for forward mode, torch.func and torch.compile.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -43,7 +44,10 @@ void save_args(AutogradContext* ctx, at::IntArrayRef kernel_size, at::IntArrayRe
 
 at::Tensor call_backward(AutogradContext* ctx, const at::Tensor& grad_output, const at::Tensor& input,
                          const at::Tensor& indices) {
-  // Through the dispatcher's Autograd key: a backward that builds a graph (double backward) records it.
+  // A backward that builds a graph (double backward) goes through the Autograd key, which records it; any other
+  // skips it.
+  c10::optional<at::AutoDispatchBelowADInplaceOrView> below;
+  if (!at::GradMode::is_enabled()) below.emplace();
   return backward_op().call(grad_output, input, indices, ctx->saved_data["kernel_size"].toIntVector(),
                             ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
                             ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["ceil_mode"].toBool());
