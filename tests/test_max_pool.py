@@ -657,3 +657,19 @@ def test_values_only_forward_runs_without_indices():
         F.max_pool2d(x, 2, return_indices=True)
         F.max_pool2d(x.requires_grad_(), 2)
     assert seen == ["dlkern.max_pool2d_values.default", "dlkern.max_pool2d.default", "dlkern.max_pool2d.default"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 7, 9), (1, 1, 2, 2)])
+def test_2x2_backward_odd_sizes_and_foreign_indices(shape, dtype):
+    """The 2x2 tiling backward writes each element once: odd last rows/columns get 0, and indices that point
+    outside their own window (passed by a caller) are scattered as ATen's backward scatters them."""
+    x = torch.randn(shape, dtype=dtype)
+    out, idx = torch.ops.dlkern.max_pool2d(x, [2], [], [0], [1], False)
+    g = torch.randn_like(out)
+    expected = torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+    assert torch.equal(torch.ops.dlkern.max_pool2d_backward(g, x, idx, [2], [], [0], [1], False), expected)
+    foreign = torch.randint(0, shape[2] * shape[3], idx.shape)  # anywhere in the plane, repeats included
+    expected = torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, foreign)
+    actual = torch.ops.dlkern.max_pool2d_backward(g, x, foreign, [2], [], [0], [1], False)
+    torch.testing.assert_close(actual, expected, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=1e-6)
