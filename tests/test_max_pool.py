@@ -614,7 +614,8 @@ for (shape, args), dtype, cl in itertools.product(cases, [torch.float32, torch.f
         x = x.contiguous(memory_format=torch.channels_last)
     out, idx = F.max_pool2d(x, **args, return_indices=True)
     ref, ref_idx = TF.max_pool2d(x, **args, return_indices=True)
-    assert torch.equal(idx, ref_idx) and torch.allclose(out.double(), ref.double(), equal_nan=True), ("forward", shape, args, dtype, cl)
+    assert torch.equal(idx, ref_idx), ("indices", shape, args, dtype, cl)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)  # max pooling selects: exact
     if dtype.is_floating_point:
         g = torch.randn(out.shape).to(dtype)
         k = args["kernel_size"]
@@ -622,7 +623,7 @@ for (shape, args), dtype, cl in itertools.product(cases, [torch.float32, torch.f
                 [args.get("padding", 0)], [1], False)
         gi = torch.ops.dlkern.max_pool2d_backward(g, x, idx, *pool)
         ref_gi = torch.ops.aten.max_pool2d_with_indices_backward(g.double(), x.double(), *pool, ref_idx)
-        tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+        tol = {torch.float64: 1e-12, torch.float32: 1.3e-6, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}[dtype]
         assert torch.allclose(gi.double(), ref_gi, rtol=tol, atol=tol, equal_nan=True), ("backward", shape, args, dtype, cl)
 print("ok")
 """
@@ -672,4 +673,4 @@ def test_2x2_backward_odd_sizes_and_foreign_indices(shape, dtype):
     foreign = torch.randint(0, shape[2] * shape[3], idx.shape)  # anywhere in the plane, repeats included
     expected = torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, foreign)
     actual = torch.ops.dlkern.max_pool2d_backward(g, x, foreign, [2], [], [0], [1], False)
-    torch.testing.assert_close(actual, expected, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=1e-6)
+    assert_close(actual, expected)  # repeated indices sum: the dtype's tolerance for a different order

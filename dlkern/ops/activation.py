@@ -30,8 +30,8 @@ from dlkern.kernels.activation import (
     activation_fwd_kernel,
     channel_sum_kernel,
 )
-from dlkern.ops.autograd_support import call_op, function_apply, needs_autograd
-from dlkern.ops.triton_support import INTERPRETING, launch, runs_triton, sm_count
+from dlkern.ops.autograd_support import batch_first, call_op, function_apply, needs_autograd
+from dlkern.ops.triton_support import compute_dtype, INTERPRETING, launch, runs_triton, sm_count
 
 # Out of place, the backward reads the output where ATen's does and it is exact; every other op saves its input.
 SAVE_OUTPUT = frozenset({"sigmoid", "tanh", "relu"})
@@ -107,7 +107,7 @@ def _check_input(x, act, p0=0.0, p1=0.0):
     )
     count = _PARAM_COUNT.get(act)
     if count:
-        type_name, limit = _TYPE_LIMITS[x.dtype if act == "hardtanh" else _compute_dtype(x.dtype)]
+        type_name, limit = _TYPE_LIMITS[x.dtype if act == "hardtanh" else compute_dtype(x.dtype)]
         for p in (p0, p1)[:count]:
             torch._check(
                 not (abs(p) > limit and not math.isinf(p)),
@@ -148,10 +148,6 @@ def _check_inplace(x):
         lambda: "Inplace update to inference tensor outside InferenceMode is not allowed.You can make a clone to get "
         "a normal tensor before doing inplace update.See https://github.com/pytorch/rfcs/pull/17 for more details.",
     )
-
-
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,7 +518,7 @@ def activation_channelwise_backward(
         return torch.empty_like(x).copy_(dx), weight.new_empty(0) if dw is None else dw
     dx = torch.empty_like(x)
     channels = 1 if weight.numel() == 1 else weight.numel()
-    dw_elems = torch.empty_like(dx, dtype=_compute_dtype(x.dtype)) if weight_grad else None
+    dw_elems = torch.empty_like(dx, dtype=compute_dtype(x.dtype)) if weight_grad else None
     _launch_backward(dx, grad_output, x, act, 0.0, 0.0, False, weight, dw_elems)
     if not weight_grad:
         return dx, weight.new_empty(0)
@@ -542,10 +538,6 @@ def _(grad_output, x, weight, act, weight_grad):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _batch_first(t, bdim, size):
-    return t.movedim(bdim, 0) if bdim is not None else t.expand(size, *t.shape)
-
-
 @activation.register_vmap
 def _(info, in_dims, x, act, p0, p1):
     return torch.ops.dlkern.activation(x, act, p0, p1), in_dims[0]  # elementwise: any batch dim
@@ -559,7 +551,7 @@ def _(info, in_dims, x, act, p0, p1):
 
 @activation_backward.register_vmap
 def _(info, in_dims, grad_output, saved, act, p0, p1, saved_is_output):
-    g, s = (_batch_first(t, d, info.batch_size) for t, d in zip((grad_output, saved), in_dims[:2]))
+    g, s = (batch_first(t, d, info.batch_size) for t, d in zip((grad_output, saved), in_dims[:2]))
     return torch.ops.dlkern.activation_backward(g, s, act, p0, p1, saved_is_output), 0
 
 
@@ -584,13 +576,13 @@ def _(info, in_dims, x, weight, act):
     if w_dim is None:  # one weight for every sample: the batch joins dim 0
         x = x.movedim(x_dim, 0)
         return torch.ops.dlkern.activation_channelwise(x.flatten(0, 1), weight, act).unflatten(0, x.shape[:2]), 0
-    x2, w2, unfold = _fold_batch(_batch_first(x, x_dim, info.batch_size), weight.movedim(w_dim, 0))
+    x2, w2, unfold = _fold_batch(batch_first(x, x_dim, info.batch_size), weight.movedim(w_dim, 0))
     return unfold(torch.ops.dlkern.activation_channelwise(x2, w2, act)), 0
 
 
 @activation_channelwise_backward.register_vmap
 def _(info, in_dims, grad_output, x, weight, act, weight_grad):
-    g, x, weight = (_batch_first(t, d, info.batch_size) for t, d in zip((grad_output, x, weight), in_dims[:3]))
+    g, x, weight = (batch_first(t, d, info.batch_size) for t, d in zip((grad_output, x, weight), in_dims[:3]))
     x2, w2, unfold = _fold_batch(x, weight)
     g2 = _fold_batch(g, weight)[0]
     dx, dw = torch.ops.dlkern.activation_channelwise_backward(g2, x2, w2, act, weight_grad)

@@ -10,6 +10,11 @@ from torch._functorch.utils import unwrap_dead_wrappers
 from torch.autograd import forward_ad
 
 
+def batch_first(t, dim, batch_size):
+    """For a vmap rule: t with its vmap batch dim first (an unbatched t is broadcast over the batch)."""
+    return t.expand(batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
 def needs_autograd(*tensors):
     """Whether a call needs its autograd.Function: reverse mode recording, a forward-mode dual level open (duals
     need not require grad: torch.autograd.forward_ad, torch.func.jvp) or a torch.func transform. Not while

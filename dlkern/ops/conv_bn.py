@@ -26,7 +26,7 @@ from dlkern.kernels import conv_bn as kernels
 from dlkern.kernels.activation import ACTIVATIONS
 from dlkern.ops.activation import composite_backward, composite_forward
 from dlkern.ops.autograd_support import call_op, function_apply, needs_autograd
-from dlkern.ops.triton_support import INTERPRETING, launch, runs_triton, sm_count
+from dlkern.ops.triton_support import compute_dtype, INTERPRETING, launch, runs_triton, sm_count
 
 OP = "conv_bn_act2d"
 
@@ -45,10 +45,6 @@ def _hi_lo(x):
 
 def _acc_dtype(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _stats_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _precision(dtype, allow_tf32):
@@ -177,11 +173,6 @@ def _check(condition, message):
 # ---------------------------------------------------------------------------------------------- PyTorch composite
 
 
-def _per_channel(t, dtype):
-    """A per-channel vector (any shape of C elements, as BatchNorm accepts) broadcastable over (N, C, H, W)."""
-    return t.to(dtype).reshape(-1, 1, 1)
-
-
 def _torch_act(u, act, p0, p1):
     return u if act == "none" else composite_forward(u, act, p0, p1)
 
@@ -234,7 +225,7 @@ def conv_bn_act2d(
     geo = geometry(input, weight, stride, padding, dilation)
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
     check_bn_sizes(C_out, bn_weight=bn_weight, bn_bias=bn_bias)
-    sdtype = _stats_dtype(input.dtype)
+    sdtype = compute_dtype(input.dtype)
     if not runs_triton(input, OP):  # ATen's own CPU kernels: batch statistics, then batch_norm with them
         z = _torch_conv(input, weight, bias, stride, padding, dilation)
         zs = z.to(sdtype)
@@ -274,7 +265,7 @@ def _(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, a
     N, C_in, H, W, C_out, KH, KW, OH, OW = geometry(input, weight, stride, padding, dilation)
     check_bn_sizes(C_out, bn_weight=bn_weight, bn_bias=bn_bias)
     z = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
-    return torch.empty_like(z), torch.empty_like(z), input.new_empty(3, C_out, dtype=_stats_dtype(input.dtype))
+    return torch.empty_like(z), torch.empty_like(z), input.new_empty(3, C_out, dtype=compute_dtype(input.dtype))
 
 
 def _train_setup_context(ctx, inputs, output):
@@ -497,7 +488,7 @@ def conv_bn_act2d_backward(
     weight, bn_weight, bn_bias = _dense(weight, bn_weight, bn_bias)
     device = input.device
     acc = _acc_dtype(input.dtype)
-    sdtype = stats.dtype if bn else _stats_dtype(input.dtype)
+    sdtype = stats.dtype if bn else compute_dtype(input.dtype)
     M = N * OH * OW
     K = C_in * KH * KW
     p = (*_hi_lo(p0), *_hi_lo(p1))
@@ -831,14 +822,14 @@ def _empty_batch(input, weight, bias, bn_weight, bn_bias, stride, padding, dilat
     BatchNorm returns early and leaves the running statistics alone)."""
     z = _torch_conv(input, weight, bias, stride, padding, dilation)
     if bn_weight is not None:
-        z = z * _per_channel(bn_weight, z.dtype) + _per_channel(bn_bias, z.dtype)
+        z = z * _vector(bn_weight, z.dtype).view(-1, 1, 1) + _vector(bn_bias, z.dtype).view(-1, 1, 1)
     return z
 
 
 def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked, training,
-            momentum, eps, stride, padding, dilation, activation, activation_params=(), folded=None):
-    """The fused block: autocast, checks, then the training op (+ running update) or the folded eval op.
-    ``folded`` (weight', bias') may be given by a module that caches the folding."""
+            momentum, eps, stride, padding, dilation, activation, activation_params=()):
+    """The fused block: autocast, checks, then the training op (+ running update), or in eval the inference op
+    (BatchNorm in the conv's epilogue) or, when autograd is needed, the folded op."""
     stride, padding, dilation = conv_args(weight, stride, padding, dilation)
     activation, p0, p1 = check_activation(activation, activation_params)
     conv_weight, conv_bias = weight, bias  # eval folds these, not autocast's 16-bit copies
@@ -871,16 +862,12 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
                 running_mean, running_var, num_batches_tracked, stats, count, momentum
             )
         return out
-    if folded is None and not needs_autograd(input, conv_weight, conv_bias, running_mean, running_var, bn_weight,
-                                             bn_bias):
+    if not needs_autograd(input, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias):
         return call_op(torch.ops.dlkern.conv_bn_eval_act2d, input, weight, bias, running_mean, running_var,
                        bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1, allow_tf32)
-    if folded is None:  # autograd through the folding (frozen-BatchNorm fine-tuning)
-        folded = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
-    w, b = folded[0].to(input.dtype), folded[1].to(input.dtype)
-    if not needs_autograd(input, w, b):
-        return call_op(torch.ops.dlkern.conv_bias_act2d, input, w, b, stride, padding, dilation, activation, p0, p1,
-                       allow_tf32, False)[0]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (input, w, b))
+    # Autograd needed: BatchNorm folded into the conv with differentiable ops (frozen-BatchNorm fine-tuning).
+    w, b = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
+    w, b = w.to(input.dtype), b.to(input.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (input, w, b))  # keeps z for the backward
     out, _ = _eval_apply(input, w, b, stride, padding, dilation, activation, p0, p1, allow_tf32, needs_grad)
     return out

@@ -13,7 +13,7 @@ from torch.autograd import forward_ad
 from torch._prims_common import suggest_memory_format
 
 import dlkern._extension  # noqa: F401  (registers torch.ops.dlkern.*)
-from dlkern.ops.autograd_support import call_op, function_apply, needs_autograd
+from dlkern.ops.autograd_support import batch_first, call_op, function_apply, needs_autograd
 
 
 def _pooling_output_size(size, k, pad, stride, dilation, ceil_mode):
@@ -155,15 +155,10 @@ def _max_pool2d_backward_grad(ctx, grad_grad_input):
 
 
 
-def _batched(t, dim, batch_size):
-    """t with its vmap batch dim first (an unbatched t is broadcast over the batch)."""
-    return t.expand(batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
-
-
 def _max_pool2d_vmap(info, in_dims, input, kernel_size, stride, padding, dilation, ceil_mode):
     # Pooling works plane by plane: the batch dims and an example's own N (and C) flatten into one leading dim.
     torch._check(input.dim() - 1 in (3, 4), lambda: "non-empty 3D or 4D (batch mode) tensor expected for input")
-    x = _batched(input, in_dims[0], info.batch_size)
+    x = batch_first(input, in_dims[0], info.batch_size)
     output, indices = torch.ops.dlkern.max_pool2d(
         x.flatten(0, -4), kernel_size, stride, padding, dilation, ceil_mode
     )
@@ -171,7 +166,7 @@ def _max_pool2d_vmap(info, in_dims, input, kernel_size, stride, padding, dilatio
 
 
 def _max_pool2d_backward_vmap(info, in_dims, grad_output, input, indices, *pool_args):
-    go, x, idx = (_batched(t, d, info.batch_size) for t, d in zip((grad_output, input, indices), in_dims))
+    go, x, idx = (batch_first(t, d, info.batch_size) for t, d in zip((grad_output, input, indices), in_dims))
     grad_input = torch.ops.dlkern.max_pool2d_backward(
         go.flatten(0, -4), x.flatten(0, -4), idx.flatten(0, -4), *pool_args
     )

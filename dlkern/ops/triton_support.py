@@ -60,8 +60,8 @@ def fallback_notice(device, op_name):
     return _fallback_message(device.type, op_name)
 
 
-_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + (
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # dlkern/
+_INTERNAL = (  # torch's and dlkern's folders
+    os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
 )
 
 
@@ -84,6 +84,11 @@ def triton_on_cpu():
         yield
     finally:
         _on_cpu = saved
+
+
+def compute_dtype(dtype):
+    """The dtype dlkern computes (and reduces) a tensor of `dtype` in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def kernel_name(kernel):
