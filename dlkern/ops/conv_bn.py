@@ -132,7 +132,7 @@ def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation,
     dst = z if stats else out
     mean, var, gamma, beta, eps = bn_eval if bn_eval is not None else (dst, dst, None, None, 0.0)
     blocks = _fixed(BLOCK_M=128, BLOCK_N=_np2(C_out), BLOCK_K=_np2(C_in * KH * KW))
-    launch(
+    return launch(
         _conv_fwd,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"])),
         input, weight, bias if bias is not None else weight, out if out is not None else dst,
@@ -144,8 +144,7 @@ def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation,
         BN_EVAL=bn_eval is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, ACT=act,
         PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=_acc_dtype(input.dtype),
         DOT_FP32=_dot_fp32(input.dtype), **blocks,
-    )
-    return blocks["BLOCK_M"] if INTERPRETING else _conv_fwd.best_config.kwargs["BLOCK_M"]
+    ).meta["BLOCK_M"]
 
 
 def _dense(*tensors):

@@ -11,11 +11,15 @@ prove that a Triton kernel really ran (a silent fallback to PyTorch would leave 
 import collections
 import contextlib
 import functools
+import inspect
 import os
 import sys
 import warnings
 
 import torch
+import triton
+from triton import knobs
+from triton.runtime import driver
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -98,10 +102,119 @@ def kernel_name(kernel):
     return kernel.__name__
 
 
+def cdiv(a, b):
+    """ceil(a / b) for ints (triton.cdiv costs ~1.5 µs a call on the host)."""
+    return -(-a // b)
+
+
+class Plan:
+    """One kernel launch, decided once per key (see :func:`launch`): the compiled kernel, its grid, and the
+    values of every parameter after the caller's positional arguments (constexprs, the autotuner's tile sizes,
+    defaults), in the kernel's parameter order. ``meta`` maps those parameters' names to their values."""
+
+    __slots__ = ("run", "function", "metadata", "grid", "tail", "meta")
+
+    def __init__(self, compiled, grid, tail, meta):
+        self.run, self.function, self.metadata = compiled.run, compiled.function, compiled.packed_metadata
+        self.grid, self.tail, self.meta = grid, tail, meta
+
+
+class _Unplanned:
+    """What launch() returns where no plan can be kept (the interpreter, a launch hook set): ``meta`` only."""
+
+    __slots__ = ("meta",)
+
+    def __init__(self, meta):
+        self.meta = meta
+
+
+_plans = {}
+_names = {}
+_FLOAT = object()  # floats are not specialized: their values stay out of the key
+_MAX_PLANS = 1 << 14
+
+
+def _plan_key(kernel, device, args, kwargs):
+    """What Triton specializes a launch on, and more: int arguments by value (Triton: == 1, divisible by 16,
+    32/64-bit), tensors by dtype and 16-byte alignment, constexprs by value; plus the current device, which
+    Triton launches on (and loads the compiled kernel for)."""
+    return (
+        id(kernel), device, tuple(kwargs.items()),
+        *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else _FLOAT if type(a) is float else a
+          for a in args],
+    )
+
+
+def _make_plan(kernel, compiled, grid, args, kwargs):
+    """A Plan for the launch that just ran through Triton's own path, or None where there is no compiled kernel
+    to call again (the interpreter)."""
+    fn = kernel
+    while not isinstance(fn, triton.runtime.JITFunction):
+        if not hasattr(fn, "fn"):
+            return None
+        fn = fn.fn
+    if compiled is None or not hasattr(compiled, "packed_metadata"):
+        return None
+    config = getattr(kernel, "best_config", None)
+    values = {**(config.kwargs if config is not None else {}), **kwargs}
+    tail = []
+    for param in fn.params[len(args):]:
+        if param.name in values:
+            tail.append(values[param.name])
+        elif param.default is not inspect.Parameter.empty:
+            tail.append(param.default)
+        else:
+            return None
+    names = [param.name for param in fn.params[len(args):]]
+    return Plan(compiled, tuple(grid) + (1,) * (3 - len(grid)), tuple(tail), dict(zip(names, tail)))
+
+
+def _hooked(chain):
+    """Whether a Triton launch hook is set (a HookChain with calls; None or a bare function in some versions)."""
+    return chain is not None and bool(getattr(chain, "calls", True))
+
+
 def launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``, counted in :data:`launch_counts`."""
-    launch_counts[kernel_name(kernel)] += 1
-    return kernel[grid](*args, **kwargs)
+    """``kernel[grid](*args, **kwargs)``, counted in :data:`launch_counts`; returns the launch's Plan (its
+    ``meta``: the constexprs and the autotuner's choice).
+
+    The first launch with a key (:func:`_plan_key`) takes Triton's own path (binding, specialization, the
+    autotuner, compilation) and keeps what it decided: the compiled kernel, the grid, the trailing arguments.
+    Later launches with that key call the compiled kernel's launcher directly, as ``JITFunction.run`` ends,
+    with none of that per-call work (~3 µs instead of ~15 µs plain, ~40 µs autotuned). A callable grid is
+    evaluated once per key: it may only depend on the arguments and the chosen config, as Triton's does.
+    Positional arguments are the kernel's leading parameters; constexprs come as keywords."""
+    name = _names.get(id(kernel))
+    if name is None:
+        name = _names[id(kernel)] = kernel_name(kernel)
+    launch_counts[name] += 1
+    if INTERPRETING or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+        kernel[grid](*args, **kwargs)  # the interpreter runs Python; launch hooks want Triton's own path
+        config = getattr(kernel, "best_config", None)
+        return _Unplanned({**(config.kwargs if config is not None and not INTERPRETING else {}), **kwargs})
+    gpu = driver.active
+    device = gpu.get_current_device()
+    key = _plan_key(kernel, device, args, kwargs)
+    plan = _plans.get(key)
+    if plan is not None:
+        plan.run(*plan.grid, gpu.get_current_stream(device), plan.function, plan.metadata, None, None, None,
+                 *args, *plan.tail)
+        return plan
+    seen = []
+
+    def recording_grid(meta):
+        seen.append(tuple(grid(meta)))
+        return seen[-1]
+
+    compiled = kernel[recording_grid if callable(grid) else grid](*args, **kwargs)
+    plan = _make_plan(kernel, compiled, seen[-1] if callable(grid) else grid, args, kwargs)
+    if plan is None:
+        config = getattr(kernel, "best_config", None)
+        return _Unplanned({**(config.kwargs if config is not None else {}), **kwargs})
+    if len(_plans) >= _MAX_PLANS:  # shapes without end (a user's every size): start over rather than grow
+        _plans.clear()
+    _plans[key] = plan
+    return plan
 
 
 def sm_count(device):
