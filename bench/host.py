@@ -22,6 +22,7 @@ op: an assumption for cuDNN's and cuBLAS's ops) plus dlkern's Triton launches; `
 kernels among them.
 """
 
+import functools
 import statistics
 import time
 
@@ -29,26 +30,29 @@ import torch
 import torch.nn.functional as TF
 
 import dlkern.functional as F
+from dlkern.catalog import CATALOG
 from dlkern.models import MnistCNN
 from dlkern.ops import triton_support
 from timing import print_table
 
-# dlkern activation -> (dlkern call, eager call), on an input x (channelwise weight w of C elements).
-ACTIVATIONS = {
-    "sigmoid": (F.sigmoid, torch.sigmoid),
-    "tanh": (F.tanh, torch.tanh),
-    "relu": (F.relu, TF.relu),
-    "leaky_relu": (F.leaky_relu, TF.leaky_relu),
-    "prelu": (lambda x, w: F.prelu(x, w), lambda x, w: TF.prelu(x, w)),
-    "elu": (F.elu, TF.elu),
-    "softplus": (F.softplus, TF.softplus),
-    "silu": (F.silu, TF.silu),
-    "gelu": (F.gelu, TF.gelu),
-    "hardsigmoid": (F.hardsigmoid, TF.hardsigmoid),
-    "hardtanh": (F.hardtanh, TF.hardtanh),
+# dlkern activation -> (dlkern call, eager call), on an input x (channelwise weight w of C elements): every
+# activation of the catalog at PyTorch's defaults against the PyTorch function it reproduces; dlkern's own
+# against a composite (swish at beta 1.5, so that it is not SiLU).
+_OWN = {
     "swish": (lambda x: F.swish(x, 1.5), lambda x: x * torch.sigmoid(1.5 * x)),
     "hard_logistic": (F.hard_logistic, lambda x: (0.25 * x + 0.5).clamp(0, 1)),
 }
+
+
+def _calls(a):
+    if a.stock is None:
+        return _OWN[a.name]
+    calls = getattr(F, a.function), a.stock
+    # The keyword that selects the entry (gelu_tanh: approximate='tanh') goes into both calls.
+    return tuple(functools.partial(f, **dict(a.fixed)) for f in calls) if a.fixed else calls
+
+
+ACTIVATIONS = {name: _calls(a) for name, a in CATALOG.items()}
 # ATen ops that launch no kernel on a GPU (views, allocations, metadata), and those that are fills.
 NO_KERNEL = {
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view", "reshape", "_reshape_alias",

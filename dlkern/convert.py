@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 import dlkern.nn as dnn
+from dlkern import catalog
 from dlkern.nn.conv import ConvBNReLU2d, _has_hooks, activation_spec
 
 __all__ = ["convert", "ConversionReport"]
@@ -27,7 +28,8 @@ __all__ = ["convert", "ConversionReport"]
 log = logging.getLogger(__name__)
 
 # Stock module type -> its dlkern twin, built from the stock module's constructor arguments (parameters are
-# then shared, see _twin). Exact types only: a subclass may compute something else.
+# then shared, see _twin). Exact types only: a subclass may compute something else. Every stock module type of
+# the activation catalog has one (tests/test_catalog.py).
 _TWINS = {
     nn.Sigmoid: lambda m: dnn.Sigmoid(),
     nn.Tanh: lambda m: dnn.Tanh(),
@@ -45,8 +47,10 @@ _TWINS = {
                                           m.ceil_mode),
 }
 _DLKERN_TYPES = {getattr(dnn, name) for name in dnn.__all__}
-# Activations the walk may fuse (activation_spec then decides, e.g. it refuses PReLU's learnable weight).
-_ACTIVATION_TYPES = (set(_TWINS) - {nn.MaxPool2d}) | (_DLKERN_TYPES - {dnn.MaxPool2d, ConvBNReLU2d})
+# Activations the walk may fuse: the catalog's module types and dlkern's twins of them (activation_spec then
+# decides, e.g. it refuses PReLU's learnable weight).
+_CATALOG_TYPES = tuple(cls for a in catalog.CATALOG.values() for cls in a.module_types())
+_ACTIVATION_TYPES = {t for t in set(_TWINS) | _DLKERN_TYPES if issubclass(t, _CATALOG_TYPES)}
 
 
 @dataclass

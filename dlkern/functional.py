@@ -6,6 +6,7 @@ import operator
 import torch
 import torch.nn.functional as _F
 
+from dlkern import catalog as _catalog
 from dlkern.ops import activation as _act
 from dlkern.ops import conv_bn as _conv_bn
 from dlkern.ops import max_pool as _max_pool
@@ -157,12 +158,16 @@ def silu(input, inplace=False):
     return _activation(input, "silu", inplace=inplace, aten=lambda: _F.silu(input, inplace))
 
 
+# approximate -> the catalog's activation: {"none": "gelu", "tanh": "gelu_tanh"}
+_GELU = {dict(a.fixed)["approximate"]: a.name for a in _catalog.CATALOG.values() if a.function == "gelu"}
+
+
 def gelu(input, approximate="none"):
     """``torch.nn.functional.gelu``: x * Phi(x) (``approximate='none'``) or its tanh approximation (``'tanh'``)."""
-    if approximate not in ("none", "tanh"):
+    act = _GELU.get(approximate) if isinstance(approximate, str) else None
+    if act is None:
         raise RuntimeError("approximate argument must be either none or tanh.")
-    return _activation(input, "gelu" if approximate == "none" else "gelu_tanh",
-                       aten=lambda: _F.gelu(input, approximate=approximate))
+    return _activation(input, act, aten=lambda: _F.gelu(input, approximate=approximate))
 
 
 def hardsigmoid(input, inplace=False):

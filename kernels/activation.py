@@ -2,8 +2,9 @@
 the per-channel reduction that turns PReLU/Swish parameter-gradient contributions into a gradient.
 
 Every activation is a pair of helpers, ``act_fwd`` (f) and ``act_grad`` (f' from the input), selected by the
-string constexpr ``ACT``; the fused Conv+BN block imports the same two helpers. Parameters: ``p0``/``p1`` (see
-the table in :func:`act_fwd`), scalars or, for ``prelu``/``swish``, blocks broadcastable to ``x``.
+string constexpr ``ACT`` (a name of ``dlkern.catalog.ACTIVATIONS``); the fused Conv+BN block imports the same
+two helpers. Parameters: ``p0``/``p1`` (see the table in :func:`act_fwd`), scalars or, for ``prelu``/``swish``,
+blocks broadcastable to ``x``.
 
 Arithmetic runs in the dtype of ``x`` as the caller gives it: the kernels here upcast fp16/bf16 to fp32 and keep
 fp64 in fp64. There is no libdevice anywhere (it cannot run in Triton's interpreter), so tanh, expm1 and log1p
@@ -21,7 +22,7 @@ PyTorch's formulas give NaN.
 import triton
 import triton.language as tl
 
-from dlkern.ops.triton_support import INTERPRETING
+from dlkern._interpret import INTERPRETING
 
 # GELU constants (constexpr: the only globals a compiled kernel may read): 1/sqrt(2), 1/sqrt(2*pi), and the tanh
 # approximation's sqrt(2/pi) and cubic coefficient.
@@ -30,6 +31,7 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 K_BETA = tl.constexpr(0.7978845608028654)
 K_KAPPA = tl.constexpr(0.044715)
 
+# Until dlkern.ops reads dlkern.catalog.ACTIVATIONS: the same names (tests/test_catalog.py checks act_fwd's).
 ACTIVATIONS = (
     "relu", "leaky_relu", "prelu", "elu", "softplus", "silu", "swish", "gelu", "gelu_tanh", "sigmoid", "tanh",
     "hardsigmoid", "hardtanh", "hard_logistic",

@@ -21,6 +21,7 @@ import torch.nn.functional as TF
 
 import dlkern.functional as F
 import dlkern.nn as dnn
+from dlkern import catalog
 from dlkern.ops import activation as ops
 from dlkern.ops import triton_support
 from helpers import DEVICES, FLOAT_DTYPES, TOLERANCES, assert_close
@@ -412,7 +413,7 @@ def test_modules_match_torch(name, args, kwargs):
     with launches(FWD):
         y = ours(x.clone())
     assert_close(y, theirs.double()(x.double()))
-    (act, p0, p1), (act_t, p0_t, p1_t) = ops.activation_spec(ours), ops.activation_spec(theirs)
+    (act, p0, p1), (act_t, p0_t, p1_t) = catalog.activation_spec(ours), catalog.activation_spec(theirs)
     assert act == act_t and p1 == p1_t
     assert torch.equal(p0, p0_t) if isinstance(p0, torch.Tensor) else p0 == p0_t
 
@@ -448,9 +449,9 @@ def test_activation_spec():
         dnn.HardLogistic(): ("hard_logistic", 0.0, 0.0),
     }
     for module, spec in specs.items():
-        assert ops.activation_spec(module) == spec, module
+        assert catalog.activation_spec(module) == spec, module
     for module in (nn.Identity(), nn.Mish(), nn.SELU(), nn.Softmax(1)):
-        assert ops.activation_spec(module) is None
+        assert catalog.activation_spec(module) is None
 
 
 # ---------------------------------------------------------------------------------------------------- integration
@@ -463,14 +464,14 @@ def _opcheck_cases():
     params = {"leaky_relu": (0.1, 0.0), "prelu": (0.25, 0.0), "elu": (1.3, 0.0), "softplus": (2.0, 5.0),
               "swish": (1.7, 0.0), "hardtanh": (-0.5, 2.0)}
     dl = torch.ops.dlkern
-    for act in ops.ACTIVATIONS:
+    for act in catalog.ACTIVATIONS:
         p0, p1 = params.get(act, (0.0, 0.0))
         yield act, dl.activation.default, (x.clone().requires_grad_(), act, p0, p1)
         yield act + "_", dl.activation_.default, (x.clone(), act, p0, p1)
-        from_output = act in ops.SAVE_OUTPUT
+        from_output = act in catalog.SAVE_OUTPUT
         yield act + "_backward", dl.activation_backward.default, (g, x.sigmoid() if from_output else x, act, p0, p1,
                                                                    from_output)
-    for act in ops.CHANNELWISE:
+    for act in catalog.CHANNELWISE:
         yield act + "_channelwise", dl.activation_channelwise.default, (x.clone().requires_grad_(),
                                                                         w.clone().requires_grad_(), act)
         yield act + "_channelwise_backward", dl.activation_channelwise_backward.default, (g, x, w, act, True)

@@ -377,8 +377,8 @@ def test_eval_sees_new_parameters():
 
 def test_every_activation_name_of_the_op():
     """ConvBNReLU2d(activation=name) accepts exactly the names conv_bn_act2d accepts, with the same defaults."""
+    from dlkern.catalog import FUSABLE, check_activation
     from dlkern.nn.conv import activation_spec
-    from dlkern.ops.conv_bn import FUSABLE, check_activation
 
     torch.manual_seed(7)
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)

@@ -3,34 +3,36 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from dlkern import catalog
+from dlkern.nn import activation as _activation_modules  # noqa: F401 (resolves the catalog's Swish, HardLogistic)
 from dlkern.nn._jit import NotScriptable
-from dlkern.nn.activation import HardLogistic, Swish
 from dlkern.ops import conv_bn as _ops
-from dlkern.ops.activation import activation_spec as family_spec
 
-# The module ConvBNReLU2d(activation=name) holds for each name conv_bn_act2d accepts (_ops.FUSABLE), built with
-# that op's default parameters (_ops.DEFAULT_PARAMS), so both APIs compute the same function for a name.
-_DEFAULTS = _ops.DEFAULT_PARAMS
-_NAMED = {
-    "none": nn.Identity, "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(_DEFAULTS["leaky_relu"][0]),
-    "elu": lambda: nn.ELU(_DEFAULTS["elu"][0]), "softplus": lambda: nn.Softplus(*_DEFAULTS["softplus"]),
-    "silu": nn.SiLU, "swish": lambda: Swish(_DEFAULTS["swish"][0]), "gelu": nn.GELU,
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
-    "hardsigmoid": nn.Hardsigmoid, "hardtanh": lambda: nn.Hardtanh(*_DEFAULTS["hardtanh"]),
-    "hard_logistic": HardLogistic,
-}
+
+def _named(name):
+    """The module ConvBNReLU2d(activation=name) holds: the catalog's module for the name at the catalog's
+    (PyTorch's) defaults, which conv_bn_act2d(activation=name) takes too: both APIs compute the same function."""
+    if name == "none":
+        return nn.Identity()
+    entry = catalog.CATALOG[name]
+    return entry.module_types()[0](**entry.kwargs())
+
+
+# For the message: the module types whose activations the block fuses (dlkern.nn's subclasses too).
+_FUSABLE_MODULES = ", ".join(dict.fromkeys(
+    cls.__name__ for a in catalog.CATALOG.values() if a.fusable for cls in a.module_types()))
 
 
 def activation_spec(module):
     """(name, p0, p1) for fusing `module` (None or nn.Identity: no activation); raises for what cannot be fused."""
     if module is None or type(module) is nn.Identity:
         return "none", 0.0, 0.0
-    spec = family_spec(module)
-    if spec is None or any(isinstance(p, torch.Tensor) for p in spec[1:]) or any(True for _ in module.parameters()):
+    spec = catalog.activation_spec(module)
+    if (spec is None or spec[0] not in catalog.FUSABLE or any(isinstance(p, torch.Tensor) for p in spec[1:])
+            or any(True for _ in module.parameters())):
         raise NotImplementedError(
-            f"ConvBNReLU2d: cannot fuse activation {module!r}: fusable are ReLU, LeakyReLU, ELU, Softplus, SiLU, "
-            "GELU, Sigmoid, Tanh, Hardsigmoid, Hardtanh and dlkern's parameter-free activations; activations "
-            "with learnable parameters (PReLU, Swish with a tensor beta) are not fused"
+            f"ConvBNReLU2d: cannot fuse activation {module!r}: fusable are {_FUSABLE_MODULES} (torch.nn's or "
+            "dlkern.nn's); activations with learnable parameters (PReLU, Swish with a tensor beta) are not fused"
         )
     return spec
 
@@ -71,9 +73,9 @@ class ConvBNReLU2d(NotScriptable, nn.Sequential):
                  activation="relu", device=None, dtype=None):
         _check_conv(groups, padding_mode)
         if isinstance(activation, str):
-            if activation not in _ops.FUSABLE:
-                raise ValueError(f"ConvBNReLU2d: unknown activation {activation!r}; names: {sorted(_ops.FUSABLE)}")
-            activation = _NAMED[activation]()
+            if activation not in catalog.FUSABLE:
+                raise ValueError(f"ConvBNReLU2d: unknown activation {activation!r}; names: {sorted(catalog.FUSABLE)}")
+            activation = _named(activation)
         factory = dict(device=device, dtype=dtype)
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, **factory)
