@@ -31,12 +31,6 @@ INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 K_BETA = tl.constexpr(0.7978845608028654)
 K_KAPPA = tl.constexpr(0.044715)
 
-# Until dlkern.ops reads dlkern.catalog.ACTIVATIONS: the same names (tests/test_catalog.py checks act_fwd's).
-ACTIVATIONS = (
-    "relu", "leaky_relu", "prelu", "elu", "softplus", "silu", "swish", "gelu", "gelu_tanh", "sigmoid", "tanh",
-    "hardsigmoid", "hardtanh", "hard_logistic",
-)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Math helpers

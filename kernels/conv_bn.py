@@ -5,9 +5,9 @@ The convolution is an implicit GEMM: rows m = (n, oh, ow) (M = N*OH*OW), columns
 reduction index k flattens (c_in, kh, kw) (K = C_in*KH*KW) so a 1-channel first layer still fills a K >= 16 dot.
 Every tensor is addressed through its four strides (NCHW and channels_last alike), with 64-bit offsets.
 
-Training forward:  conv_fwd_kernel (STATS: z + per-tile (mean, M2))  -> bn_stats_finalize_kernel (Chan merge)
-                   -> bn_act_fwd_kernel (normalize + activation);  bn_running_update_kernel updates the buffers.
-Eval forward:      conv_fwd_kernel with BatchNorm folded into weight and bias, activation in the epilogue.
+Training forward:  conv_fwd_kernel (STATS: z + per-tile (mean, M2))  -> bn_stats_finalize_kernel (Chan merge,
+                   running statistics updated) -> bn_act_fwd_kernel (normalize + activation): 3 launches.
+Eval forward:      conv_fwd_kernel with BatchNorm (BN_EVAL) or a folded bias, activation in the epilogue.
 Backward:          bn_act_bwd_reduce_kernel (per-split sums of g_u and g_u*x_hat) -> bn_bwd_finalize_kernel,
                    then conv_bwd_input_kernel and conv_bwd_weight_kernel (split over M, deterministic
                    sum_splits_kernel), both turning grad_output into grad_z on the fly as they load it.
@@ -161,12 +161,18 @@ def conv_fwd_kernel(
 
 @triton.jit
 def bn_stats_finalize_kernel(
-    part_ptr, stats_ptr, C, M, num_tiles, eps_hi, eps_lo,
-    TILE_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    part_ptr, stats_ptr, running_mean_ptr, running_var_ptr, nbt_ptr, C, M, num_tiles, eps_hi, eps_lo,
+    momentum_hi, momentum_lo,
+    TILE_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, TRACK: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
 ):
     """Merges the per-tile (count, mean, M2) of conv_fwd_kernel into stats[0] = mean, stats[1] = 1/sqrt(var + eps),
     stats[2] = var (biased). A block of tiles is combined about its own mean, blocks in order with Chan's
-    formula: no sum/sum-of-squares cancellation, and the same order (so the same bits) on every run."""
+    formula: no sum/sum-of-squares cancellation, and the same order (so the same bits) on every run.
+
+    With TRACK it also updates the running statistics as BatchNorm does: running = (1 - f)*running + f*batch,
+    the variance unbiased by M/(M - 1), with f = momentum, or with CUMULATIVE f = 1/(num_batches_tracked + 1):
+    the counter is read here and incremented by bn_act_fwd_kernel, which runs after every program of this one."""
     offs_c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     dtype = stats_ptr.dtype.element_ty
@@ -194,15 +200,34 @@ def bn_stats_finalize_kernel(
     tl.store(stats_ptr + offs_c, mean, mask=mask_c)
     tl.store(stats_ptr + C + offs_c, 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, dtype)), mask=mask_c)
     tl.store(stats_ptr + 2 * C + offs_c, var, mask=mask_c)
+    if TRACK:
+        buf_dtype = running_mean_ptr.dtype.element_ty
+        if CUMULATIVE:
+            factor = 1.0 / (tl.load(nbt_ptr) + 1).to(tl.float64)
+        else:
+            factor = _scalar(momentum_hi, momentum_lo, tl.float64)
+        f = factor.to(buf_dtype)  # PyTorch computes (1 - f)*r + f*s in the buffer's dtype
+        n = tl.cast(M, tl.float64)
+        unbiased = var * (n / (n - 1.0)).to(dtype)
+        rm = tl.load(running_mean_ptr + offs_c, mask=mask_c)
+        rv = tl.load(running_var_ptr + offs_c, mask=mask_c)
+        tl.store(running_mean_ptr + offs_c, (1 - f) * rm + f * mean.to(buf_dtype), mask=mask_c)
+        tl.store(running_var_ptr + offs_c, (1 - f) * rv + f * unbiased.to(buf_dtype), mask=mask_c)
 
 
 @triton.jit
 def bn_act_fwd_kernel(
-    z_ptr, out_ptr, stats_ptr, gamma_ptr, beta_ptr, numel, C, c_stride, p0_hi, p0_lo, p1_hi, p1_lo,
-    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr,
+    z_ptr, out_ptr, stats_ptr, gamma_ptr, beta_ptr, nbt_ptr, numel, C, c_stride, p0_hi, p0_lo, p1_hi, p1_lo,
+    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, COUNT_BATCH: tl.constexpr,
 ):
-    """out = act(gamma*(z - mean)*invstd + beta), elementwise over z and out, which share one dense layout."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """out = act(gamma*(z - mean)*invstd + beta), elementwise over z and out, which share one dense layout.
+    With COUNT_BATCH, program 0 also does BatchNorm's num_batches_tracked += 1 (after bn_stats_finalize_kernel
+    read it)."""
+    pid = tl.program_id(0)
+    if COUNT_BATCH:
+        if pid == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     c = (offs // c_stride) % C
     dtype = stats_ptr.dtype.element_ty
@@ -213,35 +238,6 @@ def bn_act_fwd_kernel(
     p0 = _scalar(p0_hi, p0_lo, dtype)
     p1 = _scalar(p1_hi, p1_lo, dtype)
     tl.store(out_ptr + offs, _act(u, ACT, p0, p1).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def bn_running_update_kernel(
-    running_mean_ptr, running_var_ptr, nbt_ptr, stats_ptr, C, count, momentum_hi, momentum_lo,
-    HAS_NBT: tl.constexpr, CUMULATIVE: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """running = (1 - f)*running + f*batch (var unbiased by n/(n-1)); num_batches_tracked += 1 first, and with
-    momentum=None f = 1/num_batches_tracked. One program, so the counter is read and written once, on device."""
-    dtype = running_mean_ptr.dtype.element_ty
-    factor = _scalar(momentum_hi, momentum_lo, tl.float64)
-    if HAS_NBT:
-        nbt = tl.load(nbt_ptr) + 1
-        tl.store(nbt_ptr, nbt)
-        if CUMULATIVE:
-            factor = 1.0 / nbt.to(tl.float64)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask = offs_c < C
-        mean = tl.load(stats_ptr + offs_c, mask=mask)
-        # The unbiased variance, var*n/(n - 1), for the running estimate.
-        n = tl.cast(count, tl.float64)
-        var = tl.load(stats_ptr + 2 * C + offs_c, mask=mask) * (n / (n - 1.0)).to(stats_ptr.dtype.element_ty)
-        rm = tl.load(running_mean_ptr + offs_c, mask=mask)
-        rv = tl.load(running_var_ptr + offs_c, mask=mask)
-        # PyTorch computes (1 - f)*r + f*s in the buffer's dtype.
-        f = factor.to(dtype)
-        tl.store(running_mean_ptr + offs_c, (1 - f) * rm + f * mean.to(dtype), mask=mask)
-        tl.store(running_var_ptr + offs_c, (1 - f) * rv + f * var.to(dtype), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------- backward

@@ -21,7 +21,7 @@ from dlkern.ops import conv_bn as ops
 from dlkern.ops import triton_support
 from helpers import DEVICES, assert_close
 
-TRAIN_KERNELS = ("conv_fwd_kernel", "bn_stats_finalize_kernel", "bn_act_fwd_kernel", "bn_running_update_kernel")
+TRAIN_KERNELS = ("conv_fwd_kernel", "bn_stats_finalize_kernel", "bn_act_fwd_kernel")  # running stats updated too
 BACKWARD_KERNELS = ("bn_act_bwd_reduce_kernel", "bn_bwd_finalize_kernel", "conv_bwd_input_kernel",
                     "conv_bwd_weight_kernel", "sum_splits_kernel")
 
@@ -237,17 +237,20 @@ def test_opcheck():
         torch.randn(3, requires_grad=True)
     gamma, beta = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
     geo = ([1, 1], [1, 1, 0, 1], [1, 1])
-    out, z, stats = torch.ops.dlkern.conv_bn_act2d(x, w, b, gamma, beta, 1e-5, *geo, "relu", 0.0, 0.0, False)
-    torch.library.opcheck(torch.ops.dlkern.conv_bn_act2d, (x, w, b, gamma, beta, 1e-5, *geo, "relu", 0.0, 0.0, False))
+    no_running = (None, None, None, 0.1)
+    out, z, stats = torch.ops.dlkern.conv_bn_act2d(x, w, b, gamma, beta, *no_running, 1e-5, *geo, "relu", 0.0, 0.0,
+                                                   False)
+    torch.library.opcheck(torch.ops.dlkern.conv_bn_act2d,
+                          (x, w, b, gamma, beta, *no_running, 1e-5, *geo, "relu", 0.0, 0.0, False))
+    for momentum in (0.1, None):  # with the running statistics (written in place), momentum or cumulative
+        running = (torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long), momentum)
+        torch.library.opcheck(torch.ops.dlkern.conv_bn_act2d,
+                              (x, w, b, gamma, beta, *running, 1e-5, *geo, "relu", 0.0, 0.0, False))
     torch.library.opcheck(torch.ops.dlkern.conv_bias_act2d, (x, w, b, *geo, "gelu", 0.0, 0.0, False, True))
     running = (torch.randn(3), torch.rand(3) + 0.5)
     torch.library.opcheck(torch.ops.dlkern.conv_bn_eval_act2d,
                           (x.detach(), w.detach(), b.detach(), *running, gamma.detach(), beta.detach(), 1e-5, *geo,
                            "silu", 0.0, 0.0, False))
-    torch.library.opcheck(
-        torch.ops.dlkern.bn_update_running_stats,
-        (torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long), stats.detach(), 30, None),
-    )
     g = torch.randn_like(out)
     torch.library.opcheck(
         torch.ops.dlkern.conv_bn_act2d_backward,
@@ -499,17 +502,12 @@ def test_batchnorm_tensor_sizes(training, sizes):
         torch.compile(ours, fullgraph=True, backend="aot_eager")(x, w)
     # The ops check too (their fakes as well, under FakeTensorMode), whoever calls them.
     geo = ([1, 1], [0, 0, 0, 0], [1, 1])
-    if "bn_weight" in sizes or "bn_bias" in sizes:
-        with pytest.raises(RuntimeError, match="should contain 4 elements not"):
-            torch.ops.dlkern.conv_bn_act2d(x, w, None, a["bn_weight"], a["bn_bias"], 1e-5, *geo, "relu", 0.0, 0.0,
-                                           False)
-    else:
-        stats = torch.ones(3, 4)
-        with pytest.raises(RuntimeError, match=re.escape(message)):
-            torch.ops.dlkern.bn_update_running_stats(a["running_mean"], a["running_var"], None, stats, 18, 0.1)
-        with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=re.escape(message)):
-            torch.ops.dlkern.bn_update_running_stats(*(mode.from_tensor(t) for t in (
-                a["running_mean"], a["running_var"])), None, mode.from_tensor(stats), 18, 0.1)
+    args = (x, w, None, a["bn_weight"], a["bn_bias"], a["running_mean"], a["running_var"], None, 0.1, 1e-5, *geo,
+            "relu", 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        torch.ops.dlkern.conv_bn_act2d(*args)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=re.escape(message)):
+        torch.ops.dlkern.conv_bn_act2d(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
 
 
 @pytest.mark.parametrize(
@@ -709,7 +707,7 @@ def test_eval_inference_is_one_launch(layout, affine, path, monkeypatch):
     now -- one launch per block, nothing folded on the host, never stale -- matching stock eval, strided running
     buffers included."""
     if path == "composite":
-        monkeypatch.setattr(ops, "runs_triton", lambda t, name: False)
+        monkeypatch.setattr(triton_support, "_composite_forced", True)
     torch.manual_seed(11)
     bn_kw = {} if affine == "both" else dict(affine=False) if affine == "none" else {}
     block, stock = make_pair(3, 4, 3, torch.float64, padding=1, bn_kw=bn_kw)

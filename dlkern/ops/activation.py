@@ -1,6 +1,6 @@
-"""The activation family as torch.library custom ops: registration, launchers, fakes and autograd.
+"""The activation family as torch.library ops (registered by dlkern/ops/library.py): launchers, fakes, autograd.
 
-Ops (namespace ``dlkern``; ``act`` is a name from ``dlkern.kernels.activation.ACTIVATIONS``, p0/p1 its scalar
+Ops (namespace ``dlkern``; ``act`` is a name from ``dlkern.catalog.ACTIVATIONS``, p0/p1 its scalar
 parameters as in :func:`activation_spec`):
 
 - ``activation(Tensor x, str act, float p0, float p1) -> Tensor``
@@ -12,7 +12,7 @@ parameters as in :func:`activation_spec`):
   -> (Tensor, Tensor)``: the weight gradient is empty when weight_grad is False.
 
 CUDA tensors run the Triton kernels (and so do CPU tensors under TRITON_INTERPRET=1); other CPU tensors run
-an equivalent PyTorch composite after a one-time warning. None of them reads tensor values on the host.
+an equivalent PyTorch composite after a one-time warning (the dispatcher picks by device). None of them reads tensor values on the host.
 Outputs have the input's strides when it is dense (``empty_like``), as PyTorch's elementwise ops. Every op has a
 vmap rule. Autograd (reverse mode, forward mode, double backward, torch.func) lives in the
 ``torch.autograd.Function``s at the end, which dlkern.functional calls; ``activation`` and ``activation_channelwise``
@@ -22,63 +22,21 @@ also register their Function's backward, for direct calls of the op (reverse mod
 import math
 
 import torch
-import triton
 
 from dlkern.kernels.activation import (
-    ACTIVATIONS,
     activation_bwd_kernel,
     activation_fwd_kernel,
     channel_sum_kernel,
 )
 from dlkern.ops.autograd_support import batch_first, call_op, function_apply, needs_autograd
-from dlkern.ops.triton_support import compute_dtype, INTERPRETING, launch, runs_triton, sm_count
+from dlkern.ops.library import define, LIB
+from dlkern.ops.triton_support import cdiv, compute_dtype, INTERPRETING, launch, next_power_of_2, sm_count
 
-# Out of place, the backward reads the output where ATen's does and it is exact; every other op saves its input.
-SAVE_OUTPUT = frozenset({"sigmoid", "tanh", "relu"})
-# In place, the input is gone: these backwards read the output, exactly as ATen's relu_/leaky_relu_/elu_/sigmoid_/
-# tanh_ (so a later in-place op on the output makes the backward raise, as in PyTorch). The others (hardtanh, silu,
-# hardsigmoid, ...) keep a copy of the input, as ATen's do (hardtanh_ clones its input: a later in-place op works).
-INPLACE_FROM_OUTPUT = frozenset({"sigmoid", "tanh", "relu", "leaky_relu", "elu"})
-CHANNELWISE = frozenset({"prelu", "swish"})
-
-
-def activation_spec(module):
-    """``(act, p0, p1)`` for a torch.nn (or dlkern.nn) activation module, or None for one dlkern does not cover.
-
-    ``act`` names the activation for ``act_fwd``/``act_grad`` (dlkern.kernels.activation); p0/p1 are floats,
-    except for PReLU's weight and a learnable Swish's beta, which are the module's Parameter (1 or C elements).
-    ReLU6 maps to ``("hardtanh", 0.0, 6.0)``.
-    """
-    from dlkern.nn.activation import HardLogistic, Swish  # dlkern.nn imports this module
-
-    nn = torch.nn
-    if isinstance(module, nn.ReLU):
-        return "relu", 0.0, 0.0
-    if isinstance(module, nn.LeakyReLU):
-        return "leaky_relu", float(module.negative_slope), 0.0
-    if isinstance(module, nn.PReLU):
-        return "prelu", module.weight, 0.0
-    if isinstance(module, nn.ELU):
-        return "elu", float(module.alpha), 0.0
-    if isinstance(module, nn.Softplus):
-        return "softplus", float(module.beta), float(module.threshold)
-    if isinstance(module, nn.SiLU):
-        return "silu", 0.0, 0.0
-    if isinstance(module, nn.GELU):
-        return ("gelu" if module.approximate == "none" else "gelu_tanh"), 0.0, 0.0
-    if isinstance(module, nn.Sigmoid):
-        return "sigmoid", 0.0, 0.0
-    if isinstance(module, nn.Tanh):
-        return "tanh", 0.0, 0.0
-    if isinstance(module, nn.Hardsigmoid):
-        return "hardsigmoid", 0.0, 0.0
-    if isinstance(module, nn.Hardtanh):  # also ReLU6
-        return "hardtanh", float(module.min_val), float(module.max_val)
-    if isinstance(module, Swish):
-        return "swish", module.beta if module.learnable else float(module.beta), 0.0
-    if isinstance(module, HardLogistic):
-        return "hard_logistic", 0.0, 0.0
-    return None
+# The family's names and rules (what the backward saves, in place too; tensor parameters) live in dlkern/catalog.py;
+# activation_spec (module -> (act, p0, p1)) stays importable here.
+from dlkern.catalog import (  # noqa: F401
+    ACTIVATIONS, CHANNELWISE, INPLACE_FROM_OUTPUT, SAVE_OUTPUT, SCALAR_PARAM_COUNT, activation_spec,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,7 +47,7 @@ def activation_spec(module):
 KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 # Scalar parameters per activation. ATen converts them to the math type (float for fp16/bf16/fp32 inputs, double
 # for fp64), hardtanh's bounds to the input's dtype itself, and refuses a finite value beyond that type's range.
-_PARAM_COUNT = {"leaky_relu": 1, "elu": 1, "softplus": 2, "swish": 1, "hardtanh": 2}
+_PARAM_COUNT = SCALAR_PARAM_COUNT
 _TYPE_LIMITS = {dt: (name, torch.finfo(dt).max) for dt, name in (
     (torch.float16, "c10::Half"), (torch.bfloat16, "c10::BFloat16"), (torch.float32, "float"),
     (torch.float64, "double"))}
@@ -209,7 +167,7 @@ def _size_bucket(numel):
 
 
 def _grid(numel):
-    return lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
+    return lambda meta: (cdiv(numel, meta["BLOCK"]),)
 
 
 def _launch_forward(y, x, act, p0, p1, weight=None):
@@ -269,22 +227,22 @@ def _channel_sum(elems, channels):
     else:  # dense: memory is an (O, C, I) array with I = stride of the channel dim
         I = elems.stride(1)
         O = numel // (channels * I)
-    block_c = min(triton.next_power_of_2(channels), 64) if I == 1 else 1
+    block_c = min(next_power_of_2(channels), 64) if I == 1 else 1
     # Under the interpreter, small tiles and two splits let the tests' tiny tensors cross both boundaries.
     block_k = 16 if INTERPRETING else max(16, min(1024, 4096 // block_c))
     # Enough (channel block, split) programs to fill a GPU; the split depends on the shape only.
-    c_blocks = triton.cdiv(channels, block_c)
+    c_blocks = cdiv(channels, block_c)
     target = 2 if INTERPRETING else 4 * sm_count(elems.device)
-    splits = max(1, min(triton.cdiv(target, c_blocks), triton.cdiv(O * I, block_k)))
-    chunk = triton.cdiv(triton.cdiv(O * I, splits), block_k) * block_k
-    splits = triton.cdiv(O * I, chunk)
+    splits = max(1, min(cdiv(target, c_blocks), cdiv(O * I, block_k)))
+    chunk = cdiv(cdiv(O * I, splits), block_k) * block_k
+    splits = cdiv(O * I, chunk)
     partial = torch.empty((splits, channels), dtype=elems.dtype, device=elems.device)
     launch(channel_sum_kernel, (c_blocks, splits), elems, partial, O, channels, I, O * I, chunk,
            BLOCK_C=block_c, BLOCK_K=block_k)
     total = torch.empty((1, channels), dtype=elems.dtype, device=elems.device)
-    block_c = min(triton.next_power_of_2(channels), 64)
-    launch(channel_sum_kernel, (triton.cdiv(channels, block_c), 1), partial, total, splits, channels, 1, splits, splits,
-           BLOCK_C=block_c, BLOCK_K=min(triton.next_power_of_2(splits), 64))
+    block_c = min(next_power_of_2(channels), 64)
+    launch(channel_sum_kernel, (cdiv(channels, block_c), 1), partial, total, splits, channels, 1, splits, splits,
+           BLOCK_C=block_c, BLOCK_K=min(next_power_of_2(splits), 64))
     return total.view(channels)
 
 
@@ -443,79 +401,96 @@ def _composite_channelwise_jvp(x, weight, act, x_t, w_t):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("dlkern::activation", mutates_args=())
-def activation(x: torch.Tensor, act: str, p0: float, p1: float) -> torch.Tensor:
+def _activation_triton(x, act, p0, p1):
     _check_input(x, act, p0, p1)
     y = torch.empty_like(x)
-    if runs_triton(x, act):
-        _launch_forward(y, x, act, p0, p1)
-    else:
-        y.copy_(composite_forward(x, act, p0, p1))
+    _launch_forward(y, x, act, p0, p1)
     return y
 
 
-@activation.register_fake
-def _(x, act, p0, p1):
+def _activation_composite(x, act, p0, p1):
+    _check_input(x, act, p0, p1)
+    return torch.empty_like(x).copy_(composite_forward(x, act, p0, p1))
+
+
+def _activation_fake(x, act, p0, p1):
     _check_input(x, act, p0, p1)
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("dlkern::activation_", mutates_args=("x",))
-def activation_(x: torch.Tensor, act: str, p0: float, p1: float) -> None:
+def _act_name(index):
+    """For the CPU fallback's warning: the activation's name, the op's argument at `index`."""
+    return lambda *args: args[index]
+
+
+activation = define("activation(Tensor x, str act, float p0, float p1) -> Tensor",
+                    _activation_triton, _activation_composite, _activation_fake, _act_name(1))
+
+
+def _activation_inplace_triton(x, act, p0, p1):
     _check_input(x, act, p0, p1)
     _check_inplace(x)
-    if runs_triton(x, act):
-        _launch_forward(x, x, act, p0, p1)
-    else:
-        x.copy_(composite_forward(x, act, p0, p1))
+    _launch_forward(x, x, act, p0, p1)
 
 
-@activation_.register_fake
-def _(x, act, p0, p1):
+def _activation_inplace_composite(x, act, p0, p1):
+    _check_input(x, act, p0, p1)
+    _check_inplace(x)
+    x.copy_(composite_forward(x, act, p0, p1))
+
+
+def _activation_inplace_fake(x, act, p0, p1):
     _check_input(x, act, p0, p1)
 
 
-@torch.library.custom_op("dlkern::activation_backward", mutates_args=())
-def activation_backward(
-    grad_output: torch.Tensor, saved: torch.Tensor, act: str, p0: float, p1: float, saved_is_output: bool
-) -> torch.Tensor:
+activation_ = define("activation_(Tensor(a!) x, str act, float p0, float p1) -> ()",
+                     _activation_inplace_triton, _activation_inplace_composite, _activation_inplace_fake,
+                     _act_name(1))
+
+
+def _activation_backward_triton(grad_output, saved, act, p0, p1, saved_is_output):
     dx = torch.empty_like(saved)
-    if runs_triton(saved, act):
-        _launch_backward(dx, grad_output, saved, act, p0, p1, saved_is_output)
-    else:
-        dx.copy_(composite_backward(grad_output, saved, act, p0, p1, saved_is_output))
+    _launch_backward(dx, grad_output, saved, act, p0, p1, saved_is_output)
     return dx
 
 
-@activation_backward.register_fake
-def _(grad_output, saved, act, p0, p1, saved_is_output):
+def _activation_backward_composite(grad_output, saved, act, p0, p1, saved_is_output):
+    return torch.empty_like(saved).copy_(composite_backward(grad_output, saved, act, p0, p1, saved_is_output))
+
+
+def _activation_backward_fake(grad_output, saved, act, p0, p1, saved_is_output):
     return torch.empty_like(saved)
 
 
-@torch.library.custom_op("dlkern::activation_channelwise", mutates_args=())
-def activation_channelwise(x: torch.Tensor, weight: torch.Tensor, act: str) -> torch.Tensor:
+activation_backward = define(
+    "activation_backward(Tensor grad_output, Tensor saved, str act, float p0, float p1, bool saved_is_output) "
+    "-> Tensor",
+    _activation_backward_triton, _activation_backward_composite, _activation_backward_fake, _act_name(2),
+)
+
+
+def _channelwise_triton(x, weight, act):
     _check_channelwise(x, weight, act)
     y = torch.empty_like(x)
-    if runs_triton(x, act):
-        _launch_forward(y, x, act, 0.0, 0.0, weight)
-    else:
-        y.copy_(composite_forward(x, act, 0.0, 0.0, weight))
+    _launch_forward(y, x, act, 0.0, 0.0, weight)
     return y
 
 
-@activation_channelwise.register_fake
-def _(x, weight, act):
+def _channelwise_composite(x, weight, act):
+    _check_channelwise(x, weight, act)
+    return torch.empty_like(x).copy_(composite_forward(x, act, 0.0, 0.0, weight))
+
+
+def _channelwise_fake(x, weight, act):
     _check_channelwise(x, weight, act)
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("dlkern::activation_channelwise_backward", mutates_args=())
-def activation_channelwise_backward(
-    grad_output: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, act: str, weight_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if not runs_triton(x, act):
-        dx, dw = composite_channelwise_backward(grad_output, x, weight, act, weight_grad)
-        return torch.empty_like(x).copy_(dx), weight.new_empty(0) if dw is None else dw
+activation_channelwise = define("activation_channelwise(Tensor x, Tensor weight, str act) -> Tensor",
+                                _channelwise_triton, _channelwise_composite, _channelwise_fake, _act_name(2))
+
+
+def _channelwise_backward_triton(grad_output, x, weight, act, weight_grad):
     dx = torch.empty_like(x)
     channels = 1 if weight.numel() == 1 else weight.numel()
     dw_elems = torch.empty_like(dx, dtype=compute_dtype(x.dtype)) if weight_grad else None
@@ -527,10 +502,21 @@ def activation_channelwise_backward(
     return dx, _channel_sum(dw_elems, channels).to(weight.dtype).view(weight.shape)
 
 
-@activation_channelwise_backward.register_fake
-def _(grad_output, x, weight, act, weight_grad):
+def _channelwise_backward_composite(grad_output, x, weight, act, weight_grad):
+    dx, dw = composite_channelwise_backward(grad_output, x, weight, act, weight_grad)
+    return torch.empty_like(x).copy_(dx), weight.new_empty(0) if dw is None else dw
+
+
+def _channelwise_backward_fake(grad_output, x, weight, act, weight_grad):
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if weight_grad else weight.new_empty(0)
     return torch.empty_like(x), dw
+
+
+activation_channelwise_backward = define(
+    "activation_channelwise_backward(Tensor grad_output, Tensor x, Tensor weight, str act, bool weight_grad) "
+    "-> (Tensor, Tensor)",
+    _channelwise_backward_triton, _channelwise_backward_composite, _channelwise_backward_fake, _act_name(3),
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -538,18 +524,18 @@ def _(grad_output, x, weight, act, weight_grad):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@activation.register_vmap
+@torch.library.register_vmap(activation)
 def _(info, in_dims, x, act, p0, p1):
     return torch.ops.dlkern.activation(x, act, p0, p1), in_dims[0]  # elementwise: any batch dim
 
 
-@activation_.register_vmap
+@torch.library.register_vmap(activation_)
 def _(info, in_dims, x, act, p0, p1):
     torch.ops.dlkern.activation_(x, act, p0, p1)
     return None, None
 
 
-@activation_backward.register_vmap
+@torch.library.register_vmap(activation_backward)
 def _(info, in_dims, grad_output, saved, act, p0, p1, saved_is_output):
     g, s = (batch_first(t, d, info.batch_size) for t, d in zip((grad_output, saved), in_dims[:2]))
     return torch.ops.dlkern.activation_backward(g, s, act, p0, p1, saved_is_output), 0
@@ -568,7 +554,7 @@ def _fold_batch(x, weight):
             lambda y: y.reshape(shape).movedim(1, 0))
 
 
-@activation_channelwise.register_vmap
+@torch.library.register_vmap(activation_channelwise)
 def _(info, in_dims, x, weight, act):
     x_dim, w_dim = in_dims[:2]
     if w_dim is None and weight.numel() == 1:
@@ -580,7 +566,7 @@ def _(info, in_dims, x, weight, act):
     return unfold(torch.ops.dlkern.activation_channelwise(x2, w2, act)), 0
 
 
-@activation_channelwise_backward.register_vmap
+@torch.library.register_vmap(activation_channelwise_backward)
 def _(info, in_dims, grad_output, x, weight, act, weight_grad):
     g, x, weight = (batch_first(t, d, info.batch_size) for t, d in zip((grad_output, x, weight), in_dims[:3]))
     x2, w2, unfold = _fold_batch(x, weight)
@@ -602,7 +588,7 @@ def _(info, in_dims, grad_output, x, weight, act, weight_grad):
 def _vjp(g, saved, act, p0, p1, from_output):
     if torch.is_grad_enabled():
         return composite_backward(g, saved, act, p0, p1, from_output)
-    return call_op(torch.ops.dlkern.activation_backward, g, saved, act, p0, p1, from_output)
+    return call_op(activation_backward, g, saved, act, p0, p1, from_output)
 
 
 class Activation(torch.autograd.Function):
@@ -612,7 +598,7 @@ class Activation(torch.autograd.Function):
 
     @staticmethod
     def forward(x, act, p0, p1):
-        return call_op(torch.ops.dlkern.activation, x, act, p0, p1)
+        return call_op(activation, x, act, p0, p1)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -639,7 +625,8 @@ class ActivationWithJvp(Activation):
 
 
 # Direct calls of the op (torch.ops.dlkern.activation) get the same reverse-mode autograd.
-torch.library.register_autograd("dlkern::activation", Activation.backward, setup_context=Activation.setup_context)
+torch.library.register_autograd("dlkern::activation", Activation.backward, setup_context=Activation.setup_context,
+                                lib=LIB)
 
 
 class ActivationChannelwise(torch.autograd.Function):
@@ -649,7 +636,7 @@ class ActivationChannelwise(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, act):
-        return call_op(torch.ops.dlkern.activation_channelwise, x, weight, act)
+        return call_op(activation_channelwise, x, weight, act)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -663,7 +650,7 @@ class ActivationChannelwise(torch.autograd.Function):
         if torch.is_grad_enabled():
             dx, dw = composite_channelwise_backward(grad_output, x, weight, ctx.act, weight_grad)
         else:
-            dx, dw = call_op(torch.ops.dlkern.activation_channelwise_backward, grad_output, x, weight, ctx.act,
+            dx, dw = call_op(activation_channelwise_backward, grad_output, x, weight, ctx.act,
                              weight_grad)
         return dx, (dw if weight_grad else None), None
 
@@ -681,7 +668,8 @@ class ActivationChannelwiseWithJvp(ActivationChannelwise):
 
 
 torch.library.register_autograd(
-    "dlkern::activation_channelwise", ActivationChannelwise.backward, setup_context=ActivationChannelwise.setup_context
+    "dlkern::activation_channelwise", ActivationChannelwise.backward, setup_context=ActivationChannelwise.setup_context,
+    lib=LIB,
 )
 
 
@@ -705,7 +693,7 @@ class ActivationInplace(torch.autograd.Function):
 
     @staticmethod
     def forward(x, original, act, p0, p1):
-        call_op(torch.ops.dlkern.activation_, x, act, p0, p1)
+        call_op(activation_, x, act, p0, p1)
         return x
 
     @staticmethod
@@ -748,14 +736,14 @@ _inplace_apply = function_apply(ActivationInplaceWithJvp, ActivationInplace)
 def apply_activation(x, act, p0, p1):
     """y = f(x), autograd-aware (reverse, forward mode, torch.func)."""
     if not needs_autograd(x):
-        return call_op(torch.ops.dlkern.activation, x, act, p0, p1)
+        return call_op(activation, x, act, p0, p1)
     return _activation_apply(x, act, p0, p1)
 
 
 def apply_channelwise(x, weight, act):
     """y = f(x, weight) for prelu / tensor-beta swish, autograd-aware."""
     if not needs_autograd(x, weight):
-        return call_op(torch.ops.dlkern.activation_channelwise, x, weight, act)
+        return call_op(activation_channelwise, x, weight, act)
     return _channelwise_apply(x, weight, act)
 
 
@@ -766,7 +754,7 @@ def activation_inplace(x, act, p0, p1):
         # trace records ops: compute out of place (on a copy, which the backward may save) and copy into x.
         return x.copy_(apply_activation(x.clone(), act, p0, p1))
     if not needs_autograd(x):
-        call_op(torch.ops.dlkern.activation_, x, act, p0, p1)
+        call_op(activation_, x, act, p0, p1)
         return x
     # A copy of the input for the backward, as ATen's in-place ops without an exact formula from the output (not
     # detached: a double backward differentiates through it).

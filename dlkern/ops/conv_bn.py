@@ -1,10 +1,10 @@
-"""The fused Conv2d -> BatchNorm2d -> activation block as torch.library custom ops.
+"""The fused Conv2d -> BatchNorm2d -> activation block as torch.library ops (registered by dlkern/ops/library.py).
 
-- ``dlkern::conv_bn_act2d``            training forward with batch statistics -> (out, z, stats); autograd.
-- ``dlkern::bn_update_running_stats``  updates running_mean/var and num_batches_tracked from stats (mutating,
-  so it cannot carry an autograd formula: PyTorch allows those only on functional ops; hence a second op).
+- ``dlkern::conv_bn_act2d``            training forward with batch statistics -> (out, z, stats), updating the
+  running statistics it is given (3 launches); autograd (an Autograd kernel: the op writes its arguments).
 - ``dlkern::conv_bias_act2d``          conv + bias + activation (eval, BatchNorm folded by the caller); autograd.
-- ``dlkern::conv_bn_act2d_backward``   the backward of both (stats=None for the folded/eval form).
+- ``dlkern::conv_bn_eval_act2d``       conv + BatchNorm (eval, from the running buffers) + activation: inference.
+- ``dlkern::conv_bn_act2d_backward``   the backward of conv_bn_act2d (stats given) and conv_bias_act2d (None).
 
 z is the conv output (bias included) that BatchNorm normalizes; stats is (3, C_out): batch mean, 1/sqrt(var + eps)
 and the biased var, in float32 (float64 for float64 inputs). ``padding`` is always (top, bottom, left, right).
@@ -13,7 +13,6 @@ CPU tensors an equivalent PyTorch composite (warned once). No launcher reads dev
 """
 
 import struct
-from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,16 +21,14 @@ import triton.language as tl
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from dlkern.catalog import FUSABLE, check_activation  # noqa: F401  (FUSABLE: the fusable names, "none" too)
 from dlkern.kernels import conv_bn as kernels
-from dlkern.kernels.activation import ACTIVATIONS
 from dlkern.ops.activation import composite_backward, composite_forward
 from dlkern.ops.autograd_support import call_op, function_apply, needs_autograd
-from dlkern.ops.triton_support import compute_dtype, INTERPRETING, launch, runs_triton, sm_count
+from dlkern.ops.library import define, LIB
+from dlkern.ops.triton_support import cdiv, compute_dtype, INTERPRETING, launch, next_power_of_2, sm_count
 
 OP = "conv_bn_act2d"
-
-# The fusable activations: the family's scalar-parameter ones ("none": conv + BatchNorm alone).
-FUSABLE = ("none",) + tuple(a for a in ACTIVATIONS if a != "prelu")
 
 
 # ---------------------------------------------------------------------------------------------- launch helpers
@@ -58,7 +55,7 @@ def _dot_fp32(dtype):
 
 
 def _np2(n, lo=16, hi=64):
-    return max(lo, min(hi, triton.next_power_of_2(int(n))))
+    return max(lo, min(hi, next_power_of_2(int(n))))
 
 
 def geometry(input, weight, stride, padding, dilation):
@@ -80,7 +77,7 @@ def _rows_per_split(M, device, programs_per_split):
     if INTERPRETING or device.type != "cuda":
         return 512
     splits = max(1, 4 * sm_count(device) // programs_per_split)
-    return max(128, triton.cdiv(triton.cdiv(M, splits), 128) * 128)
+    return max(128, cdiv(cdiv(M, splits), 128) * 128)
 
 
 def _pruner(n_name, n_dim, k_dims):
@@ -134,7 +131,7 @@ def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation,
     blocks = _fixed(BLOCK_M=128, BLOCK_N=_np2(C_out), BLOCK_K=_np2(C_in * KH * KW))
     return launch(
         _conv_fwd,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"])),
+        lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(C_out, meta["BLOCK_N"])),
         input, weight, bias if bias is not None else weight, out if out is not None else dst,
         z if z is not None else dst, part if part is not None else dst, mean, var,
         gamma if gamma is not None else mean, beta if beta is not None else mean,
@@ -164,6 +161,8 @@ def check_bn_sizes(channels, running_mean=None, running_var=None, bn_weight=None
 def _check(condition, message):
     """torch._check with a ready message: Dynamo (fullgraph) traces a message closure only over constants.
     Under torch.jit.trace a size (numel()) is a traced 0-d tensor: the condition is then read as a bool."""
+    if condition is True:  # the common case, without torch._check's cost (~1.5 µs)
+        return
     if isinstance(condition, torch.Tensor):
         condition = bool(condition)
     torch._check(condition, lambda: message)
@@ -213,62 +212,107 @@ def _vector(t, dtype):
 
 # ---------------------------------------------------------------------------------------------- training forward
 
+_TRAIN_SCHEMA = (
+    "conv_bn_act2d(Tensor input, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+    "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, "
+    "float eps, int[] stride, int[] padding, int[] dilation, str activation, float p0, float p1, bool allow_tf32) "
+    "-> (Tensor, Tensor, Tensor)"
+)
 
-@torch.library.custom_op("dlkern::conv_bn_act2d", mutates_args=())
-def conv_bn_act2d(
-    input: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-    eps: float, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-    activation: str, p0: float, p1: float, allow_tf32: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """act(BatchNorm(conv(input) + bias)) with batch statistics: returns (out, z, stats)."""
+
+def _check_train(input, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation):
+    """The op's own checks (the entry point makes PyTorch's first), shared by its kernels and its fake."""
     geo = geometry(input, weight, stride, padding, dilation)
-    N, C_in, H, W, C_out, KH, KW, OH, OW = geo
-    check_bn_sizes(C_out, bn_weight=bn_weight, bn_bias=bn_bias)
-    sdtype = compute_dtype(input.dtype)
-    if not runs_triton(input, OP):  # ATen's own CPU kernels: batch statistics, then batch_norm with them
-        z = _torch_conv(input, weight, bias, stride, padding, dilation)
-        zs = z.to(sdtype)
-        mean, var = torch.batch_norm_update_stats(zs, None, None, 0.0)  # biased variance
-        invstd = torch.rsqrt(var + eps)
-        u = torch.batch_norm(zs, _vector(bn_weight, sdtype), _vector(bn_bias, sdtype), mean, var, False, 0.0, eps,
-                             False)
-        return _torch_act(u, activation, p0, p1).to(input.dtype), z, torch.stack([mean, invstd, var])
+    check_bn_sizes(geo[4], running_mean, running_var, bn_weight, bn_bias)
+    for buf in (running_mean, running_var):
+        # As PyTorch's in-place ops: an expanded buffer has no one place to hold each channel's statistic.
+        _check(
+            buf is None or torch._debug_has_internal_overlap(buf) != 1,
+            "unsupported operation: more than one element of the written-to tensor refers to a single memory "
+            "location. Please clone() the tensor before performing the operation.",
+        )
+    return geo
 
+
+def _conv_bn_act2d_triton(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                          momentum, eps, stride, padding, dilation, activation, p0, p1, allow_tf32):
+    """3 launches: the conv with per-tile statistics, their merge (which also updates the running buffers), and
+    normalize + activation (which also counts the batch in num_batches_tracked)."""
+    geo = _check_train(input, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation)
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geo
+    sdtype = compute_dtype(input.dtype)
     weight, bias, bn_weight, bn_bias = _dense(weight, bias, bn_weight, bn_bias)
+    track = running_mean is not None and running_var is not None
+    mean_buf, var_buf = _dense(running_mean, running_var) if track else (None, None)
     M = N * OH * OW
     z = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
     out = torch.empty_like(z)
     stats = torch.empty(3, C_out, dtype=sdtype, device=input.device)
     # Room for the smallest row tile any config may pick: 2 x tiles x C_out (mean, M2).
-    part = torch.empty(2 * triton.cdiv(M, 64) * C_out, dtype=sdtype, device=input.device)
+    part = torch.empty(2 * cdiv(M, 64) * C_out, dtype=sdtype, device=input.device)
     tile_m = _gemm_fwd(input, weight, bias, None, z, part, geo, stride, padding, dilation, "none", 0.0, 0.0,
                        allow_tf32, stats=True)
+    count = track and num_batches_tracked is not None
     block_c = 32
     launch(
-        kernels.bn_stats_finalize_kernel, (triton.cdiv(C_out, block_c),),
-        part, stats, C_out, M, triton.cdiv(M, tile_m), *_hi_lo(eps),
-        TILE_M=tile_m, BLOCK_T=4 if INTERPRETING else 64, BLOCK_C=block_c,
+        kernels.bn_stats_finalize_kernel, (cdiv(C_out, block_c),),
+        part, stats, mean_buf if track else stats, var_buf if track else stats,
+        num_batches_tracked if count else stats, C_out, M, cdiv(M, tile_m), *_hi_lo(eps),
+        *_hi_lo(momentum if momentum is not None else 0.0),
+        TILE_M=tile_m, BLOCK_T=4 if INTERPRETING else 64, BLOCK_C=block_c, TRACK=track, CUMULATIVE=momentum is None,
     )
     block = 4096 if INTERPRETING else 1024
     launch(
-        kernels.bn_act_fwd_kernel, (triton.cdiv(z.numel(), block),),
+        kernels.bn_act_fwd_kernel, (cdiv(z.numel(), block),),
         z, out, stats, bn_weight if bn_weight is not None else stats, bn_bias if bn_bias is not None else stats,
-        z.numel(), C_out, z.stride(1), *_hi_lo(p0), *_hi_lo(p1),
-        HAS_AFFINE=bn_weight is not None, ACT=activation, BLOCK=block,
+        num_batches_tracked if count else stats, z.numel(), C_out, z.stride(1), *_hi_lo(p0), *_hi_lo(p1),
+        HAS_AFFINE=bn_weight is not None, ACT=activation, BLOCK=block, COUNT_BATCH=count,
     )
+    if track:  # strided buffers were updated through dense copies
+        for buf, dense in ((running_mean, mean_buf), (running_var, var_buf)):
+            if dense is not buf:
+                buf.copy_(dense)
     return out, z, stats
 
 
-@conv_bn_act2d.register_fake
-def _(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1, allow_tf32):
-    N, C_in, H, W, C_out, KH, KW, OH, OW = geometry(input, weight, stride, padding, dilation)
-    check_bn_sizes(C_out, bn_weight=bn_weight, bn_bias=bn_bias)
+def _conv_bn_act2d_composite(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                             num_batches_tracked, momentum, eps, stride, padding, dilation, activation, p0, p1,
+                             allow_tf32):
+    """ATen's own CPU kernels: the conv, batch statistics, batch_norm with them, the running update."""
+    _check_train(input, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation)
+    sdtype = compute_dtype(input.dtype)
+    z = _torch_conv(input, weight, bias, stride, padding, dilation)
+    zs = z.to(sdtype)
+    mean, var = torch.batch_norm_update_stats(zs, None, None, 0.0)  # biased variance
+    invstd = torch.rsqrt(var + eps)
+    u = torch.batch_norm(zs, _vector(bn_weight, sdtype), _vector(bn_bias, sdtype), mean, var, False, 0.0, eps, False)
+    if running_mean is not None and running_var is not None:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        f = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+        count = zs.numel() // zs.shape[1]
+        running_mean.mul_(1 - f).add_(mean.to(running_mean.dtype).view(running_mean.shape), alpha=f)
+        unbiased = (var * (count / (count - 1))).to(running_var.dtype).view(running_var.shape)
+        running_var.mul_(1 - f).add_(unbiased, alpha=f)
+    return _torch_act(u, activation, p0, p1).to(input.dtype), z, torch.stack([mean, invstd, var])
+
+
+def _conv_bn_act2d_fake(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                        momentum, eps, stride, padding, dilation, activation, p0, p1, allow_tf32):
+    N, C_in, H, W, C_out, KH, KW, OH, OW = _check_train(input, weight, bn_weight, bn_bias, running_mean, running_var,
+                                                        stride, padding, dilation)
     z = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
     return torch.empty_like(z), torch.empty_like(z), input.new_empty(3, C_out, dtype=compute_dtype(input.dtype))
 
 
+conv_bn_act2d = define(_TRAIN_SCHEMA, _conv_bn_act2d_triton, _conv_bn_act2d_composite, _conv_bn_act2d_fake, OP)
+"""act(BatchNorm(conv(input) + bias)) with batch statistics -> (out, z, stats); updates the running statistics
+when given (running_mean and running_var; num_batches_tracked += 1 when given; momentum None: the cumulative
+average)."""
+
+
 def _train_setup_context(ctx, inputs, output):
-    input, weight, bias, bn_weight, bn_bias, _, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, \
+    input, weight, bias, bn_weight, bn_bias, *_, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, \
         ctx.allow_tf32 = inputs
     _, z, stats = output
     ctx.mark_non_differentiable(z, stats)
@@ -279,7 +323,7 @@ def _train_setup_context(ctx, inputs, output):
 
 def _train_backward(ctx, grad_out, _grad_z, _grad_stats):
     if grad_out is None:
-        return (None,) * 13
+        return (None,) * 17
     input, weight, z, stats, bn_weight, bn_bias = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dw, db, dgamma, dbeta = _block_backward(
@@ -288,83 +332,17 @@ def _train_backward(ctx, grad_out, _grad_z, _grad_stats):
     )
     return (
         dx if need[0] else None, dw if need[1] else None, db if need[2] and ctx.has_bias else None,
-        dgamma if need[3] else None, dbeta if need[4] else None, *([None] * 8),
+        dgamma if need[3] else None, dbeta if need[4] else None, *([None] * 12),
     )
-
-
-conv_bn_act2d.register_autograd(_train_backward, setup_context=_train_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------- running statistics
-
-
-@torch.library.custom_op(
-    "dlkern::bn_update_running_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked")
-)
-def bn_update_running_stats(
-    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Optional[Tensor], stats: Tensor, count: int,
-    momentum: Optional[float],
-) -> None:
-    """num_batches_tracked += 1; running = (1 - f)*running + f*batch with f = momentum, or 1/num_batches_tracked
-    when momentum is None; the variance unbiased by count/(count - 1). All on device: no host sync.
-    Strided buffers are updated through a dense copy, written back."""
-    _check_running_buffers(running_mean, running_var, stats)
-    if not runs_triton(running_mean, OP):
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        f = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
-        running_mean.mul_(1 - f).add_(stats[0].to(running_mean.dtype).view(running_mean.shape), alpha=f)
-        var = (stats[2] * (count / (count - 1))).to(running_var.dtype).view(running_var.shape)
-        running_var.mul_(1 - f).add_(var, alpha=f)
-        return
-    mean_buf, var_buf = _dense(running_mean, running_var)
-    launch(
-        kernels.bn_running_update_kernel, (1,),
-        mean_buf, var_buf, num_batches_tracked if num_batches_tracked is not None else mean_buf, stats,
-        mean_buf.numel(), count, *_hi_lo(momentum if momentum is not None else 0.0),
-        HAS_NBT=num_batches_tracked is not None, CUMULATIVE=momentum is None, BLOCK_C=256,
-    )
-    for buf, dense in ((running_mean, mean_buf), (running_var, var_buf)):
-        if dense is not buf:
-            buf.copy_(dense)
-
-
-def _check_running_buffers(running_mean, running_var, stats):
-    check_bn_sizes(stats.shape[1], running_mean, running_var)
-    for buf in (running_mean, running_var):
-        # As PyTorch's in-place ops: an expanded buffer has no one place to hold each channel's statistic.
-        _check(
-            torch._debug_has_internal_overlap(buf) != 1,
-            "unsupported operation: more than one element of the written-to tensor refers to a single memory "
-            "location. Please clone() the tensor before performing the operation.",
-        )
-
-
-@bn_update_running_stats.register_fake
-def _(running_mean, running_var, num_batches_tracked, stats, count, momentum):
-    _check_running_buffers(running_mean, running_var, stats)
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- eval forward
 
 
-@torch.library.custom_op("dlkern::conv_bias_act2d", mutates_args=())
-def conv_bias_act2d(
-    input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
-    dilation: Sequence[int], activation: str, p0: float, p1: float, allow_tf32: bool, save_preact: bool,
-) -> tuple[Tensor, Tensor]:
-    """act(conv(input, weight) + bias) in one kernel (BatchNorm folded into weight and bias by the caller).
-    Returns (out, z); z, the activation's input, is kept only with save_preact (for the backward), else empty."""
+def _conv_bias_act2d_triton(input, weight, bias, stride, padding, dilation, activation, p0, p1, allow_tf32,
+                            save_preact):
     geo = geometry(input, weight, stride, padding, dilation)
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
-    if not runs_triton(input, OP):
-        z = _torch_conv(input, weight, bias, stride, padding, dilation)
-        out = _torch_act(z, activation, p0, p1)
-        if not save_preact:
-            return out, z.new_empty(0)
-        # Without an activation out is z: a custom op's outputs may not alias each other.
-        return out, z.clone() if out is z else z
     out = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
     z = torch.empty_like(out) if save_preact else None
     weight, bias = _dense(weight, bias)
@@ -373,30 +351,37 @@ def conv_bias_act2d(
     return out, z if save_preact else out.new_empty(0)
 
 
-@conv_bias_act2d.register_fake
-def _(input, weight, bias, stride, padding, dilation, activation, p0, p1, allow_tf32, save_preact):
+def _conv_bias_act2d_composite(input, weight, bias, stride, padding, dilation, activation, p0, p1, allow_tf32,
+                               save_preact):
+    z = _torch_conv(input, weight, bias, stride, padding, dilation)
+    out = _torch_act(z, activation, p0, p1)
+    if not save_preact:
+        return out, z.new_empty(0)
+    # Without an activation out is z: an op's outputs may not alias each other.
+    return out, z.clone() if out is z else z
+
+
+def _conv_bias_act2d_fake(input, weight, bias, stride, padding, dilation, activation, p0, p1, allow_tf32,
+                          save_preact):
     N, C_in, H, W, C_out, KH, KW, OH, OW = geometry(input, weight, stride, padding, dilation)
     out = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
     return out, torch.empty_like(out) if save_preact else out.new_empty(0)
 
 
-@torch.library.custom_op("dlkern::conv_bn_eval_act2d", mutates_args=())
-def conv_bn_eval_act2d(
-    input: Tensor, weight: Tensor, bias: Optional[Tensor], running_mean: Tensor, running_var: Tensor,
-    bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float, stride: Sequence[int],
-    padding: Sequence[int], dilation: Sequence[int], activation: str, p0: float, p1: float, allow_tf32: bool,
-) -> Tensor:
-    """act(batch_norm(conv(input, weight) + bias, running stats, eval)) in one kernel, BatchNorm applied in the
-    epilogue from the buffers as they are: inference (no autograd)."""
+conv_bias_act2d = define(
+    "conv_bias_act2d(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+    "str activation, float p0, float p1, bool allow_tf32, bool save_preact) -> (Tensor, Tensor)",
+    _conv_bias_act2d_triton, _conv_bias_act2d_composite, _conv_bias_act2d_fake, OP,
+)
+"""act(conv(input, weight) + bias) in one kernel (BatchNorm folded into weight and bias by the caller).
+Returns (out, z); z, the activation's input, is kept only with save_preact (for the backward), else empty."""
+
+
+def _conv_bn_eval_act2d_triton(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
+                               padding, dilation, activation, p0, p1, allow_tf32):
     geo = geometry(input, weight, stride, padding, dilation)
-    C_out = geo[4]
-    check_bn_sizes(C_out, running_mean, running_var, bn_weight, bn_bias)
-    if not runs_triton(input, OP):  # ATen's kernels: conv2d, then batch_norm in eval
-        z = _torch_conv(input, weight, bias, stride, padding, dilation)
-        u = torch.batch_norm(z, _vector(bn_weight, running_var.dtype), _vector(bn_bias, running_var.dtype),
-                             running_mean.reshape(-1), running_var.reshape(-1), False, 0.0, eps, False)
-        return _torch_act(u, activation, p0, p1)
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
+    check_bn_sizes(C_out, running_mean, running_var, bn_weight, bn_bias)
     out = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
     weight, bias, running_mean, running_var, bn_weight, bn_bias = _dense(
         weight, bias, running_mean, running_var, bn_weight, bn_bias)
@@ -405,12 +390,31 @@ def conv_bn_eval_act2d(
     return out
 
 
-@conv_bn_eval_act2d.register_fake
-def _(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride, padding, dilation,
-      activation, p0, p1, allow_tf32):
+def _conv_bn_eval_act2d_composite(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
+                                  padding, dilation, activation, p0, p1, allow_tf32):
+    """ATen's kernels: conv2d, then batch_norm in eval."""
+    check_bn_sizes(weight.shape[0], running_mean, running_var, bn_weight, bn_bias)
+    z = _torch_conv(input, weight, bias, stride, padding, dilation)
+    u = torch.batch_norm(z, _vector(bn_weight, running_var.dtype), _vector(bn_bias, running_var.dtype),
+                         running_mean.reshape(-1), running_var.reshape(-1), False, 0.0, eps, False)
+    return _torch_act(u, activation, p0, p1)
+
+
+def _conv_bn_eval_act2d_fake(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
+                             padding, dilation, activation, p0, p1, allow_tf32):
     N, C_in, H, W, C_out, KH, KW, OH, OW = geometry(input, weight, stride, padding, dilation)
     check_bn_sizes(C_out, running_mean, running_var, bn_weight, bn_bias)
     return _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
+
+
+conv_bn_eval_act2d = define(
+    "conv_bn_eval_act2d(Tensor input, Tensor weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
+    "Tensor? bn_weight, Tensor? bn_bias, float eps, int[] stride, int[] padding, int[] dilation, str activation, "
+    "float p0, float p1, bool allow_tf32) -> Tensor",
+    _conv_bn_eval_act2d_triton, _conv_bn_eval_act2d_composite, _conv_bn_eval_act2d_fake, OP,
+)
+"""act(batch_norm(conv(input, weight) + bias, running stats, eval)) in one kernel, BatchNorm applied in the
+epilogue from the buffers as they are: inference (no autograd)."""
 
 
 def _eval_setup_context(ctx, inputs, output):
@@ -435,55 +439,62 @@ def _eval_backward(ctx, grad_out, _grad_z):
     return dx if need[0] else None, dw if need[1] else None, db if need[2] and ctx.has_bias else None, *([None] * 8)
 
 
-conv_bias_act2d.register_autograd(_eval_backward, setup_context=_eval_setup_context)
+torch.library.register_autograd("dlkern::conv_bias_act2d", _eval_backward, setup_context=_eval_setup_context,
+                                lib=LIB)
 
 
 # ---------------------------------------------------------------------------------------------- backward
 
 
-@torch.library.custom_op("dlkern::conv_bn_act2d_backward", mutates_args=())
-def conv_bn_act2d_backward(
-    grad_out: Tensor, input: Tensor, weight: Tensor, z: Tensor, stats: Optional[Tensor], bn_weight: Optional[Tensor],
-    bn_bias: Optional[Tensor], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-    activation: str, p0: float, p1: float, allow_tf32: bool, input_grad: bool, weight_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (input, conv weight, conv bias, BN weight, BN bias) of conv_bn_act2d (stats given) or
-    conv_bias_act2d (stats None). Skipped ones (input_grad/weight_grad False, no affine BN) come back empty."""
+def _backward_setup(input, weight, stats, bn_weight, bn_bias, stride, padding, dilation):
+    """(geometry, BatchNorm?, affine?, empty, grad_gamma, grad_beta) of a backward call. Skipped gradients come
+    back as empty tensors, each its own (``empty()``): an op's outputs may not alias each other."""
     geo = geometry(input, weight, stride, padding, dilation)
-    N, C_in, H, W, C_out, KH, KW, OH, OW = geo
     bn, affine = stats is not None, bn_weight is not None and stats is not None
-    check_bn_sizes(C_out, bn_weight=bn_weight, bn_bias=bn_bias)
-    # Skipped gradients come back as empty tensors, each its own: a custom op's outputs may not alias each other.
+    check_bn_sizes(geo[4], bn_weight=bn_weight, bn_bias=bn_bias)
+
     def empty():
         return input.new_empty(0)
 
-    grad_gamma, grad_beta = _bn_grads(bn_weight, bn_bias, affine, empty)
+    return (geo, bn, affine, empty, *_bn_grads(bn_weight, bn_bias, affine, empty))
 
-    if not runs_triton(input, OP):
-        if bn:  # ATen's CPU kernels: the activation's backward on u, then BatchNorm's training backward
-            sdtype, (mean, invstd) = stats.dtype, (stats[0], stats[1])
-            zs = z.to(sdtype)
-            gamma = _vector(bn_weight, sdtype) if affine else None
-            g_u = grad_out.to(sdtype)
-            if activation != "none":
-                scale = invstd * gamma if affine else invstd  # u = z * scale + shift, per channel
-                shift = (_vector(bn_bias, sdtype) if affine else 0.0) - mean * scale
-                u = torch.addcmul(shift.view(-1, 1, 1), zs, scale.view(-1, 1, 1))
-                g_u = _torch_act_vjp(u, g_u, activation, p0, p1)
-            # eps only matters to its eval form: the training form reads the saved invstd
-            gz, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
-                g_u, zs, gamma, None, None, mean, invstd, True, 0.0, [True, affine, affine]
-            )
-            gz = gz.to(input.dtype)
-            if affine:
-                grad_gamma.copy_(sum_gx.view(grad_gamma.shape))
-                grad_beta.copy_(sum_g.view(grad_beta.shape))
-        else:
-            gz = _torch_act_vjp(z, grad_out, activation, p0, p1)
-        dx, dw = _torch_conv_backward(gz, input, weight, stride, padding, dilation, input_grad, weight_grad, empty)
-        db = (torch.zeros_like(gz[0, :, 0, 0]) if bn else gz.sum((0, 2, 3))) if weight_grad else empty()
-        return dx, dw, db, grad_gamma, grad_beta
 
+def _conv_bn_act2d_backward_composite(
+        grad_out, input, weight, z, stats, bn_weight, bn_bias, stride, padding, dilation, activation,
+        p0, p1, allow_tf32, input_grad, weight_grad):
+    geo, bn, affine, empty, grad_gamma, grad_beta = _backward_setup(input, weight, stats, bn_weight, bn_bias, stride,
+                                                                    padding, dilation)
+    if bn:  # ATen's CPU kernels: the activation's backward on u, then BatchNorm's training backward
+        sdtype, (mean, invstd) = stats.dtype, (stats[0], stats[1])
+        zs = z.to(sdtype)
+        gamma = _vector(bn_weight, sdtype) if affine else None
+        g_u = grad_out.to(sdtype)
+        if activation != "none":
+            scale = invstd * gamma if affine else invstd  # u = z * scale + shift, per channel
+            shift = (_vector(bn_bias, sdtype) if affine else 0.0) - mean * scale
+            u = torch.addcmul(shift.view(-1, 1, 1), zs, scale.view(-1, 1, 1))
+            g_u = _torch_act_vjp(u, g_u, activation, p0, p1)
+        # eps only matters to its eval form: the training form reads the saved invstd
+        gz, sum_gx, sum_g = torch.ops.aten.native_batch_norm_backward(
+            g_u, zs, gamma, None, None, mean, invstd, True, 0.0, [True, affine, affine]
+        )
+        gz = gz.to(input.dtype)
+        if affine:
+            grad_gamma.copy_(sum_gx.view(grad_gamma.shape))
+            grad_beta.copy_(sum_g.view(grad_beta.shape))
+    else:
+        gz = _torch_act_vjp(z, grad_out, activation, p0, p1)
+    dx, dw = _torch_conv_backward(gz, input, weight, stride, padding, dilation, input_grad, weight_grad, empty)
+    db = (torch.zeros_like(gz[0, :, 0, 0]) if bn else gz.sum((0, 2, 3))) if weight_grad else empty()
+    return dx, dw, db, grad_gamma, grad_beta
+
+
+def _conv_bn_act2d_backward_triton(
+        grad_out, input, weight, z, stats, bn_weight, bn_bias, stride, padding, dilation, activation,
+        p0, p1, allow_tf32, input_grad, weight_grad):
+    geo, bn, affine, empty, grad_gamma, grad_beta = _backward_setup(input, weight, stats, bn_weight, bn_bias, stride,
+                                                                    padding, dilation)
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geo
     weight, bn_weight, bn_bias = _dense(weight, bn_weight, bn_bias)
     device = input.device
     acc = _acc_dtype(input.dtype)
@@ -495,18 +506,18 @@ def conv_bn_act2d_backward(
     if bn:
         # Pass 1: per-channel sums of g_u and g_u*x_hat, split over the rows; then the BN-backward coefficients.
         block_c = _np2(C_out)
-        rows = _rows_per_split(M, device, triton.cdiv(C_out, block_c))
-        splits = triton.cdiv(M, rows)
+        rows = _rows_per_split(M, device, cdiv(C_out, block_c))
+        splits = cdiv(M, rows)
         part = torch.empty(2 * splits * C_out, dtype=torch.float64, device=device)
         launch(
-            kernels.bn_act_bwd_reduce_kernel, (splits, triton.cdiv(C_out, block_c)),
+            kernels.bn_act_bwd_reduce_kernel, (splits, cdiv(C_out, block_c)),
             grad_out, z, stats, bn_weight if affine else stats, bn_bias if affine else stats, part,
             M, C_out, OH, OW, rows, *grad_out.stride(), *z.stride(), *p,
             HAS_AFFINE=affine, ACT=activation, BLOCK_M=128 if INTERPRETING else 32, BLOCK_C=block_c,
         )
         coef = torch.empty(3, C_out, dtype=sdtype, device=device)
         launch(
-            kernels.bn_bwd_finalize_kernel, (triton.cdiv(C_out, 32),),
+            kernels.bn_bwd_finalize_kernel, (cdiv(C_out, 32),),
             part, stats, bn_weight if affine else stats, coef, grad_gamma if affine else coef,
             grad_beta if affine else coef, C_out, splits, M,
             HAS_AFFINE=affine, BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=32,
@@ -523,7 +534,7 @@ def conv_bn_act2d_backward(
         M_in = N * H * W
         launch(
             _conv_bwd_input,
-            lambda meta: (triton.cdiv(M_in, meta["BLOCK_M"]), triton.cdiv(C_in, meta["BLOCK_N"])),
+            lambda meta: (cdiv(M_in, meta["BLOCK_M"]), cdiv(C_in, meta["BLOCK_N"])),
             grad_out, z, weight, dx, stats_arg, gamma, beta, coef,
             N, C_in, H, W, C_out, OH, OW, *grad_out.stride(), *z.stride(), *dx.stride(),
             M_in, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *p,
@@ -531,12 +542,12 @@ def conv_bn_act2d_backward(
         )
     dw, db = empty(), empty()
     if weight_grad:
-        rows = _rows_per_split(M, device, triton.cdiv(C_out, 32) * triton.cdiv(K, 32))
-        splits = triton.cdiv(M, rows)
+        rows = _rows_per_split(M, device, cdiv(C_out, 32) * cdiv(K, 32))
+        splits = cdiv(M, rows)
         part = torch.empty(splits * (C_out * K + C_out), dtype=sdtype, device=device)
         launch(
             _conv_bwd_weight,
-            lambda meta: (splits, triton.cdiv(C_out, meta["BLOCK_CO"]), triton.cdiv(K, meta["BLOCK_K"])),
+            lambda meta: (splits, cdiv(C_out, meta["BLOCK_CO"]), cdiv(K, meta["BLOCK_K"])),
             grad_out, z, input, part, stats_arg, gamma, beta, coef,
             N, C_in, H, W, C_out, OH, OW, *grad_out.stride(), *z.stride(), *input.stride(),
             M, rows, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *p,
@@ -546,14 +557,13 @@ def conv_bn_act2d_backward(
         db = torch.empty(C_out, dtype=weight.dtype, device=device)
         block_l = 1024
         launch(
-            kernels.sum_splits_kernel, (triton.cdiv(C_out * K + C_out, block_l),),
+            kernels.sum_splits_kernel, (cdiv(C_out * K + C_out, block_l),),
             part, dw, db, splits, C_out * K + C_out, C_out * K, BLOCK_S=4 if INTERPRETING else 16, BLOCK_L=block_l,
         )
     return dx, dw, db, grad_gamma, grad_beta
 
 
-@conv_bn_act2d_backward.register_fake
-def _(grad_out, input, weight, z, stats, bn_weight, bn_bias, stride, padding, dilation, activation, p0, p1,
+def _conv_bn_act2d_backward_fake(grad_out, input, weight, z, stats, bn_weight, bn_bias, stride, padding, dilation, activation, p0, p1,
       allow_tf32, input_grad, weight_grad):
     affine = bn_weight is not None and stats is not None
     check_bn_sizes(weight.shape[0], bn_weight=bn_weight, bn_bias=bn_bias)
@@ -561,6 +571,17 @@ def _(grad_out, input, weight, z, stats, bn_weight, bn_bias, stride, padding, di
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else input.new_empty(0)
     db = weight.new_empty(weight.shape[0]) if weight_grad else input.new_empty(0)
     return (dx, dw, db, *_bn_grads(bn_weight, bn_bias, affine, lambda: input.new_empty(0)))
+
+
+
+conv_bn_act2d_backward = define(
+    "conv_bn_act2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor z, Tensor? stats, "
+    "Tensor? bn_weight, Tensor? bn_bias, int[] stride, int[] padding, int[] dilation, str activation, float p0, "
+    "float p1, bool allow_tf32, bool input_grad, bool weight_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _conv_bn_act2d_backward_triton, _conv_bn_act2d_backward_composite, _conv_bn_act2d_backward_fake, OP,
+)
+"""Gradients (input, conv weight, conv bias, BN weight, BN bias) of conv_bn_act2d (stats given) or
+conv_bias_act2d (stats None). Skipped ones (input_grad/weight_grad False, no affine BN) come back empty."""
 
 
 def _bn_grads(bn_weight, bn_bias, affine, empty):
@@ -609,7 +630,7 @@ def _block_backward(grad_out, input, weight, z, stats, bn_weight, bn_bias, *args
     """conv_bn_act2d_backward, which has no autograd formula of its own: when autograd records the backward,
     its results go through _NoDoubleBackward."""
     with torch.no_grad():
-        grads = call_op(torch.ops.dlkern.conv_bn_act2d_backward, grad_out, input, weight, z, stats, bn_weight,
+        grads = call_op(conv_bn_act2d_backward, grad_out, input, weight, z, stats, bn_weight,
                         bn_bias, *args)
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
@@ -640,17 +661,37 @@ def _block_functions(op, setup_context, backward):
     return Traced, Eager
 
 
-_TRAIN = _block_functions(torch.ops.dlkern.conv_bn_act2d, _train_setup_context, _train_backward)
-_EVAL = _block_functions(torch.ops.dlkern.conv_bias_act2d, _eval_setup_context, _eval_backward)
+_TRAIN = _block_functions(conv_bn_act2d, _train_setup_context, _train_backward)
+_EVAL = _block_functions(conv_bias_act2d, _eval_setup_context, _eval_backward)
 _train_apply = function_apply(_TRAIN[1], _TRAIN[0])
 _eval_apply = function_apply(_EVAL[1], _EVAL[0])
 
 
+def _train_autograd(*args):
+    """The Autograd kernel of dlkern::conv_bn_act2d, for direct calls of the op: its Function when autograd is
+    needed, else the op below autograd. (An op that writes its arguments cannot take register_autograd.)"""
+    if needs_autograd(*args[:5]):
+        return _train_apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return conv_bn_act2d(*args)
+
+
+LIB.impl("conv_bn_act2d", _train_autograd, "Autograd")
+
+
 def _vmap_by_loop(op):
-    """A vmap rule for a functional op: one call per vmapped slice (each is an independent call, so BatchNorm's
-    batch statistics are per slice, as vmap means), the results stacked."""
+    """A vmap rule: one call per vmapped slice (each is an independent call, so BatchNorm's batch statistics are
+    per slice, as vmap means), the results stacked. A training call that updates running statistics is refused:
+    one update per slice would not be BatchNorm's."""
 
     def rule(info, in_dims, *args):
+        if op is conv_bn_act2d and args[5] is not None:
+            raise RuntimeError(
+                "dlkern.conv_bn_act2d: torch.func.vmap over a training block cannot update BatchNorm's running "
+                "statistics (one update per vmapped call); pass running_mean=running_var=None, or for modules call "
+                "torch.func.replace_all_batch_norm_modules_ first"
+            )
+
         def sliced(i):
             return [a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims)]
 
@@ -663,15 +704,6 @@ def _vmap_by_loop(op):
 
 for _op in (conv_bn_act2d, conv_bias_act2d, conv_bn_act2d_backward):
     torch.library.register_vmap(_op, _vmap_by_loop(_op))
-
-
-@torch.library.register_vmap(bn_update_running_stats)
-def _(info, in_dims, *args):
-    raise RuntimeError(
-        "dlkern.conv_bn_act2d: torch.func.vmap over a training block cannot update BatchNorm's running statistics "
-        "(one update per vmapped call); pass running_mean=running_var=None, or for modules call "
-        "torch.func.replace_all_batch_norm_modules_ first"
-    )
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -708,26 +740,6 @@ def conv_args(weight, stride, padding, dilation):
     if min(ph, pw) < 0:
         raise ValueError(f"conv_bn_act2d(): negative padding is not supported, got padding={[ph, pw]}")
     return stride, [ph, ph, pw, pw], dilation
-
-
-# PyTorch's defaults for the parameters (p0, p1) of each activation.
-DEFAULT_PARAMS = {"leaky_relu": (0.01, 0.0), "elu": (1.0, 0.0), "softplus": (1.0, 20.0), "swish": (1.0, 0.0),
-                  "hardtanh": (-1.0, 1.0)}
-
-
-def check_activation(activation, params=()):
-    """(name, p0, p1) for a fusable activation name; missing parameters take PyTorch's defaults."""
-    if activation is None:
-        activation = "none"
-    if activation not in FUSABLE:
-        raise ValueError(
-            f"conv_bn_act2d(): unknown activation {activation!r}; fusable: {sorted(FUSABLE)} "
-            "(activations with learnable parameters, such as PReLU, are not fused)"
-        )
-    if len(params) > 2 or not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in params):
-        raise TypeError(f"conv_bn_act2d(): activation_params must be at most two floats, got {params!r}")
-    p0, p1 = (*params, *DEFAULT_PARAMS.get(activation, (0.0, 0.0))[len(params):])
-    return activation, float(p0), float(p1)
 
 
 def _check_input(input, weight, bias, stride, padding, dilation):
@@ -850,19 +862,14 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
             if track and num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
             return _empty_batch(input, weight, bias, bn_weight, bn_bias, stride, padding, dilation)
-        args = (input, weight, bias, bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1,
-                allow_tf32)
+        running = (running_mean, running_var, num_batches_tracked) if track else (None, None, None)
+        args = (input, weight, bias, bn_weight, bn_bias, *running, momentum, eps, stride, padding, dilation,
+                activation, p0, p1, allow_tf32)
         if needs_autograd(input, weight, bias, bn_weight, bn_bias):
-            out, _, stats = _train_apply(*args)
-        else:
-            out, _, stats = call_op(torch.ops.dlkern.conv_bn_act2d, *args)
-        if track:
-            torch.ops.dlkern.bn_update_running_stats(
-                running_mean, running_var, num_batches_tracked, stats, count, momentum
-            )
-        return out
+            return _train_apply(*args)[0]
+        return call_op(conv_bn_act2d, *args)[0]
     if not needs_autograd(input, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias):
-        return call_op(torch.ops.dlkern.conv_bn_eval_act2d, input, weight, bias, running_mean, running_var,
+        return call_op(conv_bn_eval_act2d, input, weight, bias, running_mean, running_var,
                        bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1, allow_tf32)
     # Autograd needed: BatchNorm folded into the conv with differentiable ops (frozen-BatchNorm fine-tuning).
     w, b = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)

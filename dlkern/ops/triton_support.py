@@ -2,7 +2,7 @@
 
 CUDA tensors run dlkern's Triton kernels. CPU tensors run them in Triton's interpreter when TRITON_INTERPRET=1
 was set before triton was imported (how the tests check the kernels without a GPU); otherwise the op computes
-the same result with a PyTorch composite and warns once.
+the same result with a PyTorch composite and warns once (the dispatcher picks the kernel: dlkern/ops/library.py).
 
 Every launch goes through :func:`launch`, which counts it by kernel name in :data:`launch_counts`, so a test can
 prove that a Triton kernel really ran (a silent fallback to PyTorch would leave the count unchanged).
@@ -21,13 +21,15 @@ import triton
 from triton import knobs
 from triton.runtime import driver
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from dlkern._interpret import INTERPRETING  # a leaf, which kernels/ reads too
 
 launch_counts = collections.Counter()
 _warned = set()
 # Set by triton_on_cpu(): CPU tensors take the Triton path without the interpreter (bench/host_stub.py times the
 # GPU launch path on a CPU this way, with a driver that launches nothing).
 _on_cpu = False
+# Set by composite_on_cpu(): CPU tensors take the PyTorch composite even in the interpreter (tests compare the two).
+_composite_forced = False
 
 
 def _runs_on(device_type):
@@ -43,15 +45,19 @@ def _fallback_message(device_type, op_name):
     )
 
 
-def runs_triton(tensor, op_name):
-    """True when `op_name` should launch its Triton kernel for `tensor`; otherwise False, after one warning per
-    process that points at the user's call (every op that falls back is recorded in ``_warned``)."""
-    if _runs_on(tensor.device.type):
-        return True
+def cpu_runs_triton():
+    """Whether CPU tensors run the Triton kernels: in the interpreter, or under triton_on_cpu()."""
+    return (INTERPRETING or _on_cpu) and not _composite_forced
+
+
+def warn_fallback(device_type, op_name):
+    """One warning per process, pointing at the user's call, that `op_name` computes `device_type` tensors with
+    a PyTorch composite (every op that fell back is recorded in ``_warned``)."""
+    if _composite_forced:
+        return
     if not _warned:
-        warnings.warn("dlkern: " + _fallback_message(tensor.device.type, op_name), stacklevel=_user_stacklevel())
+        warnings.warn("dlkern: " + _fallback_message(device_type, op_name), stacklevel=_user_stacklevel())
     _warned.add(op_name)
-    return False
 
 
 def fallback_notice(device, op_name):
@@ -70,12 +76,24 @@ _INTERNAL = (  # torch's and dlkern's folders
 
 
 def _user_stacklevel():
-    """warnings.warn's stacklevel (counted from runs_triton's caller's warn call) of the first frame outside dlkern
-    and torch: the user's call, where the warning should point."""
-    frame, level = sys._getframe(2), 2  # 1: runs_triton, 2: its caller
+    """warnings.warn's stacklevel (for a warn call in warn_fallback) of the first frame outside dlkern and torch:
+    the user's call, where the warning should point."""
+    frame, level = sys._getframe(2), 2  # 1: warn_fallback, 2: its caller
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
         frame, level = frame.f_back, level + 1
     return level
+
+
+@contextlib.contextmanager
+def composite_on_cpu():
+    """Within the block, CPU tensors take the PyTorch composites, also in the interpreter, without a warning (for
+    tests that compare them with the kernels)."""
+    global _composite_forced
+    saved, _composite_forced = _composite_forced, True
+    try:
+        yield
+    finally:
+        _composite_forced = saved
 
 
 @contextlib.contextmanager
@@ -103,8 +121,13 @@ def kernel_name(kernel):
 
 
 def cdiv(a, b):
-    """ceil(a / b) for ints (triton.cdiv costs ~1.5 µs a call on the host)."""
+    """ceil(a / b) for ints, on the host (triton.cdiv, a constexpr function, costs ~1.5 µs a call)."""
     return -(-a // b)
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n, on the host (as triton.next_power_of_2, which costs ~1.5 µs a call)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 class Plan:
