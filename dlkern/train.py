@@ -11,9 +11,15 @@ epoch with the best test accuracy so far (seed-compatible keys; loads into eithe
 Under torchrun each process trains on its own shard of every epoch (``--batch-size`` is per process), the
 metrics are summed over processes, and only rank 0 prints, plots and saves. NCCL on CUDA, gloo on CPU.
 
+``--cuda-graph`` (CUDA only) records the whole training step -- zero_grad, forward, loss, backward and
+``Adam(capturable=True)`` -- in one CUDA graph after a few eager warm-up steps, then replays it for every batch of
+the full size: the launch overhead of a step is one graph launch. A batch of another size (each epoch's smaller
+last batch) runs eagerly, so every sample trains and counts, as without the flag.
+
 Options that cannot work (a device that is not here, a size below one, a batch below two, an output folder that
-cannot be written) stop the program with one ``dlkern.train: error: ...`` line and exit status 2 before any data
-is drawn or loaded. ``--epochs 0`` only evaluates the initial weights.
+cannot be written, ``--cuda-graph`` without CUDA or with what it cannot capture) stop the program with one
+``dlkern.train: error: ...`` line and exit status 2 before any data is drawn or loaded. ``--epochs 0`` only
+evaluates the initial weights.
 """
 
 import argparse
@@ -54,6 +60,12 @@ def build_parser():
     p.add_argument("--backend", choices=BACKENDS, default="dlkern", help="dlkern's kernels or stock torch.nn")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast dtype (fp16 adds loss scaling)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help=f"CUDA only: capture the whole training step (zero_grad, forward, loss, backward, "
+                        f"Adam(capturable=True)) in one CUDA graph after {_GraphedStep.WARMUP_STEPS} eager warm-up "
+                        f"steps and replay it for every full batch; a batch of another size (an epoch's smaller "
+                        f"last batch) runs eagerly, so every sample trains and counts. Not with --compile, "
+                        f"--amp fp16 (its loss scaling syncs the host) or torchrun")
     p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     p.add_argument("--dataset", choices=("mnist", "synthetic"), default="mnist",
                    help="MNIST's files, or digits drawn in-process (no files, no network)")
@@ -105,10 +117,29 @@ def validate(args):
         raise UsageError(f"--epochs must be at least 0, got {args.epochs}")
     if not args.lr >= 0:  # also NaN
         raise UsageError(f"--lr must be at least 0, got {args.lr}")
+    if args.cuda_graph:
+        _check_cuda_graph(args, world)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.device = _check_device(args.device)
+    if args.cuda_graph and torch.device(args.device).type != "cuda":
+        raise UsageError(f"--cuda-graph: CUDA graphs need a CUDA device, got --device {args.device}"
+                         + ("" if torch.cuda.is_available() else
+                            " (no CUDA GPU is visible here: torch.cuda.is_available() is False)"))
     _check_out_dir(args.out_dir)
+
+
+def _check_cuda_graph(args, world):
+    """What --cuda-graph cannot capture; UsageError saying which."""
+    if args.compile:
+        raise UsageError("--cuda-graph and --compile do not combine (torch.compile brings its own CUDA graphs, "
+                         "with mode='reduce-overhead'); pick one")
+    if args.amp == "fp16":
+        raise UsageError("--cuda-graph cannot capture --amp fp16: its loss scaling reads the gradients on the host "
+                         "every step; use --amp bf16 (no loss scaling)")
+    if world > 1:
+        raise UsageError(f"--cuda-graph runs in one process, not under torchrun ({world} processes): DDP's "
+                         f"gradient all-reduce is not captured")
 
 
 def _check_device(name):
@@ -194,13 +225,19 @@ def _run(args, rank, world):
     eval_model = model  # not the DDP wrapper: evaluation needs no gradient sync, and shards may differ in length
     if args.compile:
         train_model, eval_model = torch.compile(train_model), torch.compile(eval_model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # capturable: Adam keeps its step count on the device and reads nothing on the host, so a graph can hold it.
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, capturable=args.cuda_graph)
     amp = AMP_DTYPES[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # fp16 gradients need loss scaling
+    # A graph replays the autocast casts it recorded: autocast must not cache them (torch.cuda.graph's rule).
+    step = _eager_step(train_model, optimizer, scaler, amp, device, cache_casts=not args.cuda_graph)
 
     batches = _Batches(train_set, test_set, args, device, memory_format, rank, world)
     metrics = {"config": dict(vars(args), world_size=world, preloaded=batches.preloaded), "epochs": [],
                "best_epoch": None, "best_test_acc": None}
+    if args.cuda_graph:
+        step = _GraphedStep(step, optimizer)
+        metrics["cuda_graph"] = step.counts  # how many steps warmed up, replayed, ran eagerly (updated in place)
     if args.epochs == 0:
         return _evaluate_only(metrics, eval_model, batches, amp, device, args, main_rank, world)
     if main_rank and batches.drops_last:
@@ -210,7 +247,7 @@ def _run(args, rank, world):
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
         steps = batches.train(shuffle)
-        train = _train_epoch(train_model, optimizer, scaler, steps, amp, device,
+        train = _train_epoch(train_model, step, steps, device,
                              _bar(main_rank, args, len(steps), f"epoch {epoch}/{args.epochs} train"))
         _sync_buffers(model, world)
         steps = batches.test()
@@ -344,23 +381,101 @@ def _bar(show, args, total, desc):
     return tqdm(total=total, desc=desc, disable=not show or args.no_progress, dynamic_ncols=True, leave=False)
 
 
-def _autocast(device, amp):
-    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+def _autocast(device, amp, cache_casts=True):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp, cache_enabled=cache_casts)
 
 
-def _train_epoch(model, optimizer, scaler, steps, amp, device, bar):
+def _eager_step(model, optimizer, scaler, amp, device, cache_casts=True):
+    """step(x, y) -> (logits, loss): one training step (zero_grad, forward, loss, backward, optimizer step)."""
+
+    def step(x, y):
+        with _autocast(device, amp, cache_casts):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return logits, loss
+
+    return step
+
+
+@contextlib.contextmanager
+def _on_side_stream():
+    """The block's work on a side stream, ordered after and before the main stream's: where warm-up steps run, as
+    torch.cuda.graph's documentation asks (lazy per-stream state is set up away from the capture's streams)."""
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    side.wait_stream(main)  # the batch was made on the main stream
+    with torch.cuda.stream(side):
+        yield
+    main.wait_stream(side)
+
+
+def _capture(fn):
+    """(graph, outputs): fn() recorded in a CUDA graph -- not run: each graph.replay() runs it, rewriting the same
+    output tensors (and everything fn writes) in place."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
+class _GraphedStep:
+    """--cuda-graph: an eager training step (:func:`_eager_step`) replayed from a CUDA graph.
+
+    The first WARMUP_STEPS steps of the full batch shape (the first batch's) run eagerly on a side stream: they
+    train as usual, and run every kernel once first (Triton compiles and autotunes there, Adam creates its
+    state, cuDNN picks its algorithms), since nothing may sync the host or allocate outside the graph's pool
+    during capture. The next one captures the step on static input and label tensors and replays it; every
+    later full batch is copied into those tensors and replayed. A batch of another shape runs eagerly: a graph
+    holds one shape, and an epoch's last batch is usually smaller. Each step returns (logits, loss); after a
+    replay they are the graph's own output tensors, read before the next replay (the caller queues its reads
+    on the same stream).
+
+    The zero_grad inside the step sets the gradients to None before backward, so in the graph the backward
+    writes fresh gradients from the graph's pool on every replay, not adding to stale ones -- and an eager step
+    between replays (another shape) allocates its own without touching the graph's.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, step, optimizer):
+        self.step, self.optimizer = step, optimizer
+        self.shape = None
+        self.graph = None
+        self.counts = {"warmup_steps": 0, "replayed_steps": 0, "eager_steps": 0}
+
+    def __call__(self, x, y):
+        if self.shape is None:
+            self.shape = (x.shape, y.shape)
+        if (x.shape, y.shape) != self.shape:
+            self.counts["eager_steps"] += 1
+            return self.step(x, y)
+        if self.counts["warmup_steps"] < self.WARMUP_STEPS:
+            self.counts["warmup_steps"] += 1
+            with _on_side_stream():
+                return self.step(x, y)
+        if self.graph is None:
+            self.static_x, self.static_y = x.clone(), y.clone()
+            self.optimizer.zero_grad(set_to_none=True)  # the warm-up's gradients go before capture, as documented
+            self.graph, self.outputs = _capture(lambda: self.step(self.static_x, self.static_y))
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+        self.graph.replay()
+        self.counts["replayed_steps"] += 1
+        return self.outputs
+
+
+def _train_epoch(model, step, steps, device, bar):
     """(summed loss, correct) over the epoch as a float64 tensor on the device, and the sample count."""
     model.train()
     sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0
     with bar:
         for x, y in steps:
-            with _autocast(device, amp):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            logits, loss = step(x, y)
             count = _accumulate(sums, count, logits, y, loss, bar)
     return sums, count
 
@@ -423,7 +538,7 @@ def _title(metrics):
     config, last = metrics["config"], metrics["epochs"][-1]
     extras = [f"{config['world_size']} processes" if config["world_size"] > 1 else "",
               f"amp {config['amp']}" if config["amp"] != "none" else "", "compiled" if config["compile"] else "",
-              "channels_last" if config["channels_last"] else ""]
+              "channels_last" if config["channels_last"] else "", "CUDA graph" if config["cuda_graph"] else ""]
     return (f"MnistCNN, backend {config['backend']}, {config['dataset']} ({last['train_samples']} train / "
             f"{last['test_samples']} test), device {config['device']}"
             + "".join(f", {e}" for e in extras if e) + f", batch {config['batch_size']}, seed {config['seed']}")

@@ -2,6 +2,8 @@
 a two-process DistributedDataParallel run on CPU (gloo). The torch backend carries the longer runs; the dlkern
 backend runs a few steps at batch 2 through Triton's interpreter."""
 
+import contextlib
+import copy
 import gzip
 import json
 import os
@@ -15,6 +17,7 @@ import torch
 
 from dlkern.data import MNIST_MEAN, MNIST_STD, DatasetError, load_mnist, synthetic_digits
 from dlkern.models import MnistCNN
+from dlkern import train as train_module
 from dlkern.train import UsageError, build_parser, run
 
 TINY = ["--dataset", "synthetic", "--backend", "torch", "--epochs", "1", "--train-size", "200", "--test-size", "64",
@@ -228,7 +231,14 @@ MISTAKES = {
     "epochs-neg": (["--epochs", "-1"], "--epochs must be at least 0, got -1"),
     "threads-0": (["--threads", "0"], "--threads must be at least 1, got 0"),
     "lr-nan": (["--lr", "nan"], "--lr must be at least 0, got nan"),
+    "cuda-graph-on-cpu": (["--cuda-graph", "--device", "cpu"],
+                          "--cuda-graph: CUDA graphs need a CUDA device, got --device cpu"),
+    "cuda-graph-compile": (["--cuda-graph", "--compile"], "--cuda-graph and --compile do not combine"),
+    "cuda-graph-fp16": (["--cuda-graph", "--amp", "fp16"], "--cuda-graph cannot capture --amp fp16"),
 }
+if not torch.cuda.is_available():  # the default device is then the CPU
+    MISTAKES["cuda-graph-no-gpu"] = (["--cuda-graph"], "--cuda-graph: CUDA graphs need a CUDA device, got --device "
+                                     "cpu (no CUDA GPU is visible here: torch.cuda.is_available() is False)")
 
 
 @pytest.mark.parametrize("case", list(MISTAKES))
@@ -319,3 +329,115 @@ def test_drawing_shows_progress(capsys):
     assert "drawing test digits" in err and "/20 " in err
     synthetic_digits(20, seed=0, chunk=8)
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------------------------------------- --cuda-graph
+
+
+def test_cuda_graph_refuses_torchrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=r"^--cuda-graph runs in one process, not under torchrun \(2 processes\)"):
+        train(tmp_path, *TINY, "--train-size", "8", "--cuda-graph")
+
+
+def _batches(sizes, seed=0):
+    torch.manual_seed(seed)
+    return [(torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))) for n in sizes]
+
+
+def _replayed_eagerly(fn):
+    """A CPU stand-in for dlkern.train._capture. A CUDA capture records fn without running it and the first
+    replay runs it; here capture runs fn at once (the static inputs already hold the batch the first replay would
+    see) and that first replay does nothing. Later replays run fn on the static inputs and copy its outputs into
+    the tensors capture returned, as a graph rewrites its own outputs."""
+    outputs = fn()
+    replays = []
+
+    def replay():
+        if replays:
+            new_outputs = fn()
+            with torch.no_grad():
+                for static, new in zip(outputs, new_outputs):
+                    static.copy_(new)
+        replays.append(1)
+
+    return type("Graph", (), {"replay": staticmethod(replay)})(), outputs
+
+
+def test_graphed_step_schedule_and_bookkeeping(monkeypatch):
+    """--cuda-graph's step logic on CPU, with the graph replaced by _replayed_eagerly: over two epochs of 6 full
+    batches and a smaller last one, 3 warm-up steps, then replays of the captured step for every full batch (each
+    copied into the static inputs) and the smaller batches eagerly -- every sample trains and counts, and the
+    loss and accuracy sums, the sample count and the final weights equal the eager loop's exactly."""
+    monkeypatch.setattr(train_module, "_capture", _replayed_eagerly)
+    monkeypatch.setattr(train_module, "_on_side_stream", contextlib.nullcontext)
+    torch.manual_seed(0)
+    eager_model = MnistCNN(backend="torch")  # the schedule is the same for either backend; torch is quicker here
+    graph_model = copy.deepcopy(eager_model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    steps = []
+    for model in (eager_model, graph_model):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        steps.append(train_module._eager_step(model, optimizer, scaler, None, torch.device("cpu")))
+    graphed = train_module._GraphedStep(steps[1], optimizer)
+    bar = train_module._bar(False, None, 0, "")
+    for epoch in range(2):
+        batches = _batches([4] * 6 + [3], seed=epoch)
+        expected = train_module._train_epoch(eager_model, steps[0], batches, "cpu", bar)
+        got = train_module._train_epoch(graph_model, graphed, batches, "cpu", bar)
+        assert got[1] == expected[1] == 27
+        assert torch.equal(got[0], expected[0]), (got, expected)
+    assert graphed.counts == {"warmup_steps": 3, "replayed_steps": 9, "eager_steps": 2}
+    for (name, a), b in zip(graph_model.state_dict().items(), eager_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_match_eager_steps():
+    """A dlkern MnistCNN training step captured in a CUDA graph: its replays (after the warm-up, with a smaller
+    batch run eagerly between them) give the parameters, running statistics and loss sums of the same eager
+    steps. lr 1e-2: a missed, repeated or stale-batch step moves weights by ~1e-2, far beyond the tolerance."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    eager_model = MnistCNN(backend="dlkern").to(device)
+    graph_model = copy.deepcopy(eager_model)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    steps = []
+    for model in (eager_model, graph_model):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=True)
+        steps.append(train_module._eager_step(model, optimizer, scaler, None, device, cache_casts=False))
+    graphed = train_module._GraphedStep(steps[1], optimizer)
+    bar = train_module._bar(False, None, 0, "")
+    for epoch in range(2):
+        batches = [(x.to(device), y.to(device)) for x, y in _batches([8] * 5 + [5], seed=epoch)]
+        expected = train_module._train_epoch(eager_model, steps[0], batches, device, bar)
+        got = train_module._train_epoch(graph_model, graphed, batches, device, bar)
+        assert got[1] == expected[1] == 45
+        torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    assert graphed.graph is not None
+    assert graphed.counts == {"warmup_steps": 3, "replayed_steps": 7, "eager_steps": 2}
+    for (name, a), b in zip(graph_model.state_dict().items(), eager_model.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["dlkern", "torch"])
+def test_cuda_graph_run(tmp_path, backend):
+    """A tiny `--cuda-graph` run against the same run without it: 70 samples at batch 16 are 4 full batches and
+    one of 6 per epoch (3 warm-up steps, then 5 replays; the two 6-sample batches eagerly); every sample trains
+    and the losses and accuracies agree with the eager run's."""
+    argv = [*TINY, "--backend", backend, "--epochs", "2", "--train-size", "70", "--test-size", "40",
+            "--batch-size", "16", "--device", "cuda"]
+    expected = train(tmp_path / "eager", *argv)
+    got = train(tmp_path / "graph", *argv, "--cuda-graph")
+    assert got["cuda_graph"] == {"warmup_steps": 3, "replayed_steps": 5, "eager_steps": 2}
+    assert json.loads((tmp_path / "graph" / "metrics.json").read_text())["cuda_graph"] == got["cuda_graph"]
+    for row, ref in zip(got["epochs"], expected["epochs"], strict=True):
+        assert (row["train_samples"], row["test_samples"]) == (ref["train_samples"], ref["test_samples"]) == (70, 40)
+        for key in ("train_loss", "test_loss"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-4), key
+        for key in ("train_acc", "test_acc"):  # a prediction or two may flip on a near tie
+            assert row[key] == pytest.approx(ref[key], abs=2 / 40), key
