@@ -163,8 +163,8 @@ def _plan_key(kernel, device, args, kwargs):
     Triton launches on (and loads the compiled kernel for)."""
     return (
         id(kernel), device, tuple(kwargs.items()),
-        *[(a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else _FLOAT if type(a) is float else a
-          for a in args],
+        *[a if (kind := type(a)) is int else _FLOAT if kind is float
+          else (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a for a in args],
     )
 
 
