@@ -1,19 +1,113 @@
-"""Every Triton kernel dlkern launches compiles for a real GPU (sm_90), proved on a machine without one.
+"""dlkern's Triton kernels compile for a real GPU (sm_90) and fit it, proved on a machine without one.
 
-The interpreter accepts code that the GPU compiler rejects; this runs tests/gpu_compile_check.py, which records
-the launches of a representative workload and compiles each for sm_90 with triton.compile."""
+The interpreter accepts code that the GPU compiler rejects, and says nothing of registers or shared memory.
+tests/gpu_compile_check.py records the launches of a MnistCNN training step and eval (fp32, bf16 and fp16
+autocast, batch 64 and 8192, every autotuner config after pruning, Triton's launch-time specialization) and of
+every op family, compiles them with triton.compile for sm_90 and reads each one's resources.
 
+What is asserted is what holds today: every variant compiles, and none of a MnistCNN run needs more shared
+memory than a block may have except the listed KNOWN_UNLAUNCHABLE ones (which must stay unlaunchable: a fix
+fails the test until it is taken off the list; the fp64 and other breadth-only variants are only compiled). Spills and occupancy below the issue's targets are reported (a warning with the
+counts; `python tests/gpu_compile_check.py` and `bench/run.py --suite kernels` print each variant), not failed:
+most GEMM variants miss them today.
+
+CI time: the full sweep is ~700 variants, tens of CPU minutes from an empty Triton cache; this test compiles
+every untuned variant, the KNOWN_UNLAUNCHABLE ones and SAMPLE autotuned ones drawn with a fixed seed, in
+parallel processes, through Triton's cache (a rerun over unchanged kernels takes seconds).
+DLKERN_COMPILE_SAMPLE=all compiles every variant.
+"""
+
+import json
 import os
 import subprocess
 import sys
+import warnings
 
-CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_compile_check.py")
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHECK = os.path.join(HERE, "gpu_compile_check.py")
+SAMPLE = os.environ.get("DLKERN_COMPILE_SAMPLE", "24")
+
+sys.path.insert(0, HERE)
+import gpu_compile_check as check  # noqa: E402
 
 
-def test_every_kernel_compiles_for_sm90():
+def test_every_kernel_compiles_and_fits_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, CHECK], env=env, capture_output=True, text=True, timeout=1200)
-    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    out = tmp_path / "variants.json"
+    command = [sys.executable, CHECK, "--workloads", "mnist,breadth", "--json", str(out)]
+    if SAMPLE != "all":
+        command += ["--sample", SAMPLE, "--seed", "0"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3000)
+    lines = result.stdout.splitlines()
+    failed = [line for line in lines if line.startswith(("FAIL", "CHECK"))]
     assert result.returncode == 0 and not failed, "\n".join(failed) or (result.stdout + result.stderr)[-5000:]
-    assert "0 failed" in result.stdout.splitlines()[-1]
-    assert sum(line.startswith("ok ") for line in result.stdout.splitlines()) > 50
+    rows = json.loads(out.read_text())
+    assert len(rows) > 50 and all(r["regs"] > 0 and r["warps"] >= 1 and 0 <= r["occupancy"] <= 1 for r in rows)
+    kernels = {r["kernel"] for r in rows}
+    assert {"conv_fwd_kernel", "conv_bwd_input_kernel", "conv_bwd_weight_kernel", "bn_act_fwd_kernel"} <= kernels
+    # The known unlaunchable variants are always compiled, and are still unlaunchable (else the script failed).
+    limit = check.LIMITS[90]["shared_block"]
+    assert {r["ident"] for r in rows if r["mnist"] and r["shared"] > limit} == check.KNOWN_UNLAUNCHABLE
+    missing = [r for r in rows if r["violations"]]
+    if missing:
+        counts = {}
+        for r in missing:
+            for v in r["violations"]:
+                kind = v.split(" ")[0].rstrip(":")
+                counts[kind] = counts.get(kind, 0) + 1
+        warnings.warn(f"{len(missing)} of {len(rows)} sm_90 kernel variants miss a resource target (issue 11): "
+                      + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())))
+
+
+@pytest.mark.parametrize("regs, warps, shared, arch, expected", [
+    (255, 4, 16384, 90, 8 / 64),  # 255 registers: 8192 per warp, 2 warps per sub-partition: 8 warps
+    (128, 4, 0, 90, 16 / 64),  # 4096 per warp: 4 per sub-partition, 16 warps, 4 blocks
+    (126, 8, 0, 90, 16 / 64),  # rounded up to 4096 per warp as well
+    (168, 4, 0, 90, 12 / 64),  # 5376 per warp: 3 per sub-partition, 12 warps
+    (200, 1, 0, 90, 8 / 64),  # 6400 per warp: 2 per sub-partition, 8 warps (65536 // 6400 would say 10)
+    (32, 8, 0, 90, 64 / 64),  # limited by 64 warps
+    (16, 1, 0, 90, 32 / 64),  # limited by 32 blocks
+    (32, 4, 100 * 1024, 90, 8 / 64),  # 101 KB per block with the reserved 1 KB: 2 blocks in 228 KB
+    (32, 4, 227 * 1024, 90, 4 / 64),  # the per-block maximum still launches
+    (32, 4, 227 * 1024 + 1, 90, 0.0),  # one byte over: unlaunchable
+    (32, 4, 100 * 1024, 80, 4 / 64),  # sm_80: 164 KB per SM, 1 block of 101 KB
+    (32, 4, 164 * 1024, 80, 0.0),  # over sm_80's 163 KB per block
+])
+def test_occupancy_formula(regs, warps, shared, arch, expected):
+    assert check.occupancy(regs, warps, shared, arch) == pytest.approx(expected)
+
+
+def _variant(kernel, config):
+    return check.Variant(kernel, "m", {"x_ptr": "*fp32"}, {}, {}, {}, config, dtypes={"fp32"})
+
+
+def _result(shared, regs=64, gemm=True):
+    return dict(regs=regs, warps=4, shared=shared, stack=0, spill_stores=0, spill_loads=0, mma="none", gemm=gemm,
+                occupancy=check.occupancy(regs, 4, shared), cpu_s=0.0)
+
+
+def test_check_fails_on_new_and_on_fixed_unlaunchable(monkeypatch):
+    """An unlaunchable variant fails unless listed; a listed one that now launches fails too (fixing it flips
+    the test until the list is updated); a listed one not compiled in this (sampled) run is not judged."""
+    known = _variant("k", "BLOCK=64 w4 s4")
+    monkeypatch.setattr(check, "KNOWN_UNLAUNCHABLE", {known.ident(), "other [BLOCK=1 w4 s3] fp32"})
+    big = 260 * 1024
+    assert check.failures([(known, _result(big)), (_variant("k", "BLOCK=32 w4 s3"), _result(1024))]) == []
+    assert check.failures([(_variant("k", "BLOCK=128 w4 s3"), _result(big))]) == [
+        f"k [BLOCK=128 w4 s3] fp32: unlaunchable, {big} B of shared memory"]
+    assert check.failures([(known, _result(64 * 1024))]) == [
+        "k [BLOCK=64 w4 s4] fp32: launchable now: take it off KNOWN_UNLAUNCHABLE"]
+    assert check.failures([(known, dict(error="CompilationError: x", cpu_s=0.0))]) == [
+        "k [BLOCK=64 w4 s4] fp32: does not compile: CompilationError: x"]
+    fp64 = check.Variant("k", "m", {"x_ptr": "*fp64"}, {}, {}, {}, "BLOCK=128 w4 s3")  # no MnistCNN run's
+    assert check.failures([(fp64, _result(big))]) == []  # reported (violations), not failed
+
+
+def test_violations_name_each_missed_target():
+    spilling = dict(_result(1024, regs=255), spill_stores=3, spill_loads=2, stack=8)
+    assert check.violations(spilling) == ["spills (3 stores, 2 loads, 8 B stack)", "occupancy 12.5% < 25%"]
+    assert check.violations(_result(1024, regs=64, gemm=False)) == []  # 50%: on the elementwise target
+    assert check.violations(_result(1024, regs=72, gemm=False)) == ["occupancy 43.8% < 50%"]
+    assert check.violations(_result(261 * 1024)) == ["unlaunchable: 261 KB shared > 227 KB per block"]
