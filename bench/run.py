@@ -1,13 +1,15 @@
 """dlkern's benchmark: every suite side by side with PyTorch, in one run, on this machine's device.
 
-    python bench/run.py [--suite host,maxpool,model,activations,convbn,accuracy] [--quick] [--device cuda|cpu]
+    python bench/run.py [--suite host,maxpool,model,activations,convbn,accuracy,kernels] [--quick] [--device cuda|cpu]
                         [--out DIR] [--dtype fp32,bf16] [--sizes 20,26] [--batches 64,8192] [--ops relu,gelu]
                         [--compile-modes default,reduce-overhead,max-autotune] [--threads N] [--data-dir DIR]
 
 Suites (one file each under bench/): host (the host time of dlkern's calls and of a MnistCNN step against eager
 PyTorch's, with launches per step; on a CPU through dlkern's real GPU launch path with a stand-in driver), maxpool (dlkern's max pool against ATen's), model (the MNIST CNN's training
 step and inference, eager, in a CUDA graph and under torch.compile), activations and convbn (dlkern's Triton
-kernels against eager PyTorch and torch.compile; GPU only), accuracy (seconds of training to a test accuracy: 99% on MNIST, 90% on the synthetic digits).
+kernels against eager PyTorch and torch.compile; GPU only), accuracy (seconds of training to a test accuracy: 99% on MNIST, 90% on the synthetic digits),
+kernels (registers, spills, shared memory, occupancy and MMA instruction of every Triton kernel variant a MnistCNN
+step compiles for sm_90, and the cold-start compile time; compiled on the CPU, no GPU needed).
 
 Writes to DIR (default bench/out): results.csv (one row per measurement, each with the device, torch/triton/CUDA
 versions, git commit and the run's start time), PNG plots, and targets.md / targets.csv (the H200 targets of
@@ -30,7 +32,7 @@ import torch  # noqa: E402
 
 from timing import Run, copy_gbps, dtype_name, environment  # noqa: E402
 
-SUITES = ["host", "maxpool", "model", "activations", "convbn", "accuracy"]
+SUITES = ["host", "maxpool", "model", "activations", "convbn", "accuracy", "kernels"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]
 # The columns every row may have, in the CSV's order (env columns first; anything else a suite adds goes last).

@@ -117,6 +117,45 @@ HOST_TARGETS = [
 ]
 
 
+def _kernel_variants(rows, count, gemm=None):
+    """The `kernels` suite's rows: how many compiled variants have `count` (spilling, unlaunchable,
+    low_occupancy), among GEMMs (gemm=True), other kernels (False) or all (None)."""
+    table = [r for r in rows if r["suite"] == "kernels" and r.get("regs") is not None
+             and (gemm is None or bool(r.get("gemm")) == gemm)]
+    if not table:
+        return None, "not measured (kernels suite)"
+    total = sum(r["variants"] for r in table)
+    bad = [r for r in table if r[count]]
+    worst = max(bad, key=lambda r: r[count], default=None)
+    detail = f"{sum(r[count] for r in bad)} of {total} variants"
+    if worst is not None:
+        detail += f" (e.g. {worst['case']} [{worst['config']}] {worst['dtype']}: {worst['note']})"
+    return not bad, detail
+
+
+def _cold_start(rows, most_s):
+    cold = [r for r in rows if r["suite"] == "kernels" and r.get("case") == "cold start"]
+    if not cold:
+        return None, "not measured (kernels suite without --quick)"
+    r = cold[0]
+    return r["compile_s"] <= most_s and not r["errors"], f"{r['compile_s']:.0f} CPU s, {r['variants']} variants"
+
+
+# Compiled-kernel targets (the kernels suite, sm_90 code compiled on the CPU): evaluated on every machine.
+KERNEL_TARGETS = [
+    ("kernels: spills", "no compiled variant of a MnistCNN step or eval spills registers (sm_90)",
+     lambda rows: _kernel_variants(rows, "spilling")),
+    ("kernels: launchable", "every variant fits sm_90's 227 KB of shared memory per block",
+     lambda rows: _kernel_variants(rows, "unlaunchable")),
+    ("kernels: GEMM occupancy", "every GEMM variant (tl.dot) >= 25% theoretical occupancy on sm_90",
+     lambda rows: _kernel_variants(rows, "low_occupancy", gemm=True)),
+    ("kernels: other occupancy", "every elementwise and reduction variant >= 50% theoretical occupancy on sm_90",
+     lambda rows: _kernel_variants(rows, "low_occupancy", gemm=False)),
+    ("kernels: cold start", "fp32 MnistCNN training + eval: <= 60 CPU s of Triton compiles for sm_90 from an "
+     "empty cache", lambda rows: _cold_start(rows, 60)),
+]
+
+
 # CPU targets: what dlkern promises a user without a GPU, evaluated on CPU runs only.
 CPU_TARGETS = [
     ("cpu: max pool", "dlkern's C++ max pool >= ATen's speed, every layout and direction",
@@ -130,12 +169,12 @@ NOT_ON_CPU = "not evaluated: a CPU run (the targets are for an H200)"
 
 def evaluate(rows, on_cuda):
     """[{target, asks, met (True/False/None), detail}] for every target: the H200 targets on a GPU run (listed as
-    not evaluated on a CPU run), the CPU targets on a CPU run, the host targets on every run."""
+    not evaluated on a CPU run), the CPU targets on a CPU run, the host and kernel targets on every run."""
     results = []
     for name, asks, check in TARGETS:
         met, detail = check(rows) if on_cuda else (None, NOT_ON_CPU)
         results.append(dict(target=name, asks=asks, met=met, detail=detail))
-    for name, asks, check in HOST_TARGETS + ([] if on_cuda else CPU_TARGETS):
+    for name, asks, check in HOST_TARGETS + KERNEL_TARGETS + ([] if on_cuda else CPU_TARGETS):
         met, detail = check(rows)
         results.append(dict(target=name, asks=asks, met=met, detail=detail))
     return results

@@ -23,7 +23,7 @@ def quick_run(tmp_path_factory):
         # one thread: on a shared machine, threads waiting for a busy core stall every parallel region
         [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--quick", "--device", "cpu", "--threads", "1",
          "--out", str(out), "--data-dir", str(out / "no-mnist-here")],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900,  # the kernels suite compiles for sm_90
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "results.csv", newline="") as f:
@@ -77,13 +77,16 @@ def test_plots_and_targets_written(quick_run):
     assert "activations_bandwidth.png: not drawn" in stdout
     with open(out / "targets.csv", newline="") as f:
         targets = list(csv.DictReader(f))
-    gpu = [t for t in targets if not t["target"].startswith(("host: ", "cpu: "))]
+    gpu = [t for t in targets if not t["target"].startswith(("host: ", "cpu: ", "kernels: "))]
     assert len(gpu) == 11 and {t["met"] for t in gpu} == {"not measured"}
     cpu = [t for t in targets if t["target"].startswith("cpu: ")]
     assert len(cpu) == 2 and all(t["met"] in ("yes", "no") for t in cpu), cpu
     assert "H200 targets, 11, not evaluated without a GPU" in stdout
     host = [t for t in targets if t["target"].startswith("host: ")]
     assert len(host) == 6 and all(t["met"] in ("yes", "no") for t in host), host  # measured on a CPU too
+    kernels = {t["target"]: t["met"] for t in targets if t["target"].startswith("kernels: ")}
+    assert kernels.pop("kernels: cold start") == "not measured"  # not with --quick
+    assert len(kernels) == 4 and set(kernels.values()) <= {"yes", "no"}, kernels  # compiled on the CPU
 
 
 def test_host_rows(quick_run):
@@ -145,8 +148,9 @@ def _gpu_rows():
 def test_targets_over_gpu_rows(tmp_path):
     targets = _load("targets")
     results = {r["target"]: r for r in targets.evaluate(_gpu_rows(), on_cuda=True)}
-    assert len(results) == len(targets.TARGETS) + len(targets.HOST_TARGETS) == 17  # no CPU targets on a GPU run
-    results = {name: r for name, r in results.items() if not name.startswith("host: ")}
+    # no CPU targets on a GPU run
+    assert len(results) == len(targets.TARGETS) + len(targets.HOST_TARGETS) + len(targets.KERNEL_TARGETS) == 22
+    results = {name: r for name, r in results.items() if not name.startswith(("host: ", "kernels: "))}
     expected = {
         "activations roof": False, "activations vs PyTorch": True, "max pool fwd": True, "max pool bwd": True,
         "conv blocks train": True, "conv blocks eval": False, "model step vs eager": True,
@@ -183,6 +187,45 @@ def test_host_targets_over_rows():
     assert results["host: max pool"]["met"] is None
     assert results["activations roof"]["met"] is None  # GPU targets: not on a CPU run
     assert results["cpu: max pool"]["met"] is None  # no maxpool rows
+
+
+def test_kernels_rows(quick_run):
+    """The kernels suite compiled a sample of the MnistCNN's Triton kernels for sm_90 and read their resources."""
+    _, stdout, rows = quick_run
+    kernels = [r for r in rows if r["suite"] == "kernels"]
+    assert {"conv_fwd_kernel", "bn_act_fwd_kernel"} <= {r["case"] for r in kernels}
+    for r in kernels:
+        assert r["config"] and set(r["dtype"].split("/")) <= {"fp32", "bf16", "fp16"}, r
+        assert int(r["regs"]) > 0 and int(r["warps"]) >= 1 and 0 <= float(r["occupancy"]) <= 100, r
+        assert int(r["spill_stores"]) >= 0 and float(r["shared_kb"]) >= 0 and r["mma"], r
+    assert any(r["mma"].startswith("wgmma") for r in kernels if r["case"] == "conv_fwd_kernel")
+    assert "kernels: skipped cold start: --quick" in stdout
+    assert "kernels: per kernel and dtype" in stdout
+
+
+def test_kernel_targets_over_rows():
+    targets = _load("targets")
+
+    def variant(case, gemm, **figures):
+        row = dict(suite="kernels", case=case, impl="dlkern", config="BLOCK=64 w4 s3", dtype="fp32", variants=2,
+                   regs=64, gemm=gemm, spilling=0, unlaunchable=0, low_occupancy=0, note="")
+        return dict(row, **figures)
+
+    rows = [variant("conv_fwd_kernel", True, spilling=1, low_occupancy=2, note="spills (3 stores, 3 loads, 8 B stack)"),
+            variant("bn_act_fwd_kernel", False),
+            dict(suite="kernels", case="cold start", impl="dlkern", variants=128, errors=0, compile_s=215.0)]
+    results = {r["target"]: r for r in targets.evaluate(rows, on_cuda=False)}
+    assert results["kernels: spills"]["met"] is False
+    assert results["kernels: spills"]["detail"] == (
+        "1 of 4 variants (e.g. conv_fwd_kernel [BLOCK=64 w4 s3] fp32: spills (3 stores, 3 loads, 8 B stack))")
+    assert results["kernels: launchable"] == dict(results["kernels: launchable"], met=True, detail="0 of 4 variants")
+    assert results["kernels: GEMM occupancy"]["met"] is False and "2 of 2 variants" in results[
+        "kernels: GEMM occupancy"]["detail"]
+    assert results["kernels: other occupancy"]["met"] is True
+    assert results["kernels: cold start"]["met"] is False
+    assert results["kernels: cold start"]["detail"] == "215 CPU s, 128 variants"
+    rows[-1]["compile_s"] = 42.0
+    assert {r["target"]: r["met"] for r in targets.evaluate(rows, on_cuda=True)}["kernels: cold start"] is True
 
 
 def test_cpu_run_is_truthful(quick_run):
