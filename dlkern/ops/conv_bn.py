@@ -12,6 +12,7 @@ CUDA tensors (and CPU tensors under TRITON_INTERPRET=1) run the Triton kernels o
 CPU tensors an equivalent PyTorch composite (warned once). No launcher reads device memory on the host.
 """
 
+import functools
 import struct
 
 import torch
@@ -34,6 +35,7 @@ OP = "conv_bn_act2d"
 # ---------------------------------------------------------------------------------------------- launch helpers
 
 
+@functools.lru_cache(maxsize=1024)  # a block's parameters repeat call after call: pack each once
 def _hi_lo(x):
     """x as float32 hi + lo (kernels rebuild it with ``_scalar``): Triton passes Python floats as float32."""
     hi = struct.unpack("f", struct.pack("f", x))[0]
@@ -67,8 +69,13 @@ def geometry(input, weight, stride, padding, dilation):
     return N, C_in, H, W, C_out, KH, KW, OH, OW
 
 
+def _memory_format(input):
+    """suggest_memory_format(input), without its stride walk for a contiguous input (never channels_last-like)."""
+    return torch.contiguous_format if input.is_contiguous() else suggest_memory_format(input)
+
+
 def _empty_like_format(input, shape, dtype):
-    return torch.empty(shape, dtype=dtype, device=input.device, memory_format=suggest_memory_format(input))
+    return torch.empty(shape, dtype=dtype, device=input.device, memory_format=_memory_format(input))
 
 
 def _rows_per_split(M, device, programs_per_split):
@@ -154,8 +161,8 @@ def check_bn_sizes(channels, running_mean=None, running_var=None, bn_weight=None
     """PyTorch's checks (and messages, in its order) of BatchNorm's per-channel tensors, in the ops and fakes too."""
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", bn_weight),
                     ("bias", bn_bias)):
-        if t is not None:
-            _check(t.numel() == channels, f"{name} should contain {channels} elements not {t.numel()}")
+        if t is not None and (size := t.numel()) != channels:  # the message is built only for a bad size
+            _check(size == channels, f"{name} should contain {channels} elements not {size}")
 
 
 def _check(condition, message):
@@ -272,7 +279,17 @@ def _conv_bn_act2d_triton(input, weight, bias, bn_weight, bn_bias, running_mean,
         for buf, dense in ((running_mean, mean_buf), (running_var, var_buf)):
             if dense is not buf:
                 buf.copy_(dense)
+        _written(running_mean, running_var, num_batches_tracked if count else None)
     return out, z, stats
+
+
+def _written(*tensors):
+    """Version counters up for buffers a kernel wrote (as an in-place ATen op's would go), so that a backward
+    that saved one of them raises instead of reading the new values. Here rather than in an ADInplaceOrView
+    kernel, which would put a second Python call on every training step."""
+    for t in tensors:
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
 
 
 def _conv_bn_act2d_composite(input, weight, bias, bn_weight, bn_bias, running_mean, running_var,
@@ -709,6 +726,29 @@ for _op in (conv_bn_act2d, conv_bias_act2d, conv_bn_act2d_backward):
 # ---------------------------------------------------------------------------------------------- entry point
 
 
+_block_args_cache = {}
+
+
+def _block_args(weight, stride, padding, dilation, activation, activation_params):
+    """conv_args and check_activation, remembered per argument values (a module passes the same ones every call;
+    unhashable ones, such as lists, and traced calls are checked afresh)."""
+    if not torch.compiler.is_compiling():
+        key = (weight.shape[2:], stride, padding, dilation, activation, activation_params)
+        try:
+            return _block_args_cache[key]
+        except (KeyError, TypeError):
+            pass
+    checked = (*conv_args(weight, stride, padding, dilation), *check_activation(activation, activation_params))
+    if not torch.compiler.is_compiling():
+        try:
+            if len(_block_args_cache) > 4096:
+                _block_args_cache.clear()
+            _block_args_cache[key] = checked
+        except TypeError:
+            pass
+    return checked
+
+
 def _pair(name, value):
     if isinstance(value, int) and not isinstance(value, bool):
         return [value, value]
@@ -841,8 +881,8 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
             momentum, eps, stride, padding, dilation, activation, activation_params=()):
     """The fused block: autocast, checks, then the training op (+ running update), or in eval the inference op
     (BatchNorm in the conv's epilogue) or, when autograd is needed, the folded op."""
-    stride, padding, dilation = conv_args(weight, stride, padding, dilation)
-    activation, p0, p1 = check_activation(activation, activation_params)
+    stride, padding, dilation, activation, p0, p1 = _block_args(weight, stride, padding, dilation, activation,
+                                                                activation_params)
     conv_weight, conv_bias = weight, bias  # eval folds these, not autocast's 16-bit copies
     input, weight, bias = _autocast(input, weight, bias)
     count, z_shape = _check_input(input, weight, bias, stride, padding, dilation)

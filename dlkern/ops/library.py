@@ -30,25 +30,7 @@ def define(schema, triton_kernel, composite, fake, warn_as=None):
     LIB.impl(name, triton_kernel, "CUDA")
     LIB.impl(name, _cpu_kernel(triton_kernel, composite, warn_as or name), "CPU")
     torch.library.register_fake(f"dlkern::{name}", fake, lib=LIB)
-    op = getattr(torch.ops.dlkern, name).default
-    mutated = [i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
-    if mutated:
-        LIB.impl(name, _version_bump(op, mutated), "ADInplaceOrView", with_keyset=True)
-    return op
-
-
-def _version_bump(op, mutated):
-    """The ADInplaceOrView kernel of an op that writes its arguments: their version counters go up, as after any
-    in-place op (a tensor saved for a backward, then overwritten, makes that backward raise)."""
-    below = torch._C._after_ADInplaceOrView_keyset
-
-    def kernel(keyset, *args):
-        for i in mutated:
-            if args[i] is not None:
-                torch.autograd.graph.increment_version(args[i])
-        return op.redispatch(keyset & below, *args)
-
-    return kernel
+    return getattr(torch.ops.dlkern, name).default
 
 
 def _cpu_kernel(triton_kernel, composite, op_name):

@@ -15,6 +15,11 @@ from torch._prims_common import suggest_memory_format
 import dlkern._extension  # noqa: F401  (registers torch.ops.dlkern.*)
 from dlkern.ops.autograd_support import batch_first, call_op, function_apply, needs_autograd
 
+# The overloads themselves: calling the packet (torch.ops.dlkern.max_pool2d) resolves the overload on every call.
+_MAX_POOL2D = torch.ops.dlkern.max_pool2d.default
+_MAX_POOL2D_BACKWARD = torch.ops.dlkern.max_pool2d_backward.default
+_MAX_POOL2D_VALUES = torch.ops.dlkern.max_pool2d_values.default
+
 
 def _pooling_output_size(size, k, pad, stride, dilation, ceil_mode):
     """ATen's pooling_output_shape (aten/src/ATen/native/Pool.h), checks included."""
@@ -159,7 +164,7 @@ def _max_pool2d_vmap(info, in_dims, input, kernel_size, stride, padding, dilatio
     # Pooling works plane by plane: the batch dims and an example's own N (and C) flatten into one leading dim.
     torch._check(input.dim() - 1 in (3, 4), lambda: "non-empty 3D or 4D (batch mode) tensor expected for input")
     x = batch_first(input, in_dims[0], info.batch_size)
-    output, indices = torch.ops.dlkern.max_pool2d(
+    output, indices = _MAX_POOL2D(
         x.flatten(0, -4), kernel_size, stride, padding, dilation, ceil_mode
     )
     return (output.unflatten(0, x.shape[:-3]), indices.unflatten(0, x.shape[:-3])), (0, 0)
@@ -167,7 +172,7 @@ def _max_pool2d_vmap(info, in_dims, input, kernel_size, stride, padding, dilatio
 
 def _max_pool2d_backward_vmap(info, in_dims, grad_output, input, indices, *pool_args):
     go, x, idx = (batch_first(t, d, info.batch_size) for t, d in zip((grad_output, input, indices), in_dims))
-    grad_input = torch.ops.dlkern.max_pool2d_backward(
+    grad_input = _MAX_POOL2D_BACKWARD(
         go.flatten(0, -4), x.flatten(0, -4), idx.flatten(0, -4), *pool_args
     )
     return grad_input.unflatten(0, x.shape[:-3]), 0
@@ -185,7 +190,7 @@ class _MaxPool2d(torch.autograd.Function):
 
     @staticmethod
     def forward(input, kernel_size, stride, padding, dilation, ceil_mode):
-        return call_op(torch.ops.dlkern.max_pool2d, input, kernel_size, stride, padding, dilation, ceil_mode)
+        return call_op(_MAX_POOL2D, input, kernel_size, stride, padding, dilation, ceil_mode)
 
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_max_pool2d_grad)
@@ -207,7 +212,7 @@ class _MaxPool2dBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
-        return call_op(torch.ops.dlkern.max_pool2d_backward, grad_output, input, indices, kernel_size, stride,
+        return call_op(_MAX_POOL2D_BACKWARD, grad_output, input, indices, kernel_size, stride,
                        padding, dilation, ceil_mode)
 
     setup_context = staticmethod(_backward_setup_context)
@@ -242,10 +247,10 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, need_in
     args = (input, kernel_size, stride, padding, dilation, ceil_mode)
     if not needs_autograd(input):
         if not need_indices and input.device.type == "cpu":  # no autograd kernel to skip: called as it is
-            return torch.ops.dlkern.max_pool2d_values.default(*args), None
-        return call_op(torch.ops.dlkern.max_pool2d, *args)
+            return _MAX_POOL2D_VALUES(*args), None
+        return call_op(_MAX_POOL2D, *args)
     if _reverse_mode_only():
-        return torch.ops.dlkern.max_pool2d(*args)  # its C++ autograd
+        return _MAX_POOL2D(*args)  # its C++ autograd
     return _max_pool2d_apply(*args)
 
 
@@ -253,7 +258,7 @@ def max_pool2d_backward(grad_output, input, indices, kernel_size, stride, paddin
     """dlkern::max_pool2d_backward, itself differentiable in every autograd mode."""
     args = (grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode)
     if not needs_autograd(grad_output, input):
-        return call_op(torch.ops.dlkern.max_pool2d_backward, *args)
+        return call_op(_MAX_POOL2D_BACKWARD, *args)
     if _reverse_mode_only():
-        return torch.ops.dlkern.max_pool2d_backward(*args)  # its C++ autograd
+        return _MAX_POOL2D_BACKWARD(*args)  # its C++ autograd
     return _max_pool2d_backward_apply(*args)
