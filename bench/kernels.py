@@ -56,13 +56,12 @@ def _rows(compiled, check):
                 spill_loads=max(r["spill_loads"] for r in results),
                 shared_kb=max(r["shared"] for r in results) / 1024, occupancy=100 * worst["occupancy"],
                 mma=" / ".join(sorted({r["mma"] for r in results})), gemm=any(r["gemm"] for r in results),
-                unlaunchable=sum(r["shared"] > check.LIMITS[90]["shared_block"] for r in results),
-                spilling=sum(bool(r["spill_stores"] or r["spill_loads"] or r["stack"]) for r in results),
-                low_occupancy=sum(0 < r["occupancy"] < (check.GEMM_OCCUPANCY if r["gemm"] else check.OTHER_OCCUPANCY)
-                                  for r in results),
-                compile_s=sum(r["cpu_s"] for r in results),
+                unlaunchable=sum(map(check.unlaunchable, results)), spilling=sum(map(check.spills, results)),
+                low_occupancy=sum(map(check.low_occupancy, results)), compile_s=sum(r["cpu_s"] for r in results),
             )
-            row["note"] = "; ".join(sorted({p for r in results for p in check.violations(r)}))
+            worst = max(results, key=lambda r: (check.unlaunchable(r), r["spill_stores"] + r["spill_loads"],
+                                                -r["occupancy"]))
+            row["note"] = "; ".join(check.violations(worst))  # the worst specialization's misses
         else:
             row["note"] = "does not compile: " + group[0][1]["error"][:200]
         rows.append(row)
@@ -79,9 +78,9 @@ def _summary(compiled, check):
         if "error" in r:
             s["failed"] += 1
             continue
-        s["spilling"] += bool(r["spill_stores"] or r["spill_loads"] or r["stack"])
-        s["low"] += 0 < r["occupancy"] < (check.GEMM_OCCUPANCY if r["gemm"] else check.OTHER_OCCUPANCY)
-        s["unlaunchable"] += r["shared"] > check.LIMITS[90]["shared_block"]
+        s["spilling"] += check.spills(r)
+        s["low"] += check.low_occupancy(r)
+        s["unlaunchable"] += check.unlaunchable(r)
         s["mma"].add(r["mma"])
     return [dict(s, mma=" / ".join(sorted(s["mma"]))) for _, s in sorted(table.items())]
 

@@ -21,10 +21,10 @@ compiles; its resources are reported too).
 
 Checks (exit status 1 when one fails): every variant compiles, and no variant of a MnistCNN run needs more
 shared memory than the target's per-block limit (unlaunchable) except those in KNOWN_UNLAUNCHABLE -- and those
-must still be unlaunchable, so fixing one fails the check until it is taken off the list. Spills and low
+must still be unlaunchable and offered, so fixing one fails the check until it is taken off the list. Spills and low
 occupancy are reported (``violations``), not failed: see tests/test_gpu_compile.py.
 
-Time: compiling is CPU-bound (Triton's frontend, LLVM, ptxas: seconds to minutes per GEMM variant); variants
+Time: compiling is CPU-bound (Triton's frontend, LLVM, ptxas: up to ~16 CPU s per GEMM variant); variants
 compile in parallel processes, and Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache) makes a rerun
 over unchanged kernels cheap. ``--sample N`` compiles every untuned variant, the KNOWN_UNLAUNCHABLE ones and N
 of the autotuned ones drawn with ``--seed``.
@@ -34,6 +34,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import gc
 import importlib
 import json
 import math
@@ -175,8 +176,6 @@ class Recorder:
         needs."""
         assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "record without TRITON_INTERPRET"
         from host_stub import stand_in_gpu
-
-        import gc
 
         from dlkern.ops import triton_support
 
@@ -386,20 +385,36 @@ def sample(variants, n, seed=0):
 # --------------------------------------------------------------------------------------------- the verdict
 
 
+def unlaunchable(result, arch=90):
+    return result["shared"] > LIMITS[arch]["shared_block"]
+
+
+def spills(result):
+    return bool(result["spill_stores"] or result["spill_loads"] or result["stack"])
+
+
+def occupancy_floor(result):
+    return GEMM_OCCUPANCY if result["gemm"] else OTHER_OCCUPANCY
+
+
+def low_occupancy(result):
+    """Below its target but launchable (an unlaunchable variant is counted as that)."""
+    return 0 < result["occupancy"] < occupancy_floor(result)
+
+
 def violations(result, arch=90):
     """What a compiled variant misses of the issue's targets (spills, launchable, occupancy); [] if nothing."""
     if "error" in result:
         return ["does not compile"]
     found = []
-    if result["shared"] > LIMITS[arch]["shared_block"]:
+    if unlaunchable(result, arch):
         found.append(f"unlaunchable: {result['shared'] / 1024:.0f} KB shared > {LIMITS[arch]['shared_block'] // 1024} "
                      "KB per block")
-    if result["spill_stores"] or result["spill_loads"] or result["stack"]:
+    if spills(result):
         found.append(f"spills ({result['spill_stores']} stores, {result['spill_loads']} loads, {result['stack']} B "
                      "stack)")
-    floor = GEMM_OCCUPANCY if result["gemm"] else OTHER_OCCUPANCY
-    if 0 < result["occupancy"] < floor:
-        found.append(f"occupancy {result['occupancy']:.1%} < {floor:.0%}")
+    if low_occupancy(result):
+        found.append(f"occupancy {result['occupancy']:.1%} < {occupancy_floor(result):.0%}")
     return found
 
 
@@ -415,7 +430,7 @@ def failures(compiled, arch=90):
             continue
         if not v.dtypes:
             continue
-        fits = r["shared"] <= LIMITS[arch]["shared_block"]
+        fits = not unlaunchable(r, arch)
         launchable[v.ident()] = launchable.get(v.ident(), True) and fits
         if not fits and v.ident() not in KNOWN_UNLAUNCHABLE:
             found.append(f"{v.describe()}: unlaunchable, {r['shared']} B of shared memory")
@@ -461,6 +476,10 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)
     bad = failures(compiled, args.arch)
+    if "mnist" in args.workloads.split(","):  # a listed variant the autotuner no longer offers is fixed too
+        offered = {v.ident() for v in variants}
+        bad += [f"{ident}: no longer offered: take it off KNOWN_UNLAUNCHABLE"
+                for ident in sorted(KNOWN_UNLAUNCHABLE - offered)]
     for line in bad:
         print(f"CHECK {line}")
     errors = sum("error" in r for _, r in compiled)
