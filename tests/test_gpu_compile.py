@@ -12,7 +12,7 @@ counts; `python tests/gpu_compile_check.py` and `bench/run.py --suite kernels` p
 most GEMM variants miss them today.
 
 CI time: the full sweep is ~700 variants (304 of them MnistCNN's; its fp32 training + eval alone, 129 variants,
-took 168 CPU s from an empty cache on 2026-11-29), ~15 CPU minutes from an empty Triton cache. This test
+took 168 CPU s from an empty cache on 2026-11-29): an estimated ~15 CPU minutes from an empty cache. This test
 compiles every untuned variant, the KNOWN_UNLAUNCHABLE ones and SAMPLE autotuned ones drawn with a fixed seed
 (~55 CPU s of compiling, ~15 s of recording), in parallel processes, through Triton's cache (a rerun over
 unchanged kernels takes seconds). DLKERN_COMPILE_SAMPLE=all compiles every variant.
