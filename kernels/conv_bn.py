@@ -289,79 +289,82 @@ def bn_act_bwd_reduce_kernel(
 
 
 @triton.jit
-def bn_bwd_finalize_kernel(
-    part_ptr, stats_ptr, gamma_ptr, coef_ptr, grad_gamma_ptr, grad_beta_ptr, C, num_splits, count,
-    HAS_AFFINE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+def grad_z_kernel(
+    g_ptr, z_ptr, gz_ptr, stats_ptr, gamma_ptr, beta_ptr, part_ptr, grad_gamma_ptr, grad_beta_ptr,
+    M, C, OH, OW, rows_per_split, num_splits, p0_hi, p0_lo, p1_hi, p1_lo,
+    g_n_stride, g_c_stride, g_h_stride, g_w_stride,
+    z_n_stride, z_c_stride, z_h_stride, z_w_stride,
+    BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Sums the splits in order; grad_beta = sum g_u, grad_gamma = sum g_u*x_hat, and the coefficients of
-    dL/dz = a*(g_u - b - x_hat*c): coef[0] = a = gamma*invstd, coef[1] = b = sum(g_u)/n,
-    coef[2] = c = sum(g_u*x_hat)/n."""
-    offs_c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """dL/dz of one split of the rows, written once (in z's layout, the conv's dtype) for both conv GEMMs.
+
+    BN (training): each program first adds the reduction's splits for its channels, in order (so every program
+    gets the same bits), into sum(g_u) and sum(g_u*x_hat); split 0 writes them as grad_beta and grad_gamma. Then
+    dL/dz = a*(g_u - b - x_hat*c), a = gamma*invstd, b = sum(g_u)/M, c = sum(g_u*x_hat)/M.
+    Otherwise (eval, BatchNorm folded): dL/dz = g*act'(z)."""
+    pid_s = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    dtype = coef_ptr.dtype.element_ty
-    sum_g = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float64)
-    for s0 in range(0, num_splits, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
-        mask = (offs_s < num_splits)[:, None] & mask_c[None, :]
-        offs = offs_s[:, None] * C + offs_c[None, :]
-        sum_g += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
-        sum_gx += tl.sum(tl.load(part_ptr + num_splits * C + offs, mask=mask, other=0.0), axis=0)
-    a = tl.load(stats_ptr + C + offs_c, mask=mask_c, other=0.0)
-    if HAS_AFFINE:
-        a *= tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(dtype)
-        tl.store(grad_gamma_ptr + offs_c, sum_gx.to(grad_gamma_ptr.dtype.element_ty), mask=mask_c)
-        tl.store(grad_beta_ptr + offs_c, sum_g.to(grad_beta_ptr.dtype.element_ty), mask=mask_c)
-    tl.store(coef_ptr + offs_c, a, mask=mask_c)
-    tl.store(coef_ptr + C + offs_c, (sum_g / count).to(dtype), mask=mask_c)
-    tl.store(coef_ptr + 2 * C + offs_c, (sum_gx / count).to(dtype), mask=mask_c)
-
-
-@triton.jit
-def _load_grad_z(
-    g_ptr, z_ptr, stats_ptr, gamma_ptr, beta_ptr, coef_ptr, C, g_offs, z_offs, mask, c, mask_c, p0, p1,
-    BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, DTYPE: tl.constexpr,
-):
-    """dL/dz of a (rows, channels-along-columns) tile, 0 where masked; c and mask_c index the columns."""
-    g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(DTYPE)
-    z = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(DTYPE)
+    dtype = ACC_DTYPE
+    p0 = _scalar(p0_hi, p0_lo, dtype)
+    p1 = _scalar(p1_hi, p1_lo, dtype)
     if BN:
-        mean = tl.load(stats_ptr + c, mask=mask_c, other=0.0)[None, :]
-        invstd = tl.load(stats_ptr + C + c, mask=mask_c, other=0.0)[None, :]
-        a = tl.load(coef_ptr + c, mask=mask_c, other=0.0)[None, :]
-        b = tl.load(coef_ptr + C + c, mask=mask_c, other=0.0)[None, :]
-        cc = tl.load(coef_ptr + 2 * C + c, mask=mask_c, other=0.0)[None, :]
+        sum_g = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float64)
+        for s0 in range(0, num_splits, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+            mask = (offs_s < num_splits)[:, None] & mask_c[None, :]
+            offs = offs_s[:, None] * C + offs_c[None, :]
+            sum_g += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
+            sum_gx += tl.sum(tl.load(part_ptr + num_splits * C + offs, mask=mask, other=0.0), axis=0)
+        mean = tl.load(stats_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
+        invstd = tl.load(stats_ptr + C + offs_c, mask=mask_c, other=0.0)[None, :]
         if HAS_AFFINE:
-            gamma = tl.load(gamma_ptr + c, mask=mask_c, other=0.0).to(DTYPE)[None, :]
-            beta = tl.load(beta_ptr + c, mask=mask_c, other=0.0).to(DTYPE)[None, :]
+            gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(dtype)[None, :]
+            beta = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(dtype)[None, :]
+            if pid_s == 0:
+                tl.store(grad_gamma_ptr + offs_c, sum_gx.to(grad_gamma_ptr.dtype.element_ty), mask=mask_c)
+                tl.store(grad_beta_ptr + offs_c, sum_g.to(grad_beta_ptr.dtype.element_ty), mask=mask_c)
         else:
             gamma = 1.0
             beta = 0.0
-        gz = _grad_z(g, z, mean, invstd, gamma, beta, a, b, cc, True, ACT, p0, p1)
-    else:
-        gz = _grad_z(g, z, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, False, ACT, p0, p1)
-    return tl.where(mask, gz, 0.0)
+        coef_a = invstd * gamma
+        coef_b = (sum_g / M).to(dtype)[None, :]
+        coef_c = (sum_gx / M).to(dtype)[None, :]
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        n, oh, ow = _rows(offs_m, OH, OW)
+        mask = (offs_m < m_end)[:, None] & mask_c[None, :]
+        g_offs = (n * g_n_stride + oh * g_h_stride + ow * g_w_stride)[:, None] + offs_c[None, :] * g_c_stride
+        z_offs = (n * z_n_stride + oh * z_h_stride + ow * z_w_stride)[:, None] + offs_c[None, :] * z_c_stride
+        g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(dtype)
+        z = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(dtype)
+        if BN:
+            gz = _grad_z(g, z, mean, invstd, gamma, beta, coef_a, coef_b, coef_c, True, ACT, p0, p1)
+        else:
+            gz = _grad_z(g, z, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, False, ACT, p0, p1)
+        tl.store(gz_ptr + z_offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def conv_bwd_input_kernel(
-    g_ptr, z_ptr, w_ptr, dx_ptr, stats_ptr, gamma_ptr, beta_ptr, coef_ptr,
+    gz_ptr, w_ptr, dx_ptr,
     N, C_in, H, W, C_out, OH, OW,
-    g_n_stride, g_c_stride, g_h_stride, g_w_stride,
-    z_n_stride, z_c_stride, z_h_stride, z_w_stride,
+    gz_n_stride, gz_c_stride, gz_h_stride, gz_w_stride,
     dx_n_stride, dx_c_stride, dx_h_stride, dx_w_stride,
-    M_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo,
-    KH: tl.constexpr, KW: tl.constexpr, BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr,
-    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
+    M_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dx as an implicit GEMM: rows (n, ih, iw) (M_in = N*H*W), columns c_in, reduction k = (c_out, kh, kw).
-    Tap (kh, kw) of input (ih, iw) feeds output oh = (ih + pad - kh*dil)/stride when that divides exactly."""
+    """dx as an implicit GEMM over dL/dz: rows (n, ih, iw) (M_in = N*H*W), columns c_in, reduction
+    k = (c_out, kh, kw). Tap (kh, kw) of input (ih, iw) reads output oh = (ih + pad - kh*dil)/stride when that
+    divides exactly."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     K = C_out * KH * KW
-    p0 = _scalar(p0_hi, p0_lo, ACC_DTYPE)
-    p1 = _scalar(p1_hi, p1_lo, ACC_DTYPE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M_in
@@ -369,11 +372,12 @@ def conv_bwd_input_kernel(
     n, ih, iw = _rows(offs_m, H, W)
     oh0 = ih + pad_h
     ow0 = iw + pad_w
+    gz_row = gz_ptr + n * gz_n_stride
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        co = (offs_k // (KH * KW)).to(tl.int64)
+        co = offs_k // (KH * KW)
         r = offs_k % (KH * KW)
         oh_s = oh0[:, None] - (r // KW * dil_h)[None, :]
         ow_s = ow0[:, None] - (r % KW * dil_w)[None, :]
@@ -383,42 +387,38 @@ def conv_bwd_input_kernel(
             mask_m[:, None] & mask_k[None, :] & (oh_s >= 0) & (ow_s >= 0) & (oh_s % stride_h == 0)
             & (ow_s % stride_w == 0) & (oh < OH) & (ow < OW)
         )
-        g_offs = (n * g_n_stride)[:, None] + co[None, :] * g_c_stride + oh * g_h_stride + ow * g_w_stride
-        z_offs = (n * z_n_stride)[:, None] + co[None, :] * z_c_stride + oh * z_h_stride + ow * z_w_stride
-        gz = _load_grad_z(
-            g_ptr, z_ptr, stats_ptr, gamma_ptr, beta_ptr, coef_ptr, C_out, g_offs, z_offs, mask, co, mask_k,
-            p0, p1, BN, HAS_AFFINE, ACT, ACC_DTYPE,
+        a = tl.load(
+            gz_row[:, None] + co[None, :].to(tl.int64) * gz_c_stride + oh * gz_h_stride + ow * gz_w_stride,
+            mask=mask, other=0.0,
         )
         b = tl.load(
             w_ptr + (co * C_in * KH * KW + r)[:, None] + offs_n[None, :] * (KH * KW),
             mask=mask_k[:, None] & mask_n[None, :], other=0.0,
         )
-        acc = _dot(gz.to(w_ptr.dtype.element_ty), b, acc, PRECISION, ACC_DTYPE, DOT_FP32)
+        acc = _dot(a, b, acc, PRECISION, ACC_DTYPE, DOT_FP32)
     dx_offs = (n * dx_n_stride + ih * dx_h_stride + iw * dx_w_stride)[:, None] + offs_n[None, :] * dx_c_stride
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def conv_bwd_weight_kernel(
-    g_ptr, z_ptr, x_ptr, part_ptr, stats_ptr, gamma_ptr, beta_ptr, coef_ptr,
+    gz_ptr, x_ptr, part_ptr,
     N, C_in, H, W, C_out, OH, OW,
-    g_n_stride, g_c_stride, g_h_stride, g_w_stride,
-    z_n_stride, z_c_stride, z_h_stride, z_w_stride,
+    gz_n_stride, gz_c_stride, gz_h_stride, gz_w_stride,
     x_n_stride, x_c_stride, x_h_stride, x_w_stride,
-    M, rows_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo,
-    KH: tl.constexpr, KW: tl.constexpr, BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr,
-    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
+    M, rows_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One split's share of dW[c_out, k] = sum_m dL/dz[m, c_out] * x_col[m, k] and of d(bias)[c_out] =
-    sum_m dL/dz[m, c_out], into part[s, c_out*K + k] and part[s, C_out*K + c_out]: splitting the rows (M) keeps
-    the GPU busy when C_out*K is small; sum_splits_kernel adds the splits in a fixed order."""
+    """One split's share of dW^T[k, c_out] = sum_m x_col[m, k] * dL/dz[m, c_out] (k = (c_in, kh, kw) is the MMA's
+    M dimension, so BLOCK_K >= 64 engages wgmma even for C_out = 32) and, with BIAS_GRAD, of
+    d(bias)[c_out] = sum_m dL/dz[m, c_out]; into part[s, c_out*K + k] and part[s, C_out*K + c_out]. Splitting the
+    rows (M) keeps the GPU busy when C_out*K is small; sum_splits_kernel adds the splits in a fixed order."""
     pid_s = tl.program_id(0).to(tl.int64)
-    pid_co = tl.program_id(1).to(tl.int64)
-    pid_k = tl.program_id(2).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    pid_co = tl.program_id(2).to(tl.int64)
     K = C_in * KH * KW
-    p0 = _scalar(p0_hi, p0_lo, ACC_DTYPE)
-    p1 = _scalar(p1_hi, p1_lo, ACC_DTYPE)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_co = offs_co < C_out
@@ -429,32 +429,26 @@ def conv_bwd_weight_kernel(
     kw_off = (r % KW * dil_w)[None, :]
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
-    acc = tl.zeros((BLOCK_CO, BLOCK_K), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_K, BLOCK_CO), dtype=ACC_DTYPE)
     acc_bias = tl.zeros((BLOCK_CO,), dtype=ACC_DTYPE)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
         n, oh, ow = _rows(offs_m, OH, OW)
-        mask = mask_m[:, None] & mask_co[None, :]
-        g_offs = (n * g_n_stride + oh * g_h_stride + ow * g_w_stride)[:, None] + offs_co[None, :] * g_c_stride
-        z_offs = (n * z_n_stride + oh * z_h_stride + ow * z_w_stride)[:, None] + offs_co[None, :] * z_c_stride
-        gz = _load_grad_z(
-            g_ptr, z_ptr, stats_ptr, gamma_ptr, beta_ptr, coef_ptr, C_out, g_offs, z_offs, mask, offs_co, mask_co,
-            p0, p1, BN, HAS_AFFINE, ACT, ACC_DTYPE,
-        )
-        acc_bias += tl.sum(gz, axis=0)
+        gz_offs = (n * gz_n_stride + oh * gz_h_stride + ow * gz_w_stride)[:, None] + offs_co[None, :] * gz_c_stride
+        gz = tl.load(gz_ptr + gz_offs, mask=mask_m[:, None] & mask_co[None, :], other=0.0)
+        if BIAS_GRAD:
+            acc_bias += tl.sum(gz.to(ACC_DTYPE), axis=0)
         ih = (oh * stride_h - pad_h)[:, None] + kh_off
         iw = (ow * stride_w - pad_w)[:, None] + kw_off
         x_mask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_offs = (n * x_n_stride)[:, None] + c[None, :] * x_c_stride + ih * x_h_stride + iw * x_w_stride
         x_col = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
-        acc = _dot(tl.trans(gz.to(x_ptr.dtype.element_ty)), x_col, acc, PRECISION, ACC_DTYPE, DOT_FP32)
-    if BN:
-        # Batch statistics cancel any per-channel shift, so the exact bias gradient is 0; the sum above would
-        # only add rounding noise (cancellation of O(1) terms) to it.
-        acc_bias = tl.zeros((BLOCK_CO,), dtype=ACC_DTYPE)
+        acc = _dot(tl.trans(x_col), gz, acc, PRECISION, ACC_DTYPE, DOT_FP32)
     row = part_ptr + pid_s * (C_out * K + C_out)
-    tl.store(row + offs_co[:, None] * K + offs_k[None, :], acc, mask=mask_co[:, None] & mask_k[None, :])
+    tl.store(row + offs_co[None, :] * K + offs_k[:, None], acc, mask=mask_k[:, None] & mask_co[None, :])
+    # Without BIAS_GRAD (BatchNorm follows: batch statistics cancel any per-channel shift, so the exact bias
+    # gradient is 0, and a sum would only add rounding noise) the zeros are written.
     tl.store(row + C_out * K + offs_co, acc_bias, mask=mask_co & (pid_k == 0))
 
 

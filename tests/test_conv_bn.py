@@ -22,7 +22,7 @@ from dlkern.ops import triton_support
 from helpers import DEVICES, assert_close
 
 TRAIN_KERNELS = ("conv_fwd_kernel", "bn_stats_finalize_kernel", "bn_act_fwd_kernel")  # running stats updated too
-BACKWARD_KERNELS = ("bn_act_bwd_reduce_kernel", "bn_bwd_finalize_kernel", "conv_bwd_input_kernel",
+BACKWARD_KERNELS = ("bn_act_bwd_reduce_kernel", "grad_z_kernel", "conv_bwd_input_kernel",
                     "conv_bwd_weight_kernel", "sum_splits_kernel")
 
 

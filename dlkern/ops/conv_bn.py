@@ -99,15 +99,22 @@ def _pruner(n_name, n_dim, k_dims):
     return prune
 
 
-def _tuned(kernel, n_name, n_dim, k_dims, key):
+# Tile grids: (BLOCK_M, BLOCK_N-or-CO, BLOCK_K) x (num_warps, num_stages).
+_GEMM_TILES = [(bm, bn, bk) for bm in (64, 128) for bn in (32, 64) for bk in (16, 32, 64)]
+# The weight gradient's MMA is (BLOCK_K x BLOCK_M) @ (BLOCK_M x BLOCK_CO): BLOCK_K is its M, >= 64 for wgmma.
+_WGRAD_TILES = [(bm, bn, bk) for bm in (32, 64) for bn in (32, 64) for bk in (64, 128)]
+_WARPS_STAGES = ((4, 3), (8, 3), (4, 4))
+
+
+def _tuned(kernel, n_name, n_dim, k_dims, key, tiles=_GEMM_TILES):
     """The GPU form of a GEMM kernel: autotuned over tile sizes. Its outputs are fully rewritten by each run
-    and it never touches the running buffers (only bn_running_update_kernel does, untuned), so benchmarking
+    and it never touches the running buffers (only bn_stats_finalize_kernel does, untuned), so benchmarking
     configs cannot corrupt state. The interpreter takes the kernel as is, with one fixed config."""
     if INTERPRETING:
         return kernel
     configs = [
         triton.Config({"BLOCK_M": bm, n_name: bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm in (64, 128) for bn in (32, 64) for bk in (16, 32, 64) for w, s in ((4, 3), (8, 3), (4, 4))
+        for bm, bn, bk in tiles for w, s in _WARPS_STAGES
     ]
     prune = {"early_config_prune": _pruner(n_name, n_dim, k_dims)}
     return triton.autotune(configs, key=key, prune_configs_by=prune)(kernel)
@@ -118,7 +125,8 @@ _conv_bwd_input = _tuned(
     kernels.conv_bwd_input_kernel, "BLOCK_N", "C_in", "C_out", ["M_in", "C_in", "C_out", "OH", "OW", "KH", "KW"]
 )
 _conv_bwd_weight = _tuned(
-    kernels.conv_bwd_weight_kernel, "BLOCK_CO", "C_out", "C_in", ["M", "C_in", "C_out", "rows_per_split", "KH", "KW"]
+    kernels.conv_bwd_weight_kernel, "BLOCK_CO", "C_out", "C_in", ["M", "C_in", "C_out", "rows_per_split", "KH", "KW"],
+    tiles=_WGRAD_TILES,
 )
 
 
@@ -208,7 +216,7 @@ def _torch_conv_backward(gz, input, weight, stride, padding, dilation, input_gra
     if input_grad:
         if pad is None:
             dx = dx[:, :, padding[0]:padding[0] + input.shape[2], padding[2]:padding[2] + input.shape[3]]
-        dx = dx.contiguous(memory_format=suggest_memory_format(input))
+        dx = dx.contiguous(memory_format=_memory_format(input))
     return dx if input_grad else empty(), dw.contiguous() if weight_grad else empty()
 
 
@@ -519,56 +527,52 @@ def _conv_bn_act2d_backward_triton(
     M = N * OH * OW
     K = C_in * KH * KW
     p = (*_hi_lo(p0), *_hi_lo(p1))
-    coef = stats  # unused without BatchNorm
-    if bn:
-        # Pass 1: per-channel sums of g_u and g_u*x_hat, split over the rows; then the BN-backward coefficients.
-        block_c = _np2(C_out)
-        rows = _rows_per_split(M, device, cdiv(C_out, block_c))
-        splits = cdiv(M, rows)
-        part = torch.empty(2 * splits * C_out, dtype=torch.float64, device=device)
+    # dL/dz, computed once per element (g and z read twice in all: the reduction and this pass) for both GEMMs.
+    block_c = _np2(C_out)
+    rows = _rows_per_split(M, device, cdiv(C_out, block_c))
+    splits = cdiv(M, rows)
+    part = torch.empty(2 * splits * C_out, dtype=torch.float64, device=device) if bn else z
+    gamma, beta = (bn_weight, bn_bias) if affine else (z, z)
+    if bn:  # per split and channel: sum g_u and sum g_u*x_hat
         launch(
             kernels.bn_act_bwd_reduce_kernel, (splits, cdiv(C_out, block_c)),
-            grad_out, z, stats, bn_weight if affine else stats, bn_bias if affine else stats, part,
+            grad_out, z, stats, gamma, beta, part,
             M, C_out, OH, OW, rows, *grad_out.stride(), *z.stride(), *p,
             HAS_AFFINE=affine, ACT=activation, BLOCK_M=128 if INTERPRETING else 32, BLOCK_C=block_c,
         )
-        coef = torch.empty(3, C_out, dtype=sdtype, device=device)
-        launch(
-            kernels.bn_bwd_finalize_kernel, (cdiv(C_out, 32),),
-            part, stats, bn_weight if affine else stats, coef, grad_gamma if affine else coef,
-            grad_beta if affine else coef, C_out, splits, M,
-            HAS_AFFINE=affine, BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=32,
-        )
-    common = dict(BN=bn, HAS_AFFINE=affine, ACT=activation, PRECISION=_precision(input.dtype, allow_tf32),
-                  ACC_DTYPE=acc, DOT_FP32=_dot_fp32(input.dtype))
-    gamma = bn_weight if affine else z
-    beta = bn_bias if affine else z
-    stats_arg = stats if bn else z
+    gz = torch.empty_like(z)
+    launch(
+        kernels.grad_z_kernel, (splits, cdiv(C_out, block_c)),
+        grad_out, z, gz, stats if bn else z, gamma, beta, part, grad_gamma if affine else z,
+        grad_beta if affine else z, M, C_out, OH, OW, rows, splits, *p, *grad_out.stride(), *z.stride(),
+        BN=bn, HAS_AFFINE=affine, ACT=activation, ACC_DTYPE=acc, BLOCK_M=128 if INTERPRETING else 32,
+        BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=block_c,
+    )
+    common = dict(PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=acc, DOT_FP32=_dot_fp32(input.dtype))
 
     dx = empty()
     if input_grad:
-        dx = torch.empty_like(input, memory_format=suggest_memory_format(input))
+        dx = torch.empty_like(input, memory_format=_memory_format(input))
         M_in = N * H * W
         launch(
             _conv_bwd_input,
             lambda meta: (cdiv(M_in, meta["BLOCK_M"]), cdiv(C_in, meta["BLOCK_N"])),
-            grad_out, z, weight, dx, stats_arg, gamma, beta, coef,
-            N, C_in, H, W, C_out, OH, OW, *grad_out.stride(), *z.stride(), *dx.stride(),
-            M_in, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *p,
+            gz, weight, dx, N, C_in, H, W, C_out, OH, OW, *gz.stride(), *dx.stride(),
+            M_in, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
             KH=KH, KW=KW, **common, **_fixed(BLOCK_M=128, BLOCK_N=_np2(C_in), BLOCK_K=_np2(C_out * KH * KW)),
         )
     dw, db = empty(), empty()
     if weight_grad:
-        rows = _rows_per_split(M, device, cdiv(C_out, 32) * cdiv(K, 32))
+        rows = _rows_per_split(M, device, cdiv(C_out, 32) * cdiv(K, 64))
         splits = cdiv(M, rows)
         part = torch.empty(splits * (C_out * K + C_out), dtype=sdtype, device=device)
         launch(
             _conv_bwd_weight,
-            lambda meta: (splits, cdiv(C_out, meta["BLOCK_CO"]), cdiv(K, meta["BLOCK_K"])),
-            grad_out, z, input, part, stats_arg, gamma, beta, coef,
-            N, C_in, H, W, C_out, OH, OW, *grad_out.stride(), *z.stride(), *input.stride(),
-            M, rows, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *p,
-            KH=KH, KW=KW, **common, **_fixed(BLOCK_M=128, BLOCK_CO=_np2(C_out), BLOCK_K=_np2(K)),
+            lambda meta: (splits, cdiv(K, meta["BLOCK_K"]), cdiv(C_out, meta["BLOCK_CO"])),
+            gz, input, part, N, C_in, H, W, C_out, OH, OW, *gz.stride(), *input.stride(),
+            M, rows, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            KH=KH, KW=KW, BIAS_GRAD=not bn, **common,
+            **_fixed(BLOCK_M=128, BLOCK_CO=_np2(C_out), BLOCK_K=_np2(K)),
         )
         dw = torch.empty_like(weight)
         db = torch.empty(C_out, dtype=weight.dtype, device=device)
