@@ -14,6 +14,10 @@ ragged last batch, eval at batch 1000): what a first run waits for before its fi
 autotuner's benchmarking on the GPU (not counted here). Variants compile in parallel processes; the figure is
 the sum of their CPU seconds, what one process compiling them in turn would take.
 
+The byte model (bench/bytemodel.py, printed first, on every machine): each kernel's compulsory DRAM bytes and
+FLOPs in a MnistCNN fp32 training step at batch 64, 1024 and 8192, dlkern's beside eager PyTorch's, with the
+H200 roofline time -- a model, not a measurement.
+
 --quick compiles a fixed sample of the batch-64 variants (every untuned one and 4 autotuned); the full run
 compiles them all,
 through Triton's cache (~/.triton/cache), so a rerun over unchanged kernels takes seconds.
@@ -24,6 +28,7 @@ import sys
 import tempfile
 import time
 
+import bytemodel
 from timing import print_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,9 +91,11 @@ def _summary(compiled, check):
 
 
 def run_suite(run):
+    model_rows = bytemodel.rows()  # arithmetic only: printed whatever the machine
+    bytemodel.report(model_rows)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        run.skip("kernels", "the whole suite", "TRITON_INTERPRET is set: the kernels are not compiled for a GPU")
-        return []
+        run.skip("kernels", "the compiled variants", "TRITON_INTERPRET is set: the kernels are not compiled for a GPU")
+        return model_rows
     check = _check_module()
     start = time.time()
     variants = list(check.record(["mnist64" if run.quick else "mnist"]).values())
@@ -116,7 +123,7 @@ def run_suite(run):
         run.skip("kernels", "cold start", "--quick (it compiles every variant of a training run from scratch)")
     else:
         rows.append(_cold_start(check))
-    return rows
+    return model_rows + rows
 
 
 def _cold_start(check):

@@ -141,7 +141,20 @@ def _cold_start(rows, most_s):
     return r["compile_s"] <= most_s and not r["errors"], f"{r['compile_s']:.0f} CPU s, {r['variants']} variants"
 
 
-# Compiled-kernel targets (the kernels suite, sm_90 code compiled on the CPU): evaluated on every machine.
+def _byte_model(rows, batch, most):
+    """The kernels suite's byte model (a model, not a measurement): dlkern's modeled DRAM bytes per fp32
+    training step over eager PyTorch's, at `batch`."""
+    step = {r["impl"]: r for r in rows if r["suite"] == "kernels" and r.get("case") == "byte model"
+            and r.get("batch") == batch and r.get("dtype") == "float32"}
+    if not {"dlkern", "eager"} <= set(step):
+        return None, f"not measured (kernels suite: byte model at batch {batch})"
+    ratio = step["dlkern"]["model_bytes"] / step["eager"]["model_bytes"]
+    return ratio <= most, (f"modeled: dlkern {step['dlkern']['model_bytes'] / 1e9:.2f} GB, eager "
+                           f"{step['eager']['model_bytes'] / 1e9:.2f} GB per step: {ratio:.2f}x")
+
+
+# Compiled-kernel targets (the kernels suite, sm_90 code compiled on the CPU) and the byte model: evaluated on
+# every machine.
 KERNEL_TARGETS = [
     ("kernels: spills", "no compiled variant of a MnistCNN step or eval spills registers (sm_90)",
      lambda rows: _kernel_variants(rows, "spilling")),
@@ -153,6 +166,8 @@ KERNEL_TARGETS = [
      lambda rows: _kernel_variants(rows, "low_occupancy", gemm=False)),
     ("kernels: cold start", "fp32 MnistCNN training + eval: <= 60 CPU s of Triton compiles for sm_90 from an "
      "empty cache", lambda rows: _cold_start(rows, 60)),
+    ("kernels: byte model", "MnistCNN training step at batch 8192, fp32: dlkern's modeled DRAM bytes <= 0.5x eager's",
+     lambda rows: _byte_model(rows, 8192, 0.5)),
 ]
 
 

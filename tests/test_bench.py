@@ -86,7 +86,7 @@ def test_plots_and_targets_written(quick_run):
     assert len(host) == 6 and all(t["met"] in ("yes", "no") for t in host), host  # measured on a CPU too
     kernels = {t["target"]: t["met"] for t in targets if t["target"].startswith("kernels: ")}
     assert kernels.pop("kernels: cold start") == "not measured"  # not with --quick
-    assert len(kernels) == 4 and set(kernels.values()) <= {"yes", "no"}, kernels  # compiled on the CPU
+    assert len(kernels) == 5 and set(kernels.values()) <= {"yes", "no"}, kernels  # compiled on the CPU, the model
 
 
 def test_host_rows(quick_run):
@@ -149,7 +149,7 @@ def test_targets_over_gpu_rows(tmp_path):
     targets = _load("targets")
     results = {r["target"]: r for r in targets.evaluate(_gpu_rows(), on_cuda=True)}
     # no CPU targets on a GPU run
-    assert len(results) == len(targets.TARGETS) + len(targets.HOST_TARGETS) + len(targets.KERNEL_TARGETS) == 22
+    assert len(results) == len(targets.TARGETS) + len(targets.HOST_TARGETS) + len(targets.KERNEL_TARGETS) == 23
     results = {name: r for name, r in results.items() if not name.startswith(("host: ", "kernels: "))}
     expected = {
         "activations roof": False, "activations vs PyTorch": True, "max pool fwd": True, "max pool bwd": True,
@@ -192,7 +192,7 @@ def test_host_targets_over_rows():
 def test_kernels_rows(quick_run):
     """The kernels suite compiled a sample of the MnistCNN's Triton kernels for sm_90 and read their resources."""
     _, stdout, rows = quick_run
-    kernels = [r for r in rows if r["suite"] == "kernels"]
+    kernels = [r for r in rows if r["suite"] == "kernels" and r["case"] != "byte model"]
     assert {"conv_fwd_kernel", "bn_act_fwd_kernel"} <= {r["case"] for r in kernels}
     for r in kernels:
         assert r["config"] and set(r["dtype"].split("/")) <= {"fp32", "bf16", "fp16"}, r
@@ -245,3 +245,120 @@ def test_stale_plots_removed(tmp_path):
     rows = [r for r in _gpu_rows() if r["suite"] != "convbn"]
     made = _load("plots").make_plots(rows, str(tmp_path))
     assert "convbn_speedup.png: not drawn, no convbn rows in this run" in made and not stale.exists()
+
+
+# ------------------------------------------------------------------------------------------ the byte model
+
+
+def _bytemodel(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))  # its report prints through bench/timing.py
+    return _load("bytemodel")
+
+
+def test_byte_model_block_by_hand(monkeypatch):
+    """Block 2 (32x14x14 -> conv 3x3, no padding -> 32x12x12 -> pool 32x6x6) at batch 64, counted by hand from
+    the kernels' loads and stores (fp32, int64 pool indices, H200 splits)."""
+    bm = _bytemodel(monkeypatch)
+    x, w, vec = 64 * 32 * 14 * 14 * 4, 32 * 32 * 9 * 4, 32 * 4
+    z, pooled, idx = 64 * 32 * 12 * 12 * 4, 64 * 32 * 6 * 6 * 4, 64 * 32 * 6 * 6 * 8
+    M, Z, P = 64 * 12 * 12, 64 * 32 * 12 * 12, 64 * 32 * 6 * 6  # conv rows, conv output and pooled elements
+    tiles = M // 128  # 72 row tiles of conv_fwd's statistics partials
+    fwd_part = 2 * tiles * 32 * 4
+    bwd_part = 2 * 72 * 32 * 8  # 72 splits of 128 rows (the minimum; 528 wanted) x (sum g_u, sum g_u*x_hat), fp64
+    wgrad_part = 72 * (32 * 288 + 32) * 4  # 72 splits of 128 rows x (dW, d(bias)), fp32
+    dlkern = {
+        "conv_fwd_kernel": x + w + vec + z + fwd_part,
+        "bn_stats_finalize_kernel": fwd_part + 2 * vec + 8 + 5 * vec,
+        "bn_act_fwd_kernel": z + 4 * vec + 8 + z + 8,
+        "max_pool2d (dlkern C++/CUDA)": z + pooled + idx,
+        "max_pool2d_backward (dlkern C++/CUDA)": pooled + idx + z,
+        "bn_act_bwd_reduce_kernel": 2 * z + 4 * vec + bwd_part,
+        "grad_z_kernel": bwd_part + 2 * z + 4 * vec + z + 2 * vec,
+        "conv_bwd_input_kernel": z + w + x,
+        "conv_bwd_weight_kernel": z + x + wgrad_part,
+        "sum_splits_kernel": wgrad_part + w + vec,
+    }
+    eager = {
+        "cuDNN conv fwd": x + w + z, "conv bias add_": 2 * z + vec, "num_batches_tracked add_": 16,
+        "BN statistics": z + 2 * vec, "BN running update + invstd": 7 * vec, "BN normalize": 2 * z + 4 * vec,
+        "ReLU": 2 * z, "max_pool2d_with_indices": z + pooled + idx, "max pool bwd: zero_ grad_input": z,
+        "max_pool2d_with_indices_backward": pooled + idx + z, "ReLU bwd (threshold_backward)": 3 * z,
+        "BN backward (reduce + elementwise)": 4 * z + 4 * vec + z + 2 * vec, "conv bias grad (sum)": z + vec,
+        "cuDNN conv dgrad": z + w + x, "cuDNN conv wgrad": z + x + w,
+    }
+    gemms = 2 * M * 32 * 288 * 2 + 2 * (64 * 14 * 14) * 32 * 32 * 9  # fwd and wgrad, then dgrad over dx's rows
+    dlkern_flops = gemms + 10 * tiles * 32 + 4 * Z + 3 * P + 8 * Z + 10 * Z + wgrad_part // 4
+    for impl, expected, flops, launches in (("dlkern", dlkern, dlkern_flops, 10),
+                                            ("eager", eager, None, 15)):
+        block = [k for k in bm.step_kernels(impl, 64) if k["where"] == "block 2"]
+        assert {k["kernel"].name: k["reads"] + k["writes"] for k in block} == expected
+        assert bm.totals(block)["bytes"] == sum(expected.values())
+        assert bm.totals(block)["launches"] == launches
+        if flops is not None:
+            assert bm.totals(block)["flops"] == flops
+    first = [k["kernel"].name for k in bm.step_kernels("dlkern", 64) if k["where"] == "block 1"]
+    assert "conv_bwd_input_kernel" not in first and len(first) == 9  # the input needs no gradient
+
+
+def test_byte_model_follows_dlkern(monkeypatch):
+    """The model's splits are dlkern's on a 132-SM GPU, and it counts the launches tests/test_step_launches.py
+    counts for a dlkern step (25 Triton, 6 max pool, 13 ATen, 7 foreach Adam)."""
+    import torch
+
+    from dlkern.ops import conv_bn
+
+    bm = _bytemodel(monkeypatch)
+    monkeypatch.setattr(conv_bn, "INTERPRETING", False)
+    monkeypatch.setattr(conv_bn, "sm_count", lambda device: 132)
+    for M in (64 * 144, 8192 * 784, 8192 * 16, 1):
+        for programs in (1, 5):
+            assert bm.rows_per_split(M, programs) == conv_bn._rows_per_split(M, torch.device("cuda"), programs)
+    assert {bm.totals(bm.step_kernels("dlkern", b))["launches"] for b in (64, 8192)} == {51}
+
+
+def test_byte_model_rows_and_report(monkeypatch, capsys):
+    """The kernels suite returns the model's rows and prints its tables even where it compiles nothing
+    (TRITON_INTERPRET, set by conftest without a GPU)."""
+    bm = _bytemodel(monkeypatch)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("runs the kernels suite's interpreter path only")
+    kernels = _load("kernels")
+    skipped = []
+    run = type("Run", (), {"quick": True, "skip": lambda self, *why: skipped.append(why)})()
+    rows = kernels.run_suite(run)
+    out = capsys.readouterr().out
+    assert [(r["impl"], r["batch"]) for r in rows] == [(i, b) for b in (64, 1024, 8192) for i in ("dlkern", "eager")]
+    assert all(r["suite"] == "kernels" and r["case"] == "byte model" and "a model" in r["note"] for r in rows)
+    by = {(r["impl"], r["batch"]): r for r in rows}
+    for batch in (64, 1024, 8192):
+        d, e = by["dlkern", batch], by["eager", batch]
+        assert 0 < d["model_bytes"] < e["model_bytes"] and d["launches"] == 51 and e["launches"] == 66
+        assert d["launch_roofline_ms"] == pytest.approx(d["roofline_ms"] + 51 * 3e-3)
+    assert by["dlkern", 8192]["roofline_ms"] == pytest.approx(
+        1e3 * sum(k["seconds"] for k in bm.step_kernels("dlkern", 8192)))
+    assert skipped == [("kernels", "the compiled variants",
+                        "TRITON_INTERPRET is set: the kernels are not compiled for a GPU")]
+    assert "byte model -- a model (compulsory DRAM bytes, H200 roofline), not a measurement" in out
+    assert "dlkern per kernel at batch 8192" in out and "eager per kernel at batch 8192" in out
+    assert "grad_z_kernel" in out and "BN backward (reduce + elementwise)" in out
+
+
+def test_byte_model_target_over_rows():
+    targets = _load("targets")
+
+    def model(impl, gb, batch=8192):
+        return dict(suite="kernels", case="byte model", impl=impl, dtype="float32", batch=batch,
+                    model_bytes=int(gb * 1e9), launches=51, note="a model")
+
+    def byte_target(rows):
+        return {r["target"]: r for r in targets.evaluate(rows, on_cuda=False)}["kernels: byte model"]
+
+    rows = [model("dlkern", 13.4), model("eager", 23.3), model("dlkern", 0.01, batch=64), model("eager", 1.0, 64)]
+    assert byte_target(rows) == dict(byte_target(rows), met=False,
+                                     detail="modeled: dlkern 13.40 GB, eager 23.30 GB per step: 0.58x")
+    rows[0]["model_bytes"] = int(11.65e9)  # exactly half: met
+    assert byte_target(rows)["met"] is True and "0.50x" in byte_target(rows)["detail"]
+    assert byte_target(rows[2:]) == dict(byte_target(rows[2:]), met=None,
+                                         detail="not measured (kernels suite: byte model at batch 8192)")
+    # a model, so evaluated on a GPU run as on a CPU run
+    assert {r["target"]: r["met"] for r in targets.evaluate(rows, on_cuda=True)}["kernels: byte model"] is True
