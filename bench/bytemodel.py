@@ -31,7 +31,7 @@ TARGET_BATCH = 8192
 E = 4  # bytes per element: fp32
 INDEX = 8  # bytes per max-pool index: int64, as ATen's
 SMS = 132  # an H200's streaming multiprocessors (sets dlkern's split counts)
-STATS_TILE_M = 128  # conv_fwd_kernel's BLOCK_M (autotuned, 64 or 128): one statistics partial per row tile
+STATS_TILE_M = 128  # conv_fwd_kernel's BLOCK_M (autotuned, 64 or 128)
 
 
 @dataclass(frozen=True)
@@ -152,6 +152,11 @@ def rows_per_split(M, programs_per_split, sms=SMS):
     return max(128, _cdiv(_cdiv(M, splits), 128) * 128)
 
 
+def stats_rows(M):
+    """Rows per statistics partial (mean, M2) of conv_fwd_kernel in training: one per BLOCK_M row tile."""
+    return STATS_TILE_M
+
+
 @functools.lru_cache(maxsize=None)
 def model_shapes(batch):
     """The stock MnistCNN's shapes at ``batch``, from a forward on the meta device: per block (conv, its input
@@ -182,8 +187,8 @@ def block_sizes(block, first):
     s.update(x=N * C_IN * H * W * E, w=C * K * E, vec=C * E, z=Z * E, pooled=P * E, idx=P * INDEX)
     s.update(out=s["z"], g=s["z"], gz=s["z"], gp=s["pooled"], dx=s["x"], dw=s["w"])
     # dlkern's partial buffers, as dlkern/ops/conv_bn.py sizes them on an H200
-    s["TILES"] = _cdiv(M, STATS_TILE_M)
-    s["fwd_part"] = 2 * s["TILES"] * C * E  # (mean, M2) per row tile and channel, fp32
+    s["TILES"] = _cdiv(M, stats_rows(M))
+    s["fwd_part"] = 2 * s["TILES"] * C * E  # (mean, M2) per partial and channel, fp32
     block_c = max(16, min(64, 1 << (C - 1).bit_length()))
     bn_splits = _cdiv(M, rows_per_split(M, _cdiv(C, block_c)))
     s["bwd_part"] = 2 * bn_splits * C * 8  # (sum g_u, sum g_u*x_hat) per split and channel, fp64
