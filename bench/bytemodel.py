@@ -38,8 +38,9 @@ STATS_TILE_M = 128  # conv_fwd_kernel's BLOCK_M (autotuned, 64 or 128)
 class Kernel:
     """One kernel of a step. ``reads``, ``writes`` (bytes) and ``flops`` are Python expressions over a size
     namespace (see ``block_sizes``, ``head_sizes``, ``optimizer_sizes``): lower-case names are tensors in bytes,
-    upper-case ones counts. ``peak``: the ceiling its FLOPs run at (``tf32``/``fp32``: tensor cores when TF32
-    is allowed, or the CUDA cores). ``when``: an expression; the kernel runs only where it is true."""
+    upper-case ones counts. ``peak``: the ceiling its FLOPs run at: ``gemm`` (a conv GEMM: TF32's when TF32 is
+    allowed, else plain fp32's) or ``fp32`` (the CUDA cores). ``when``: an expression; the kernel runs only
+    where it is true."""
 
     name: str
     reads: str
@@ -189,7 +190,7 @@ def block_sizes(block, first):
     # dlkern's partial buffers, as dlkern/ops/conv_bn.py sizes them on an H200
     s["TILES"] = _cdiv(M, stats_rows(M))
     s["fwd_part"] = 2 * s["TILES"] * C * E  # (mean, M2) per partial and channel, fp32
-    block_c = max(16, min(64, 1 << (C - 1).bit_length()))
+    block_c = max(16, min(64, 1 << (C - 1).bit_length()))  # _np2(C_out): channels per reduction program
     bn_splits = _cdiv(M, rows_per_split(M, _cdiv(C, block_c)))
     s["bwd_part"] = 2 * bn_splits * C * 8  # (sum g_u, sum g_u*x_hat) per split and channel, fp64
     w_splits = _cdiv(M, rows_per_split(M, _cdiv(C, 32) * _cdiv(K, 64)))
@@ -218,7 +219,7 @@ def _eval(expr, sizes):
 
 
 def _count(table, sizes, where, gemm_peak):
-    """[(kernel, where, reads, writes, flops, seconds)] of the kernels of ``table`` that run with ``sizes``."""
+    """One dict (kernel, where, reads, writes, flops, seconds) per kernel of ``table`` that runs with ``sizes``."""
     out = []
     for k in table:
         if not _eval(k.when, sizes):
