@@ -101,10 +101,13 @@ def stand_in_gpu():
     driver.set_active(_Driver())
     for fn in jit_functions:
         fn.device_caches = type(fn.device_caches)(fn.create_binder)
+    # Launch plans made under the stand-in hold its do-nothing kernels: none may outlive the block (nor predate it).
+    triton_support._plans.clear()
     try:
         with triton_support.triton_on_cpu():
             yield
     finally:
+        triton_support._plans.clear()
         triton.compiler.compile, autotuner.Autotuner._bench = saved_compile, saved_bench
         driver._active = saved_driver  # None on a machine without a GPU: no driver was ever made
         for fn, caches in saved_caches:

@@ -3,10 +3,12 @@
 Shapes: input x (N, C_in, H, W), weight (C_out, C_in, KH, KW) contiguous, conv output z (N, C_out, OH, OW).
 The convolution is an implicit GEMM: rows m = (n, oh, ow) (M = N*OH*OW), columns = output channels, and the
 reduction index k flattens (c_in, kh, kw) (K = C_in*KH*KW) so a 1-channel first layer still fills a K >= 16 dot.
-Every tensor is addressed through its four strides (NCHW and channels_last alike), with 64-bit offsets.
+Every tensor is addressed through its four strides (NCHW and channels_last alike), with 32-bit offsets, or
+64-bit ones (INDEX_64) when some tensor has >= 2^30 elements.
 
 Training forward:  conv_fwd_kernel (STATS: z + per-tile (mean, M2))  -> bn_stats_finalize_kernel (Chan merge,
-                   running statistics updated) -> bn_act_fwd_kernel (normalize + activation): 3 launches.
+                   running statistics updated; a parallel first level when the tiles are many) ->
+                   bn_act_fwd_kernel (normalize + activation): 3 launches (4 at large batches).
 Eval forward:      conv_fwd_kernel with BatchNorm (BN_EVAL) or a folded bias, activation in the epilogue.
 Backward:          bn_act_bwd_reduce_kernel (per-split sums of g_u and g_u*x_hat) -> bn_bwd_finalize_kernel,
                    then conv_bwd_input_kernel and conv_bwd_weight_kernel (split over M, deterministic
@@ -79,7 +81,50 @@ def _rows(offs_m, OH, OW):
     return t // OH, t % OH, ow
 
 
+@triton.jit
+def _index(x, INDEX_64: tl.constexpr):
+    """x (a program id, an index) widened to 64 bits with INDEX_64 (a tensor of >= 2^30 elements), else kept
+    32-bit: a 32-bit gathered offset takes half the registers of a 64-bit one, in every pipeline stage."""
+    if INDEX_64:
+        return x.to(tl.int64)
+    else:
+        return x
+
+
 # ---------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _conv_tile(
+    x_ptr, w_ptr, bias_ptr, offs_m, offs_n, mask_n, C_in, H, W, OH, OW,
+    x_n_stride, x_c_stride, x_h_stride, x_w_stride, M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    DOT_FP32: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """conv(x, w) + bias for the output rows offs_m and channels offs_n: (BLOCK_M, BLOCK_N) in ACC_DTYPE."""
+    K = C_in * KH * KW
+    mask_m = offs_m < M
+    n, oh, ow = _rows(offs_m, OH, OW)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_row = x_ptr + n * x_n_stride
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        c = _index(offs_k // (KH * KW), INDEX_64)
+        r = offs_k % (KH * KW)
+        ih = ih0[:, None] + (r // KW * dil_h)[None, :]
+        iw = iw0[:, None] + (r % KW * dil_w)[None, :]
+        a_mask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_row[:, None] + c[None, :] * x_c_stride + ih * x_h_stride + iw * x_w_stride, mask=a_mask,
+                    other=0.0)
+        b = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(a, b, acc, PRECISION, ACC_DTYPE, DOT_FP32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+    return acc
 
 
 @triton.jit
@@ -92,53 +137,26 @@ def conv_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr, SAVE_Z: tl.constexpr,
     BN_EVAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     ACT: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out = act(conv(x, w) + bias). With STATS (training) it stores z = conv(x, w) + bias instead and, per
-    row tile and channel, the tile's mean and M2 = sum((z - mean)^2) at part[0|1, pid_m, c]. With BN_EVAL,
-    BatchNorm in eval mode (running mean and var; gamma, beta when given) is applied to conv + bias in the
-    epilogue, from the buffers as they are now: the folding costs no launch and can never be stale."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    K = C_in * KH * KW
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """out = act(conv(x, w) + bias), one BLOCK_M row tile per program. With STATS (training) it stores
+    z = conv(x, w) + bias instead and, per row tile and channel, the tile's mean and M2 = sum((z - mean)^2) at
+    part[0|1, pid_m, c]. With BN_EVAL, BatchNorm in eval mode (running mean and var; gamma, beta when given) is
+    applied to conv + bias in the epilogue, from the buffers as they are now: the folding costs no launch and can
+    never be stale. INDEX_64: 64-bit offsets (a tensor of >= 2^30 elements), else 32-bit."""
+    pid_m = _index(tl.program_id(0), INDEX_64)
+    pid_n = _index(tl.program_id(1), INDEX_64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < C_out
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = _conv_tile(
+        x_ptr, w_ptr, bias_ptr, offs_m, offs_n, mask_n, C_in, H, W, OH, OW,
+        x_n_stride, x_c_stride, x_h_stride, x_w_stride, M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        KH, KW, HAS_BIAS, PRECISION, ACC_DTYPE, DOT_FP32, INDEX_64, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
     n, oh, ow = _rows(offs_m, OH, OW)
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
-    x_row = x_ptr + n * x_n_stride
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        c = offs_k // (KH * KW)
-        r = offs_k % (KH * KW)
-        ih = ih0[:, None] + (r // KW * dil_h)[None, :]
-        iw = iw0[:, None] + (r % KW * dil_w)[None, :]
-        a_mask = mask_m[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(
-            x_row[:, None] + c[None, :].to(tl.int64) * x_c_stride + ih * x_h_stride + iw * x_w_stride,
-            mask=a_mask, other=0.0,
-        )
-        b = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = _dot(a, b, acc, PRECISION, ACC_DTYPE, DOT_FP32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
-    if BN_EVAL:  # as batch_norm in eval: (z - mean) * invstd * gamma + beta
-        mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
-        var = tl.load(var_ptr + offs_n, mask=mask_n, other=1.0).to(ACC_DTYPE)
-        scale = 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, ACC_DTYPE))
-        if HAS_GAMMA:
-            scale = scale * tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
-        acc = (acc - mean[None, :]) * scale[None, :]
-        if HAS_BETA:
-            acc += tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
-
     out_offs = (n * out_n_stride + oh * out_h_stride + ow * out_w_stride)[:, None] + offs_n[None, :] * out_c_stride
-    mask = mask_m[:, None] & mask_n[None, :]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
     if STATS:
         z = acc.to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + out_offs, z, mask=mask)
@@ -147,11 +165,20 @@ def conv_fwd_kernel(
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC_DTYPE)
         tile_mean = tl.sum(z, axis=0) / count
         dev = tl.where(mask, z - tile_mean[None, :], 0.0)
-        num_tiles = tl.num_programs(0).to(tl.int64)
+        num_tiles = tl.num_programs(0)
         part_offs = pid_m * C_out + offs_n
         tl.store(part_ptr + part_offs, tile_mean, mask=mask_n)
         tl.store(part_ptr + num_tiles * C_out + part_offs, tl.sum(dev * dev, axis=0), mask=mask_n)
     else:
+        if BN_EVAL:  # as batch_norm in eval: (z - mean) * invstd * gamma + beta
+            bn_mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
+            var = tl.load(var_ptr + offs_n, mask=mask_n, other=1.0).to(ACC_DTYPE)
+            scale = 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, ACC_DTYPE))
+            if HAS_GAMMA:
+                scale = scale * tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
+            acc = (acc - bn_mean[None, :]) * scale[None, :]
+            if HAS_BETA:
+                acc += tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
         if SAVE_Z:
             tl.store(z_ptr + out_offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
         p0 = _scalar(p0_hi, p0_lo, ACC_DTYPE)
@@ -161,28 +188,35 @@ def conv_fwd_kernel(
 
 @triton.jit
 def bn_stats_finalize_kernel(
-    part_ptr, stats_ptr, running_mean_ptr, running_var_ptr, nbt_ptr, C, M, num_tiles, eps_hi, eps_lo,
-    momentum_hi, momentum_lo,
-    TILE_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, TRACK: tl.constexpr,
-    CUMULATIVE: tl.constexpr,
+    part_ptr, out_ptr, running_mean_ptr, running_var_ptr, nbt_ptr, C, M, num_tiles, rows_per_tile,
+    tiles_per_program, eps_hi, eps_lo, momentum_hi, momentum_lo,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, FINAL: tl.constexpr, TRACK: tl.constexpr,
+    CUMULATIVE: tl.constexpr, INDEX_64: tl.constexpr,
 ):
-    """Merges the per-tile (count, mean, M2) of conv_fwd_kernel into stats[0] = mean, stats[1] = 1/sqrt(var + eps),
-    stats[2] = var (biased). A block of tiles is combined about its own mean, blocks in order with Chan's
-    formula: no sum/sum-of-squares cancellation, and the same order (so the same bits) on every run.
+    """Merges per-tile (mean, M2) partials (rows_per_tile rows each; part[0|1, tile, c]): program (g, c-block)
+    merges tiles [g*tiles_per_program, (g + 1)*tiles_per_program), blocks of BLOCK_T tiles about their own mean,
+    blocks in order with Chan's formula: no sum/sum-of-squares cancellation, the same order (so the same bits) on
+    every run. Without FINAL it writes each program's (mean, M2) to out in part's layout: a first level, in
+    parallel, when the tiles are many; the FINAL level (one program per channel block) merges everything
+    into out = stats: [0] = mean, [1] = 1/sqrt(var + eps), [2] = var (biased).
 
-    With TRACK it also updates the running statistics as BatchNorm does: running = (1 - f)*running + f*batch,
-    the variance unbiased by M/(M - 1), with f = momentum, or with CUMULATIVE f = 1/(num_batches_tracked + 1):
-    the counter is read here and incremented by bn_act_fwd_kernel, which runs after every program of this one."""
-    offs_c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    With TRACK the FINAL level also updates the running statistics as BatchNorm does: running = (1 - f)*running
+    + f*batch, the variance unbiased by M/(M - 1), with f = momentum, or with CUMULATIVE
+    f = 1/(num_batches_tracked + 1): the counter is read here and incremented by bn_act_fwd_kernel, which runs
+    after every program of this one."""
+    pid_g = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    dtype = stats_ptr.dtype.element_ty
+    dtype = part_ptr.dtype.element_ty
     count = tl.zeros((BLOCK_C,), dtype=dtype)
     mean = tl.zeros((BLOCK_C,), dtype=dtype)
     m2 = tl.zeros((BLOCK_C,), dtype=dtype)
-    for t0 in range(0, num_tiles, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-        mask_t = offs_t < num_tiles
-        n_t = tl.where(mask_t, tl.minimum(M - offs_t * TILE_M, TILE_M), 0).to(dtype)[:, None]
+    t_start = pid_g * tiles_per_program
+    t_end = tl.minimum(t_start + tiles_per_program, num_tiles)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        offs_t = _index(t0 + tl.arange(0, BLOCK_T), INDEX_64)
+        mask_t = offs_t < t_end
+        n_t = tl.where(mask_t, tl.minimum(M - offs_t * rows_per_tile, rows_per_tile), 0).to(dtype)[:, None]
         mask = mask_t[:, None] & mask_c[None, :]
         offs = offs_t[:, None] * C + offs_c[None, :]
         mean_t = tl.load(part_ptr + offs, mask=mask, other=0.0)
@@ -196,29 +230,35 @@ def bn_stats_finalize_kernel(
         mean += delta * (n_b / total)
         m2 += m2_b + delta * delta * (count * n_b / total)
         count = total
-    var = m2 / count
-    tl.store(stats_ptr + offs_c, mean, mask=mask_c)
-    tl.store(stats_ptr + C + offs_c, 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, dtype)), mask=mask_c)
-    tl.store(stats_ptr + 2 * C + offs_c, var, mask=mask_c)
-    if TRACK:
-        buf_dtype = running_mean_ptr.dtype.element_ty
-        if CUMULATIVE:
-            factor = 1.0 / (tl.load(nbt_ptr) + 1).to(tl.float64)
-        else:
-            factor = _scalar(momentum_hi, momentum_lo, tl.float64)
-        f = factor.to(buf_dtype)  # PyTorch computes (1 - f)*r + f*s in the buffer's dtype
-        n = tl.cast(M, tl.float64)
-        unbiased = var * (n / (n - 1.0)).to(dtype)
-        rm = tl.load(running_mean_ptr + offs_c, mask=mask_c)
-        rv = tl.load(running_var_ptr + offs_c, mask=mask_c)
-        tl.store(running_mean_ptr + offs_c, (1 - f) * rm + f * mean.to(buf_dtype), mask=mask_c)
-        tl.store(running_var_ptr + offs_c, (1 - f) * rv + f * unbiased.to(buf_dtype), mask=mask_c)
+    if not FINAL:
+        num_groups = tl.num_programs(0)
+        tl.store(out_ptr + pid_g * C + offs_c, mean, mask=mask_c)
+        tl.store(out_ptr + (num_groups + pid_g) * C + offs_c, m2, mask=mask_c)
+    else:
+        var = m2 / count
+        tl.store(out_ptr + offs_c, mean, mask=mask_c)
+        tl.store(out_ptr + C + offs_c, 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, dtype)), mask=mask_c)
+        tl.store(out_ptr + 2 * C + offs_c, var, mask=mask_c)
+        if TRACK:
+            buf_dtype = running_mean_ptr.dtype.element_ty
+            if CUMULATIVE:
+                factor = 1.0 / (tl.load(nbt_ptr) + 1).to(tl.float64)
+            else:
+                factor = _scalar(momentum_hi, momentum_lo, tl.float64)
+            f = factor.to(buf_dtype)  # PyTorch computes (1 - f)*r + f*s in the buffer's dtype
+            n = tl.cast(M, tl.float64)
+            unbiased = var * (n / (n - 1.0)).to(dtype)
+            rm = tl.load(running_mean_ptr + offs_c, mask=mask_c)
+            rv = tl.load(running_var_ptr + offs_c, mask=mask_c)
+            tl.store(running_mean_ptr + offs_c, (1 - f) * rm + f * mean.to(buf_dtype), mask=mask_c)
+            tl.store(running_var_ptr + offs_c, (1 - f) * rv + f * unbiased.to(buf_dtype), mask=mask_c)
 
 
 @triton.jit
 def bn_act_fwd_kernel(
     z_ptr, out_ptr, stats_ptr, gamma_ptr, beta_ptr, nbt_ptr, numel, C, c_stride, p0_hi, p0_lo, p1_hi, p1_lo,
     HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    INDEX_64: tl.constexpr,
 ):
     """out = act(gamma*(z - mean)*invstd + beta), elementwise over z and out, which share one dense layout.
     With COUNT_BATCH, program 0 also does BatchNorm's num_batches_tracked += 1 (after bn_stats_finalize_kernel
@@ -227,7 +267,7 @@ def bn_act_fwd_kernel(
     if COUNT_BATCH:
         if pid == 0:
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = _index(pid, INDEX_64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     c = (offs // c_stride) % C
     dtype = stats_ptr.dtype.element_ty
@@ -249,12 +289,13 @@ def bn_act_bwd_reduce_kernel(
     M, C, OH, OW, rows_per_split,
     g_n_stride, g_c_stride, g_h_stride, g_w_stride,
     z_n_stride, z_c_stride, z_h_stride, z_w_stride, p0_hi, p0_lo, p1_hi, p1_lo,
-    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Per split of the rows and channel: part[0, s, c] = sum g_u, part[1, s, c] = sum g_u*x_hat, where
     g_u = dL/du = g*act'(u) is the gradient at BatchNorm's output u."""
-    pid_s = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_s = _index(tl.program_id(0), INDEX_64)
+    offs_c = _index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), INDEX_64)
     mask_c = offs_c < C
     dtype = stats_ptr.dtype.element_ty
     mean = tl.load(stats_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
@@ -283,7 +324,7 @@ def bn_act_bwd_reduce_kernel(
         g_u = tl.where(mask, _act_vjp(g, x_hat * gamma + beta, ACT, p0, p1), 0.0)
         sum_g += tl.sum(g_u.to(tl.float64), axis=0)
         sum_gx += tl.sum((g_u * x_hat).to(tl.float64), axis=0)
-    num_splits = tl.num_programs(0).to(tl.int64)
+    num_splits = tl.num_programs(0)
     tl.store(part_ptr + pid_s * C + offs_c, sum_g, mask=mask_c)
     tl.store(part_ptr + (num_splits + pid_s) * C + offs_c, sum_gx, mask=mask_c)
 
@@ -294,8 +335,8 @@ def grad_z_kernel(
     M, C, OH, OW, rows_per_split, num_splits, p0_hi, p0_lo, p1_hi, p1_lo,
     g_n_stride, g_c_stride, g_h_stride, g_w_stride,
     z_n_stride, z_c_stride, z_h_stride, z_w_stride,
-    BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dz of one split of the rows, written once (in z's layout, the conv's dtype) for both conv GEMMs.
 
@@ -303,8 +344,8 @@ def grad_z_kernel(
     gets the same bits), into sum(g_u) and sum(g_u*x_hat); split 0 writes them as grad_beta and grad_gamma. Then
     dL/dz = a*(g_u - b - x_hat*c), a = gamma*invstd, b = sum(g_u)/M, c = sum(g_u*x_hat)/M.
     Otherwise (eval, BatchNorm folded): dL/dz = g*act'(z)."""
-    pid_s = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_s = _index(tl.program_id(0), INDEX_64)
+    offs_c = _index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), INDEX_64)
     mask_c = offs_c < C
     dtype = ACC_DTYPE
     p0 = _scalar(p0_hi, p0_lo, dtype)
@@ -313,7 +354,7 @@ def grad_z_kernel(
         sum_g = tl.zeros((BLOCK_C,), dtype=tl.float64)
         sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float64)
         for s0 in range(0, num_splits, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+            offs_s = s0 + tl.arange(0, BLOCK_S)
             mask = (offs_s < num_splits)[:, None] & mask_c[None, :]
             offs = offs_s[:, None] * C + offs_c[None, :]
             sum_g += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
@@ -357,13 +398,13 @@ def conv_bwd_input_kernel(
     dx_n_stride, dx_c_stride, dx_h_stride, dx_w_stride,
     M_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx as an implicit GEMM over dL/dz: rows (n, ih, iw) (M_in = N*H*W), columns c_in, reduction
     k = (c_out, kh, kw). Tap (kh, kw) of input (ih, iw) reads output oh = (ih + pad - kh*dil)/stride when that
     divides exactly."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
+    pid_m = _index(tl.program_id(0), INDEX_64)
+    pid_n = _index(tl.program_id(1), INDEX_64)
     K = C_out * KH * KW
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -377,7 +418,7 @@ def conv_bwd_input_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        co = offs_k // (KH * KW)
+        co = _index(offs_k // (KH * KW), INDEX_64)
         r = offs_k % (KH * KW)
         oh_s = oh0[:, None] - (r // KW * dil_h)[None, :]
         ow_s = ow0[:, None] - (r % KW * dil_w)[None, :]
@@ -388,7 +429,7 @@ def conv_bwd_input_kernel(
             & (ow_s % stride_w == 0) & (oh < OH) & (ow < OW)
         )
         a = tl.load(
-            gz_row[:, None] + co[None, :].to(tl.int64) * gz_c_stride + oh * gz_h_stride + ow * gz_w_stride,
+            gz_row[:, None] + co[None, :] * gz_c_stride + oh * gz_h_stride + ow * gz_w_stride,
             mask=mask, other=0.0,
         )
         b = tl.load(
@@ -408,22 +449,22 @@ def conv_bwd_weight_kernel(
     x_n_stride, x_c_stride, x_h_stride, x_w_stride,
     M, rows_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One split's share of dW^T[k, c_out] = sum_m x_col[m, k] * dL/dz[m, c_out] (k = (c_in, kh, kw) is the MMA's
     M dimension, so BLOCK_K >= 64 engages wgmma even for C_out = 32) and, with BIAS_GRAD, of
     d(bias)[c_out] = sum_m dL/dz[m, c_out]; into part[s, c_out*K + k] and part[s, C_out*K + c_out]. Splitting the
     rows (M) keeps the GPU busy when C_out*K is small; sum_splits_kernel adds the splits in a fixed order."""
-    pid_s = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    pid_co = tl.program_id(2).to(tl.int64)
+    pid_s = _index(tl.program_id(0), INDEX_64)
+    pid_k = tl.program_id(1)
+    pid_co = tl.program_id(2)
     K = C_in * KH * KW
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_co = offs_co < C_out
     mask_k = offs_k < K
-    c = (offs_k // (KH * KW)).to(tl.int64)
+    c = _index(offs_k // (KH * KW), INDEX_64)
     r = offs_k % (KH * KW)
     kh_off = (r // KW * dil_h)[None, :]
     kw_off = (r % KW * dil_w)[None, :]
@@ -454,15 +495,16 @@ def conv_bwd_weight_kernel(
 
 @triton.jit
 def sum_splits_kernel(
-    part_ptr, out_ptr, out2_ptr, num_splits, L, L1, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr,
+    part_ptr, out_ptr, out2_ptr, num_splits, L, L1, INDEX_64: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     """sum_s part[s, j], the splits added in a fixed order (deterministic, no atomics), into out[j] for j < L1
     and out2[j - L1] for the rest (weight and bias gradients from one buffer)."""
-    offs_l = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_l = _index(tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L), INDEX_64)
     mask_l = offs_l < L
     acc = tl.zeros((BLOCK_L,), dtype=part_ptr.dtype.element_ty)
     for s0 in range(0, num_splits, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S).to(tl.int64)
+        offs_s = _index(s0 + tl.arange(0, BLOCK_S), INDEX_64)
         mask = (offs_s < num_splits)[:, None] & mask_l[None, :]
         acc += tl.sum(tl.load(part_ptr + offs_s[:, None] * L + offs_l[None, :], mask=mask, other=0.0), axis=0)
     tl.store(out_ptr + offs_l, acc.to(out_ptr.dtype.element_ty), mask=offs_l < L1)

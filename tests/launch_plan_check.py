@@ -110,7 +110,7 @@ def main():
         triton_support._plans.clear()
         conv, bn = torch.nn.Conv2d(1, 32, 3), torch.nn.BatchNorm2d(32)
         finalize = dlkern_kernels.bn_stats_finalize_kernel
-        tile = finalize.arg_names.index("TILE_M")
+        tile = finalize.arg_names.index("rows_per_tile")
         for inp, expected in ((torch.randn(2, 1, 8, 8), 64), (torch.randn(2, 1, 30, 30), 128),
                               (torch.randn(2, 1, 8, 8), 64)):
             launches = record(lambda: F.conv_bn_act2d(inp, conv.weight, conv.bias, None, None, bn.weight, bn.bias,

@@ -374,6 +374,47 @@ def test_bad_arguments():
         f(x, w, None, None, None, training=True, activation="elu", activation_params=(1.0, 2.0, 3.0))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_64_bit_offsets_give_the_same_results(layout, monkeypatch):
+    """The kernels' 64-bit offset code (INDEX_64, taken for tensors of >= 2^30 elements) computes what the 32-bit
+    one does: run on small tensors with the threshold lowered, training forward and backward and eval."""
+    torch.manual_seed(12)
+    block, _ = make_pair(3, 4, 3, torch.float64, padding=1)
+    x = torch.randn(2, 3, 7, 5, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 4, 7, 5, dtype=torch.float64)
+    results = []
+    for threshold in (ops.INDEX_64_ELEMENTS, 0):
+        monkeypatch.setattr(ops, "INDEX_64_ELEMENTS", threshold)
+        b = copy.deepcopy(block).train()
+        xi = x.clone().requires_grad_()
+        out = b(xi)
+        grads = torch.autograd.grad(out, (xi, b[0].weight, b[1].weight, b[1].bias), g)
+        with torch.no_grad():
+            ev = b.eval()(x)
+        results.append((out, *grads, ev, b[1].running_mean, b[1].running_var))
+    for ours, ref in zip(*results):
+        assert torch.equal(ours, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none is visible")
+def test_more_than_2_31_elements_cuda():
+    """A conv output of more than 2^31 elements (bf16, ~4.3 GB) takes the 64-bit offsets and matches stock
+    PyTorch on its last images (where 32-bit offsets would have wrapped)."""
+    torch.manual_seed(13)
+    block, stock = make_pair(4, 16, 3, torch.float32, device="cuda", padding=1)
+    stock.float()
+    x = torch.randn(16640, 4, 112, 72, device="cuda", dtype=torch.bfloat16)  # output: 16640*16*112*72 > 2^31
+    assert x.shape[0] * 16 * 112 * 72 > 2**31
+    block.eval(), stock.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = block(x)[-4:].float()
+        ref = stock(x[-4:]).float()
+    assert_close(out, ref, dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("input_dtype", ["float32", "autocast"], ids=["float32-input", "16-bit-input"])

@@ -135,6 +135,46 @@ def _fixed(**blocks):
     return blocks if INTERPRETING else {}
 
 
+# Tensors from this many elements get 64-bit offsets: a margin below int32's 2^31 for the offsets that masked
+# lanes compute past a tensor's end. (A test lowers it to run the 64-bit code on small tensors.)
+INDEX_64_ELEMENTS = 1 << 30
+
+
+def _index_64(*tensors):
+    """Whether a kernel needs 64-bit offsets (its INDEX_64): some tensor of >= INDEX_64_ELEMENTS elements."""
+    return any(t is not None and t.numel() >= INDEX_64_ELEMENTS for t in tensors)
+
+
+# The statistics merge: up to this many tiles merge in one pass (one program per channel block); more are first
+# merged in parallel groups of this many (a fourth launch at large batches: 8192 MNIST images at 64-row tiles).
+_MERGE_TILES = 4 if INTERPRETING else 1024
+
+
+def _merge_stats(part, stats, running, M, C_out, tile_m, eps, momentum, index_64):
+    """bn_stats_finalize_kernel over conv_fwd_kernel's per-tile partials: stats, and the running statistics
+    (running = (mean, var, num_batches_tracked or None), or None) updated."""
+    tiles = cdiv(M, tile_m)
+    block_c = 32
+    if tiles > _MERGE_TILES:  # first level, in parallel: one partial per group of tiles
+        groups = cdiv(tiles, _MERGE_TILES)
+        merged = torch.empty(2 * groups * C_out, dtype=part.dtype, device=part.device)
+        launch(
+            kernels.bn_stats_finalize_kernel, (groups, cdiv(C_out, block_c)),
+            part, merged, part, part, part, C_out, M, tiles, tile_m, _MERGE_TILES, 0.0, 0.0, 0.0, 0.0,
+            BLOCK_T=4 if INTERPRETING else 64, BLOCK_C=block_c, FINAL=False, TRACK=False, CUMULATIVE=False,
+            INDEX_64=index_64,
+        )
+        part, tiles, tile_m = merged, groups, tile_m * _MERGE_TILES
+    mean_buf, var_buf, nbt = running if running is not None else (stats, stats, None)
+    launch(
+        kernels.bn_stats_finalize_kernel, (1, cdiv(C_out, block_c)),
+        part, stats, mean_buf, var_buf, nbt if nbt is not None else stats, C_out, M, tiles, tile_m, tiles,
+        *_hi_lo(eps), *_hi_lo(momentum if momentum is not None else 0.0),
+        BLOCK_T=4 if INTERPRETING else 64, BLOCK_C=block_c, FINAL=True, TRACK=running is not None,
+        CUMULATIVE=momentum is None, INDEX_64=index_64,
+    )
+
+
 def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation, act, p0, p1, allow_tf32, stats,
               bn_eval=None):
     """Launches conv_fwd_kernel; returns its BLOCK_M (the row tile of the statistics partials). ``bn_eval``:
@@ -143,7 +183,7 @@ def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation,
     M = N * OH * OW
     dst = z if stats else out
     mean, var, gamma, beta, eps = bn_eval if bn_eval is not None else (dst, dst, None, None, 0.0)
-    blocks = _fixed(BLOCK_M=128, BLOCK_N=_np2(C_out), BLOCK_K=_np2(C_in * KH * KW))
+    blocks = _fixed(BLOCK_M=32 if stats else 128, BLOCK_N=_np2(C_out), BLOCK_K=_np2(C_in * KH * KW))
     return launch(
         _conv_fwd,
         lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(C_out, meta["BLOCK_N"])),
@@ -155,7 +195,7 @@ def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation,
         *_hi_lo(eps), KH=KH, KW=KW, HAS_BIAS=bias is not None, STATS=stats, SAVE_Z=z is not None and not stats,
         BN_EVAL=bn_eval is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, ACT=act,
         PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=_acc_dtype(input.dtype),
-        DOT_FP32=_dot_fp32(input.dtype), **blocks,
+        DOT_FP32=_dot_fp32(input.dtype), INDEX_64=_index_64(input, dst), **blocks,
     ).meta["BLOCK_M"]
 
 
@@ -264,24 +304,18 @@ def _conv_bn_act2d_triton(input, weight, bias, bn_weight, bn_bias, running_mean,
     out = torch.empty_like(z)
     stats = torch.empty(3, C_out, dtype=sdtype, device=input.device)
     # Room for the smallest row tile any config may pick: 2 x tiles x C_out (mean, M2).
-    part = torch.empty(2 * cdiv(M, 64) * C_out, dtype=sdtype, device=input.device)
+    part = torch.empty(2 * cdiv(M, 32) * C_out, dtype=sdtype, device=input.device)
     tile_m = _gemm_fwd(input, weight, bias, None, z, part, geo, stride, padding, dilation, "none", 0.0, 0.0,
                        allow_tf32, stats=True)
     count = track and num_batches_tracked is not None
-    block_c = 32
-    launch(
-        kernels.bn_stats_finalize_kernel, (cdiv(C_out, block_c),),
-        part, stats, mean_buf if track else stats, var_buf if track else stats,
-        num_batches_tracked if count else stats, C_out, M, cdiv(M, tile_m), *_hi_lo(eps),
-        *_hi_lo(momentum if momentum is not None else 0.0),
-        TILE_M=tile_m, BLOCK_T=4 if INTERPRETING else 64, BLOCK_C=block_c, TRACK=track, CUMULATIVE=momentum is None,
-    )
+    _merge_stats(part, stats, (mean_buf, var_buf, num_batches_tracked if count else None) if track else None, M,
+                 C_out, tile_m, eps, momentum, _index_64(z))
     block = 4096 if INTERPRETING else 1024
     launch(
         kernels.bn_act_fwd_kernel, (cdiv(z.numel(), block),),
         z, out, stats, bn_weight if bn_weight is not None else stats, bn_bias if bn_bias is not None else stats,
         num_batches_tracked if count else stats, z.numel(), C_out, z.stride(1), *_hi_lo(p0), *_hi_lo(p1),
-        HAS_AFFINE=bn_weight is not None, ACT=activation, BLOCK=block, COUNT_BATCH=count,
+        HAS_AFFINE=bn_weight is not None, ACT=activation, BLOCK=block, COUNT_BATCH=count, INDEX_64=_index_64(z),
     )
     if track:  # strided buffers were updated through dense copies
         for buf, dense in ((running_mean, mean_buf), (running_var, var_buf)):
@@ -527,6 +561,7 @@ def _conv_bn_act2d_backward_triton(
     M = N * OH * OW
     K = C_in * KH * KW
     p = (*_hi_lo(p0), *_hi_lo(p1))
+    index_64 = _index_64(z)
     # dL/dz, computed once per element (g and z read twice in all: the reduction and this pass) for both GEMMs.
     block_c = _np2(C_out)
     rows = _rows_per_split(M, device, cdiv(C_out, block_c))
@@ -538,17 +573,19 @@ def _conv_bn_act2d_backward_triton(
             kernels.bn_act_bwd_reduce_kernel, (splits, cdiv(C_out, block_c)),
             grad_out, z, stats, gamma, beta, part,
             M, C_out, OH, OW, rows, *grad_out.stride(), *z.stride(), *p,
-            HAS_AFFINE=affine, ACT=activation, BLOCK_M=128 if INTERPRETING else 32, BLOCK_C=block_c,
+            HAS_AFFINE=affine, ACT=activation, INDEX_64=index_64, BLOCK_M=128 if INTERPRETING else 32,
+            BLOCK_C=block_c,
         )
     gz = torch.empty_like(z)
     launch(
         kernels.grad_z_kernel, (splits, cdiv(C_out, block_c)),
         grad_out, z, gz, stats if bn else z, gamma, beta, part, grad_gamma if affine else z,
         grad_beta if affine else z, M, C_out, OH, OW, rows, splits, *p, *grad_out.stride(), *z.stride(),
-        BN=bn, HAS_AFFINE=affine, ACT=activation, ACC_DTYPE=acc, BLOCK_M=128 if INTERPRETING else 32,
+        BN=bn, HAS_AFFINE=affine, ACT=activation, ACC_DTYPE=acc, INDEX_64=index_64, BLOCK_M=128 if INTERPRETING else 32,
         BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=block_c,
     )
-    common = dict(PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=acc, DOT_FP32=_dot_fp32(input.dtype))
+    common = dict(PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=acc, DOT_FP32=_dot_fp32(input.dtype),
+                  INDEX_64=_index_64(input, z))
 
     dx = empty()
     if input_grad:
@@ -579,7 +616,8 @@ def _conv_bn_act2d_backward_triton(
         block_l = 1024
         launch(
             kernels.sum_splits_kernel, (cdiv(C_out * K + C_out, block_l),),
-            part, dw, db, splits, C_out * K + C_out, C_out * K, BLOCK_S=4 if INTERPRETING else 16, BLOCK_L=block_l,
+            part, dw, db, splits, C_out * K + C_out, C_out * K, INDEX_64=_index_64(part),
+            BLOCK_S=4 if INTERPRETING else 16, BLOCK_L=block_l,
         )
     return dx, dw, db, grad_gamma, grad_beta
 
