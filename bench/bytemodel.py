@@ -31,7 +31,8 @@ TARGET_BATCH = 8192
 E = 4  # bytes per element: fp32
 INDEX = 8  # bytes per max-pool index: int64, as ATen's
 SMS = 132  # an H200's streaming multiprocessors (sets dlkern's split counts)
-STATS_TILE_M = 128  # conv_fwd_kernel's BLOCK_M (autotuned, 64 or 128)
+STATS_TILE_M = 64  # conv_fwd_kernel's BLOCK_M (autotuned, 64 or 128: the smaller, more partials)
+MERGE_TILES = 1024  # dlkern/ops/conv_bn.py's _MERGE_TILES on a GPU: more partials get a first merge level
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,9 @@ class Kernel:
 DLKERN_FWD = (
     Kernel("conv_fwd_kernel", "x + w + vec", "z + fwd_part", "2*M*C*K", "gemm",
            note="not counted: x re-read per tap (KH*KW) through the cache"),
-    Kernel("bn_stats_finalize_kernel", "fwd_part + 2*vec + 8", "3*vec + 2*vec", "10*TILES*C",
+    Kernel("bn_stats_finalize_kernel (first level)", "fwd_part", "merged_part", "10*TILES*C",
+           when="TILES > MERGE_TILES", note="merges groups of 1024 partials, in parallel"),
+    Kernel("bn_stats_finalize_kernel", "final_part + 2*vec + 8", "3*vec + 2*vec", "10*FINAL_TILES*C",
            note="writes stats (mean, invstd, var), updates running mean and var"),
     Kernel("bn_act_fwd_kernel", "z + 4*vec + 8", "out + 8", "4*Z"),
     Kernel("max_pool2d (dlkern C++/CUDA)", "out", "pooled + idx", "3*P"),
@@ -154,7 +157,7 @@ def rows_per_split(M, programs_per_split, sms=SMS):
 
 
 def stats_rows(M):
-    """Rows per statistics partial (mean, M2) of conv_fwd_kernel in training: one per BLOCK_M row tile."""
+    """Rows per statistics partial (mean, M2) of conv_fwd_kernel in training: one partial per BLOCK_M row tile."""
     return STATS_TILE_M
 
 
@@ -190,6 +193,11 @@ def block_sizes(block, first):
     # dlkern's partial buffers, as dlkern/ops/conv_bn.py sizes them on an H200
     s["TILES"] = _cdiv(M, stats_rows(M))
     s["fwd_part"] = 2 * s["TILES"] * C * E  # (mean, M2) per partial and channel, fp32
+    s["MERGE_TILES"] = MERGE_TILES
+    s["merged_part"] = 2 * _cdiv(s["TILES"], MERGE_TILES) * C * E  # the first merge level's output
+    grouped = s["TILES"] > MERGE_TILES
+    s["final_part"] = s["merged_part"] if grouped else s["fwd_part"]
+    s["FINAL_TILES"] = _cdiv(s["TILES"], MERGE_TILES) if grouped else s["TILES"]
     block_c = max(16, min(64, 1 << (C - 1).bit_length()))  # _np2(C_out): channels per reduction program
     bn_splits = _cdiv(M, rows_per_split(M, _cdiv(C, block_c)))
     s["bwd_part"] = 2 * bn_splits * C * 8  # (sum g_u, sum g_u*x_hat) per split and channel, fp64
@@ -307,7 +315,7 @@ def report(model_rows, allow_tf32=True):
           f"FLOPs / peak), conv GEMMs at {peak} (torch.backends.cudnn.allow_tf32, PyTorch's default for convs, "
           "which dlkern follows), everything else at plain fp32's 67 TFLOP/s; '+ launches' adds 3 us a launch. "
           "Eager: one kernel per cuDNN pass, no layout transforms or workspaces (its real traffic is higher); "
-          "dlkern's partials sized for an H200 (132 SMs) and conv_fwd BLOCK_M 128; cache re-reads not counted.")
+          "dlkern's partials sized for an H200 (132 SMs) and conv_fwd BLOCK_M 64; cache re-reads not counted.")
     by = {(r["batch"], r["impl"]): r for r in model_rows}
     table = []
     for batch in sorted({r["batch"] for r in model_rows}):
