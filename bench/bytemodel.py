@@ -167,7 +167,8 @@ def model_shapes(batch):
     shape, conv output shape, pooled shape), the Linear layers, and the parameter count."""
     from dlkern.models import MnistCNN
 
-    model = MnistCNN(backend="torch").to("meta").train()
+    with torch.device("meta"):  # no storage, no random draws: the caller's RNG state is left alone
+        model = MnistCNN(backend="torch").train()
     seen = []
     hooks = [m.register_forward_hook(lambda m, i, o: seen.append((m, tuple(i[0].shape), tuple(o.shape))))
              for m in model.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.Linear))]

@@ -351,6 +351,23 @@ def test_byte_model_rows_and_report(monkeypatch, capsys):
     assert "grad_z_kernel" in out and "BN backward (reduce + elementwise)" in out
 
 
+def test_byte_model_shapes_leave_the_rng_alone(monkeypatch):
+    """The stock model is built on the meta device (no random draws: the suites after the kernels suite see the
+    same random numbers), and its shapes are the MnistCNN's."""
+    import torch
+
+    bm = _bytemodel(monkeypatch)
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    blocks, linears, parameters = bm.model_shapes.__wrapped__(64)
+    assert torch.rand(1) == expected
+    assert [(b["x"], b["z"], b["pooled"]) for b in blocks] == [
+        ((64, 1, 28, 28), (64, 32, 28, 28), (64, 32, 14, 14)), ((64, 32, 14, 14), (64, 32, 12, 12), (64, 32, 6, 6)),
+        ((64, 32, 6, 6), (64, 32, 4, 4), (64, 32, 2, 2))]
+    assert linears == [(128, 64), (64, 10)] and parameters == 27914
+
+
 def test_byte_model_target_over_rows():
     targets = _load("targets")
 
