@@ -5,7 +5,7 @@
 - a stand-in Triton driver: current device 0, stream 0, target sm_90 (``GPUTarget("cuda", 90, 32)``);
 - a stand-in ``triton.compile``: it returns a kernel whose launch does nothing, so nothing is compiled;
 - autotuners that skip benchmarking (every config "takes" the same time, so the first pruned one is chosen once
-  per key, as a tuned launch would after its first call);
+  per key, as a tuned launch would after its first call), and never read or write the on-disk autotune cache;
 - ``dlkern.ops.triton_support.triton_on_cpu``: CPU tensors take the Triton path, as CUDA tensors do.
 
 What a timing under it includes: dlkern's Python (functional, ops, autograd, launchers), the torch ops it issues
@@ -93,11 +93,15 @@ def stand_in_gpu():
     from dlkern.ops import triton_support
 
     saved_compile, saved_bench, saved_driver = triton.compiler.compile, autotuner.Autotuner._bench, driver._active
+    saved_disk_cache = autotuner.Autotuner.check_disk_cache
     # JIT functions bind their compile and backend per device on first launch: start them afresh, and again after.
     jit_functions = list(_triton_jit_function_registry.values())
     saved_caches = [(fn, fn.device_caches) for fn in jit_functions]
     triton.compiler.compile = _stand_in_compile
     autotuner.Autotuner._bench = _no_benchmark
+    # Stand-in timings must never reach the on-disk autotune cache (cache_results=True), where a real run on the
+    # same target would read them: tune afresh, store nothing.
+    autotuner.Autotuner.check_disk_cache = lambda tuner, key, configs, bench_fn: (bench_fn(), False)[1]
     driver.set_active(_Driver())
     for fn in jit_functions:
         fn.device_caches = type(fn.device_caches)(fn.create_binder)
@@ -109,6 +113,7 @@ def stand_in_gpu():
     finally:
         triton_support._plans.clear()
         triton.compiler.compile, autotuner.Autotuner._bench = saved_compile, saved_bench
+        autotuner.Autotuner.check_disk_cache = saved_disk_cache
         driver._active = saved_driver  # None on a machine without a GPU: no driver was ever made
         for fn, caches in saved_caches:
             fn.device_caches = caches

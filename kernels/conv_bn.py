@@ -10,6 +10,8 @@ Training forward:  conv_fwd_kernel (STATS: z + per-tile (mean, M2))  -> bn_stats
                    running statistics updated; a parallel first level when the tiles are many) ->
                    bn_act_fwd_kernel (normalize + activation): 3 launches (4 at large batches).
 Eval forward:      conv_fwd_kernel with BatchNorm (BN_EVAL) or a folded bias, activation in the epilogue.
+The GEMM kernels take m_bucket, M rounded up to a power of two, unused but for the autotuner's key (an epoch's
+ragged last batch reuses the tuned tiles).
 Backward:          bn_act_bwd_reduce_kernel (per-split sums of g_u and g_u*x_hat) -> bn_bwd_finalize_kernel,
                    then conv_bwd_input_kernel and conv_bwd_weight_kernel (split over M, deterministic
                    sum_splits_kernel), both turning grad_output into grad_z on the fly as they load it.
@@ -127,13 +129,13 @@ def _conv_tile(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, z_ptr, part_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
     N, C_in, H, W, C_out, OH, OW,
     x_n_stride, x_c_stride, x_h_stride, x_w_stride,
     out_n_stride, out_c_stride, out_h_stride, out_w_stride,
-    M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo, eps_hi, eps_lo,
+    M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo, eps_hi, eps_lo, m_bucket,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr, SAVE_Z: tl.constexpr,
     BN_EVAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     ACT: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -390,13 +392,13 @@ def grad_z_kernel(
         tl.store(gz_ptr + z_offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def conv_bwd_input_kernel(
     gz_ptr, w_ptr, dx_ptr,
     N, C_in, H, W, C_out, OH, OW,
     gz_n_stride, gz_c_stride, gz_h_stride, gz_w_stride,
     dx_n_stride, dx_c_stride, dx_h_stride, dx_w_stride,
-    M_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    M_in, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, m_bucket,
     KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
     INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -441,13 +443,13 @@ def conv_bwd_input_kernel(
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m_bucket"])
 def conv_bwd_weight_kernel(
     gz_ptr, x_ptr, part_ptr,
     N, C_in, H, W, C_out, OH, OW,
     gz_n_stride, gz_c_stride, gz_h_stride, gz_w_stride,
     x_n_stride, x_c_stride, x_h_stride, x_w_stride,
-    M, rows_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    M, rows_per_split, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, m_bucket,
     KH: tl.constexpr, KW: tl.constexpr, BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -13,6 +13,7 @@ CPU tensors an equivalent PyTorch composite (warned once). No launcher reads dev
 """
 
 import functools
+import os
 import struct
 
 import torch
@@ -87,52 +88,83 @@ def _rows_per_split(M, device, programs_per_split):
     return max(128, cdiv(cdiv(M, splits), 128) * 128)
 
 
-def _pruner(n_name, n_dim, k_dims):
-    """Drops configs whose tiles are wider than the problem (e.g. BLOCK_K=64 for the K = 9 first layer)."""
+# The GEMMs' tiles: (BLOCK_M, BLOCK_N or BLOCK_CO, BLOCK_K, num_warps, num_stages, 16-bit dtypes only). Only
+# tiles that fit an H200 SM are offered: compiled for sm_90 (tests/gpu_compile_check.py) at the MnistCNN's
+# shapes, each has no register spills and >= 25% theoretical occupancy (<= 128 registers a thread) in every
+# dtype it is offered for. Wider BLOCK_K needs more registers for its gathered addresses than that allows,
+# except in 16 bits at 8 warps. The weight gradient's MMA is (BLOCK_K x BLOCK_M) @ (BLOCK_M x BLOCK_CO):
+# its BLOCK_K is the MMA's M, >= 64 for wgmma.
+_FWD_TILES = [(64, 32, 16, 4, 3, False), (64, 32, 16, 4, 4, False), (64, 32, 16, 8, 3, False),
+              (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, True), (64, 32, 64, 8, 3, True)]
+_DGRAD_TILES = [(64, 32, 16, 4, 3, False), (64, 32, 16, 4, 4, True), (64, 32, 16, 8, 3, False),
+                (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, False), (64, 32, 64, 8, 3, True)]
+_WGRAD_TILES = [(32, 32, 64, 8, 3, False), (32, 32, 128, 8, 3, True), (64, 32, 64, 8, 3, True)]
+# DLKERN_AUTOTUNE=1: Triton's autotuner over those tiles, keyed on M rounded up to a power of two (an epoch's
+# ragged last batch reuses the tuned tiles) and cached on disk across processes. Default (0): one fixed tile per
+# shape from _heuristic, no benchmarking -- a first run compiles one variant per kernel and shape instead of
+# all of them (tests/gpu_compile_check.py's cold start), and what runs does not depend on timing noise.
+AUTOTUNE = os.environ.get("DLKERN_AUTOTUNE", "0") not in ("", "0")
+_HALF_ONLY = set()  # ids of the autotuner configs offered for 16-bit dtypes only
+
+
+def _pruner(n_name, n_dim, k_dims, tensor):
+    """Drops configs whose tiles are wider than the problem (e.g. BLOCK_K=64 for the K = 9 first layer) and the
+    16-bit-only ones for other dtypes."""
 
     def prune(configs, named_args, **kwargs):
         k = named_args[k_dims] * kwargs["KH"] * kwargs["KW"]
         n = named_args[n_dim]
-        kept = [c for c in configs if c.kwargs["BLOCK_K"] <= _np2(k, hi=128) and c.kwargs[n_name] <= _np2(n, hi=128)]
-        return kept or configs[:1]
+        wide = named_args[tensor].element_size() > 2
+        allowed = [c for c in configs if not (wide and id(c) in _HALF_ONLY)]
+        kept = [c for c in allowed if c.kwargs["BLOCK_K"] <= _np2(k, hi=128) and c.kwargs[n_name] <= _np2(n, hi=128)]
+        return kept or allowed[:1]
 
     return prune
 
 
-# Tile grids: (BLOCK_M, BLOCK_N-or-CO, BLOCK_K) x (num_warps, num_stages).
-_GEMM_TILES = [(bm, bn, bk) for bm in (64, 128) for bn in (32, 64) for bk in (16, 32, 64)]
-# The weight gradient's MMA is (BLOCK_K x BLOCK_M) @ (BLOCK_M x BLOCK_CO): BLOCK_K is its M, >= 64 for wgmma.
-_WGRAD_TILES = [(bm, bn, bk) for bm in (32, 64) for bn in (32, 64) for bk in (64, 128)]
-_WARPS_STAGES = ((4, 3), (8, 3), (4, 4))
-
-
-def _tuned(kernel, n_name, n_dim, k_dims, key, tiles=_GEMM_TILES):
-    """The GPU form of a GEMM kernel: autotuned over tile sizes. Its outputs are fully rewritten by each run
-    and it never touches the running buffers (only bn_stats_finalize_kernel does, untuned), so benchmarking
-    configs cannot corrupt state. The interpreter takes the kernel as is, with one fixed config."""
+def _tuned(kernel, n_name, n_dim, k_dims, tensor, key, tiles):
+    """The autotuned form of a GEMM kernel (used with DLKERN_AUTOTUNE=1 on a GPU). Its outputs are fully
+    rewritten by each run and it never touches the running buffers (only bn_stats_finalize_kernel does,
+    untuned), so benchmarking configs cannot corrupt state."""
     if INTERPRETING:
         return kernel
-    configs = [
-        triton.Config({"BLOCK_M": bm, n_name: bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk in tiles for w, s in _WARPS_STAGES
-    ]
-    prune = {"early_config_prune": _pruner(n_name, n_dim, k_dims)}
-    return triton.autotune(configs, key=key, prune_configs_by=prune)(kernel)
+    configs = []
+    for bm, bn, bk, w, s, half in tiles:
+        configs.append(triton.Config({"BLOCK_M": bm, n_name: bn, "BLOCK_K": bk}, num_warps=w, num_stages=s))
+        if half:
+            _HALF_ONLY.add(id(configs[-1]))
+    prune = {"early_config_prune": _pruner(n_name, n_dim, k_dims, tensor)}
+    return triton.autotune(configs, key=key, prune_configs_by=prune, cache_results=True)(kernel)
 
 
-_conv_fwd = _tuned(kernels.conv_fwd_kernel, "BLOCK_N", "C_out", "C_in", ["M", "C_in", "C_out", "OH", "OW", "KH", "KW"])
-_conv_bwd_input = _tuned(
-    kernels.conv_bwd_input_kernel, "BLOCK_N", "C_in", "C_out", ["M_in", "C_in", "C_out", "OH", "OW", "KH", "KW"]
-)
-_conv_bwd_weight = _tuned(
-    kernels.conv_bwd_weight_kernel, "BLOCK_CO", "C_out", "C_in", ["M", "C_in", "C_out", "rows_per_split", "KH", "KW"],
-    tiles=_WGRAD_TILES,
-)
+_conv_fwd = _tuned(kernels.conv_fwd_kernel, "BLOCK_N", "C_out", "C_in", "x_ptr",
+                   ["m_bucket", "C_in", "C_out", "OH", "OW", "KH", "KW"], _FWD_TILES)
+_conv_bwd_input = _tuned(kernels.conv_bwd_input_kernel, "BLOCK_N", "C_in", "C_out", "gz_ptr",
+                         ["m_bucket", "C_in", "C_out", "OH", "OW", "KH", "KW"], _DGRAD_TILES)
+_conv_bwd_weight = _tuned(kernels.conv_bwd_weight_kernel, "BLOCK_CO", "C_out", "C_in", "gz_ptr",
+                          ["m_bucket", "C_in", "C_out", "KH", "KW"], _WGRAD_TILES)
 
 
-def _fixed(**blocks):
-    """Explicit tile sizes in the interpreter; none on the GPU (the autotuner picks them)."""
-    return blocks if INTERPRETING else {}
+def _heuristic(tiles, n_name, M, N, dtype):
+    """The fixed tile for a shape (DLKERN_AUTOTUNE=0): from the offered ones, 128-row tiles once M fills an H200
+    several times over (>= 2^17 rows), else 64; BLOCK_N/BLOCK_CO the narrowest that covers N (32 for the MnistCNN),
+    the smallest BLOCK_K, 4 warps when offered."""
+    wide = dtype.itemsize > 2
+    offered = [t for t in tiles if not (wide and t[5])]
+    bm = 128 if M >= 1 << 17 and any(t[0] == 128 for t in offered) else min(t[0] for t in offered)
+    fits = [t for t in offered if t[0] == bm] or offered
+    bm, bn, bk, w, s, _ = min(fits, key=lambda t: (t[2], -t[3] if bm == 128 else t[3], t[4]))
+    return {"BLOCK_M": bm, n_name: bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
+
+
+def _gemm(tuned, plain, tiles, n_name, M, N, dtype, **interpreter_blocks):
+    """(kernel, launch keywords) for a GEMM: the interpreter's small fixed tiles, the autotuner, or the
+    heuristic's fixed tile -- with m_bucket for the autotuner's key."""
+    if INTERPRETING:
+        return plain, interpreter_blocks
+    if AUTOTUNE:
+        return tuned, {}
+    return plain, _heuristic(tiles, n_name, M, N, dtype)
 
 
 # Tensors from this many elements get 64-bit offsets: a margin below int32's 2^31 for the offsets that masked
@@ -161,7 +193,7 @@ def _merge_stats(part, stats, running, M, C_out, tile_m, eps, momentum, index_64
         launch(
             kernels.bn_stats_finalize_kernel, (groups, cdiv(C_out, block_c)),
             part, merged, part, part, part, C_out, M, tiles, tile_m, _MERGE_TILES, 0.0, 0.0, 0.0, 0.0,
-            BLOCK_T=4 if INTERPRETING else 64, BLOCK_C=block_c, FINAL=False, TRACK=False, CUMULATIVE=False,
+            BLOCK_T=4 if INTERPRETING else 32, BLOCK_C=block_c, FINAL=False, TRACK=False, CUMULATIVE=False,
             INDEX_64=index_64,
         )
         part, tiles, tile_m = merged, groups, tile_m * _MERGE_TILES
@@ -170,7 +202,7 @@ def _merge_stats(part, stats, running, M, C_out, tile_m, eps, momentum, index_64
         kernels.bn_stats_finalize_kernel, (1, cdiv(C_out, block_c)),
         part, stats, mean_buf, var_buf, nbt if nbt is not None else stats, C_out, M, tiles, tile_m, tiles,
         *_hi_lo(eps), *_hi_lo(momentum if momentum is not None else 0.0),
-        BLOCK_T=4 if INTERPRETING else 64, BLOCK_C=block_c, FINAL=True, TRACK=running is not None,
+        BLOCK_T=4 if INTERPRETING else 32, BLOCK_C=block_c, FINAL=True, TRACK=running is not None,
         CUMULATIVE=momentum is None, INDEX_64=index_64,
     )
 
@@ -183,16 +215,17 @@ def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation,
     M = N * OH * OW
     dst = z if stats else out
     mean, var, gamma, beta, eps = bn_eval if bn_eval is not None else (dst, dst, None, None, 0.0)
-    blocks = _fixed(BLOCK_M=32 if stats else 128, BLOCK_N=_np2(C_out), BLOCK_K=_np2(C_in * KH * KW))
+    kernel, blocks = _gemm(_conv_fwd, kernels.conv_fwd_kernel, _FWD_TILES, "BLOCK_N", M, C_out, input.dtype,
+                           BLOCK_M=32 if stats else 128, BLOCK_N=_np2(C_out), BLOCK_K=_np2(C_in * KH * KW))
     return launch(
-        _conv_fwd,
+        kernel,
         lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(C_out, meta["BLOCK_N"])),
         input, weight, bias if bias is not None else weight, out if out is not None else dst,
         z if z is not None else dst, part if part is not None else dst, mean, var,
         gamma if gamma is not None else mean, beta if beta is not None else mean,
         N, C_in, H, W, C_out, OH, OW, *input.stride(), *dst.stride(),
         M, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *_hi_lo(p0), *_hi_lo(p1),
-        *_hi_lo(eps), KH=KH, KW=KW, HAS_BIAS=bias is not None, STATS=stats, SAVE_Z=z is not None and not stats,
+        *_hi_lo(eps), next_power_of_2(M), KH=KH, KW=KW, HAS_BIAS=bias is not None, STATS=stats, SAVE_Z=z is not None and not stats,
         BN_EVAL=bn_eval is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, ACT=act,
         PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=_acc_dtype(input.dtype),
         DOT_FP32=_dot_fp32(input.dtype), INDEX_64=_index_64(input, dst), **blocks,
@@ -591,33 +624,36 @@ def _conv_bn_act2d_backward_triton(
     if input_grad:
         dx = torch.empty_like(input, memory_format=_memory_format(input))
         M_in = N * H * W
+        kernel, blocks = _gemm(_conv_bwd_input, kernels.conv_bwd_input_kernel, _DGRAD_TILES, "BLOCK_N", M_in, C_in,
+                               input.dtype, BLOCK_M=128, BLOCK_N=_np2(C_in), BLOCK_K=_np2(C_out * KH * KW))
         launch(
-            _conv_bwd_input,
+            kernel,
             lambda meta: (cdiv(M_in, meta["BLOCK_M"]), cdiv(C_in, meta["BLOCK_N"])),
             gz, weight, dx, N, C_in, H, W, C_out, OH, OW, *gz.stride(), *dx.stride(),
-            M_in, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-            KH=KH, KW=KW, **common, **_fixed(BLOCK_M=128, BLOCK_N=_np2(C_in), BLOCK_K=_np2(C_out * KH * KW)),
+            M_in, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], next_power_of_2(M_in),
+            KH=KH, KW=KW, **common, **blocks,
         )
     dw, db = empty(), empty()
     if weight_grad:
         rows = _rows_per_split(M, device, cdiv(C_out, 32) * cdiv(K, 64))
         splits = cdiv(M, rows)
         part = torch.empty(splits * (C_out * K + C_out), dtype=sdtype, device=device)
+        kernel, blocks = _gemm(_conv_bwd_weight, kernels.conv_bwd_weight_kernel, _WGRAD_TILES, "BLOCK_CO", M, C_out,
+                               input.dtype, BLOCK_M=128, BLOCK_CO=_np2(C_out), BLOCK_K=_np2(K))
         launch(
-            _conv_bwd_weight,
+            kernel,
             lambda meta: (splits, cdiv(K, meta["BLOCK_K"]), cdiv(C_out, meta["BLOCK_CO"])),
             gz, input, part, N, C_in, H, W, C_out, OH, OW, *gz.stride(), *input.stride(),
-            M, rows, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
-            KH=KH, KW=KW, BIAS_GRAD=not bn, **common,
-            **_fixed(BLOCK_M=128, BLOCK_CO=_np2(C_out), BLOCK_K=_np2(K)),
+            M, rows, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], next_power_of_2(M),
+            KH=KH, KW=KW, BIAS_GRAD=not bn, **common, **blocks,
         )
         dw = torch.empty_like(weight)
         db = torch.empty(C_out, dtype=weight.dtype, device=device)
-        block_l = 1024
+        block_l = 1024 if INTERPRETING else 512  # (16 x 1024 tiles took 78 registers a thread, or spilled)
         launch(
             kernels.sum_splits_kernel, (cdiv(C_out * K + C_out, block_l),),
             part, dw, db, splits, C_out * K + C_out, C_out * K, INDEX_64=_index_64(part),
-            BLOCK_S=4 if INTERPRETING else 16, BLOCK_L=block_l,
+            BLOCK_S=4, BLOCK_L=block_l,
         )
     return dx, dw, db, grad_gamma, grad_beta
 
