@@ -69,10 +69,8 @@ def _check_input(x, act, p0=0.0, p1=0.0):
     if count:
         type_name, limit = _TYPE_LIMITS[x.dtype if act == "hardtanh" else compute_dtype(x.dtype)]
         for p in (p0, p1)[:count]:
-            torch._check(
-                not (abs(p) > limit and not math.isinf(p)),
-                lambda: f"value cannot be converted to type {type_name} without overflow",
-            )
+            if abs(p) > limit and not math.isinf(p):
+                raise RuntimeError(f"value cannot be converted to type {type_name} without overflow")
 
 
 def _check_channelwise(x, weight, act):
