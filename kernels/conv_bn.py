@@ -10,11 +10,11 @@ Training forward:  conv_fwd_kernel (STATS: z + per-tile (mean, M2))  -> bn_stats
                    running statistics updated; a parallel first level when the tiles are many) ->
                    bn_act_fwd_kernel (normalize + activation): 3 launches (4 at large batches).
 Eval forward:      conv_fwd_kernel with BatchNorm (BN_EVAL) or a folded bias, activation in the epilogue.
+Backward:          bn_act_bwd_reduce_kernel (per-split sums of g_u and g_u*x_hat) -> grad_z_kernel (the
+                   BatchNorm coefficients, then dL/dz written once) -> conv_bwd_input_kernel and
+                   conv_bwd_weight_kernel (split over M, deterministic sum_splits_kernel), both reading dL/dz.
 The GEMM kernels take m_bucket, M rounded up to a power of two, unused but for the autotuner's key (an epoch's
 ragged last batch reuses the tuned tiles).
-Backward:          bn_act_bwd_reduce_kernel (per-split sums of g_u and g_u*x_hat) -> bn_bwd_finalize_kernel,
-                   then conv_bwd_input_kernel and conv_bwd_weight_kernel (split over M, deterministic
-                   sum_splits_kernel), both turning grad_output into grad_z on the fly as they load it.
 """
 
 import triton
