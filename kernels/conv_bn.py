@@ -93,6 +93,33 @@ def _index(x, INDEX_64: tl.constexpr):
         return x
 
 
+@triton.jit
+def _load_g(
+    g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, n, oh, ow, c, mask,
+    pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw,
+    POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
+):
+    """dL/d(out) at rows (n, oh, ow) x channels c. With POOL, out is the max-pooled activation and g the pooled
+    gradient: the full-resolution gradient is g at its window where that window's maximum sat (pos, the tap
+    kh*PKW + kw, one byte per pooled element), else 0 -- never materialized. Windows do not overlap (stride >=
+    kernel): row oh belongs to window (oh + pad) // stride at most."""
+    if POOL:
+        ph = (oh + pool_ph) // pool_sh
+        pw = (ow + pool_pw) // pool_sw
+        kh = oh + pool_ph - ph * pool_sh
+        kw = ow + pool_pw - pw * pool_sw
+        inside = (kh < PKH) & (kw < PKW) & (ph < PH) & (pw < PW)
+        m = mask & inside[:, None]
+        g = tl.load(g_ptr + (n * g_n_stride + ph * g_h_stride + pw * g_w_stride)[:, None] + c[None, :] * g_c_stride,
+                    mask=m, other=0.0)
+        pos = tl.load(pos_ptr + (n * pos_n_stride + ph * pos_h_stride + pw * pos_w_stride)[:, None]
+                      + c[None, :] * pos_c_stride, mask=m, other=0)
+        return tl.where(m & (pos.to(tl.int32) == (kh * PKW + kw)[:, None]), g, 0.0)
+    else:
+        return tl.load(g_ptr + (n * g_n_stride + oh * g_h_stride + ow * g_w_stride)[:, None] + c[None, :] * g_c_stride,
+                       mask=mask, other=0.0)
+
+
 # ---------------------------------------------------------------------------------------------- forward
 
 
@@ -282,6 +309,64 @@ def bn_act_fwd_kernel(
     tl.store(out_ptr + offs, _act(u, ACT, p0, p1).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def bn_act_pool_fwd_kernel(
+    z_ptr, out_ptr, pos_ptr, stats_ptr, gamma_ptr, beta_ptr, nbt_ptr, total, C, PH, PW, OH, OW,
+    z_n_stride, z_c_stride, z_h_stride, z_w_stride,
+    out_n_stride, out_c_stride, out_h_stride, out_w_stride,
+    pool_sh, pool_sw, pool_ph, pool_pw, p0_hi, p0_lo, p1_hi, p1_lo,
+    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, COUNT_BATCH: tl.constexpr, INDEX_64: tl.constexpr,
+    PKH: tl.constexpr, PKW: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out = max_pool(act(gamma*(z - mean)*invstd + beta)) and, per pooled element, the window tap of its
+    maximum in one byte (pos = kh*PKW + kw): z is read once, the full-resolution activation never written.
+    ATen's max pool rules on the activation as stored (rounded to out's dtype): taps rows outer, columns inner;
+    a value replaces the running maximum when greater or NaN; the maximum starts at -inf at the window's first
+    in-bounds tap. One program per BLOCK pooled elements (logical NCHW order); out and pos share strides.
+    With COUNT_BATCH, program 0 also does BatchNorm's num_batches_tracked += 1."""
+    pid = tl.program_id(0)
+    if COUNT_BATCH:
+        if pid == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+    offs = _index(pid, INDEX_64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    pw = offs % PW
+    t = offs // PW
+    ph = t % PH
+    t = t // PH
+    c = t % C
+    n = t // C
+    dtype = stats_ptr.dtype.element_ty
+    mean = tl.load(stats_ptr + c, mask=mask, other=0.0)
+    invstd = tl.load(stats_ptr + C + c, mask=mask, other=0.0)
+    if HAS_AFFINE:
+        gamma = tl.load(gamma_ptr + c, mask=mask, other=0.0).to(dtype)
+        beta = tl.load(beta_ptr + c, mask=mask, other=0.0).to(dtype)
+    p0 = _scalar(p0_hi, p0_lo, dtype)
+    p1 = _scalar(p1_hi, p1_lo, dtype)
+    best = tl.full((BLOCK,), float("-inf"), dtype)
+    pos = tl.zeros((BLOCK,), dtype=tl.int32)
+    found = tl.zeros((BLOCK,), dtype=tl.int1)
+    z_base = z_ptr + n * z_n_stride + c * z_c_stride
+    for kh in tl.static_range(PKH):
+        for kw in tl.static_range(PKW):
+            ih = ph * pool_sh - pool_ph + kh
+            iw = pw * pool_sw - pool_pw + kw
+            valid = mask & (ih >= 0) & (ih < OH) & (iw >= 0) & (iw < OW)
+            z = tl.load(z_base + ih * z_h_stride + iw * z_w_stride, mask=valid, other=0.0).to(dtype)
+            u = (z - mean) * invstd
+            if HAS_AFFINE:
+                u = u * gamma + beta
+            v = _act(u, ACT, p0, p1).to(out_ptr.dtype.element_ty).to(dtype)  # as the stored activation
+            take = valid & ((v > best) | (v != v))
+            pos = tl.where(take | (valid & ~found), kh * PKW + kw, pos)
+            best = tl.where(take, v, best)
+            found = found | valid
+    out_offs = n * out_n_stride + c * out_c_stride + ph * out_h_stride + pw * out_w_stride
+    tl.store(out_ptr + out_offs, best.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(pos_ptr + out_offs, pos.to(tl.uint8), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------- backward
 
 
@@ -291,11 +376,13 @@ def bn_act_bwd_reduce_kernel(
     M, C, OH, OW, rows_per_split,
     g_n_stride, g_c_stride, g_h_stride, g_w_stride,
     z_n_stride, z_c_stride, z_h_stride, z_w_stride, p0_hi, p0_lo, p1_hi, p1_lo,
-    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw,
+    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, INDEX_64: tl.constexpr, POOL: tl.constexpr, PKH: tl.constexpr,
+    PKW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per split of the rows and channel: part[0, s, c] = sum g_u, part[1, s, c] = sum g_u*x_hat, where
-    g_u = dL/du = g*act'(u) is the gradient at BatchNorm's output u."""
+    g_u = dL/du = g*act'(u) is the gradient at BatchNorm's output u (with POOL, g from the pooled gradient:
+    _load_g)."""
     pid_s = _index(tl.program_id(0), INDEX_64)
     offs_c = _index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), INDEX_64)
     mask_c = offs_c < C
@@ -319,9 +406,10 @@ def bn_act_bwd_reduce_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         n, oh, ow = _rows(offs_m, OH, OW)
         mask = (offs_m < m_end)[:, None] & mask_c[None, :]
-        g_offs = (n * g_n_stride + oh * g_h_stride + ow * g_w_stride)[:, None] + offs_c[None, :] * g_c_stride
         z_offs = (n * z_n_stride + oh * z_h_stride + ow * z_w_stride)[:, None] + offs_c[None, :] * z_c_stride
-        g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(dtype)
+        g = _load_g(g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, n, oh, ow, offs_c, mask,
+                    pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw,
+                    pool_ph, pool_pw, POOL, PKH, PKW).to(dtype)
         x_hat = (tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(dtype) - mean) * invstd
         g_u = tl.where(mask, _act_vjp(g, x_hat * gamma + beta, ACT, p0, p1), 0.0)
         sum_g += tl.sum(g_u.to(tl.float64), axis=0)
@@ -337,7 +425,9 @@ def grad_z_kernel(
     M, C, OH, OW, rows_per_split, num_splits, p0_hi, p0_lo, p1_hi, p1_lo,
     g_n_stride, g_c_stride, g_h_stride, g_w_stride,
     z_n_stride, z_c_stride, z_h_stride, z_w_stride,
+    pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw,
     BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr,
+    POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dz of one split of the rows, written once (in z's layout, the conv's dtype) for both conv GEMMs.
@@ -381,9 +471,10 @@ def grad_z_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         n, oh, ow = _rows(offs_m, OH, OW)
         mask = (offs_m < m_end)[:, None] & mask_c[None, :]
-        g_offs = (n * g_n_stride + oh * g_h_stride + ow * g_w_stride)[:, None] + offs_c[None, :] * g_c_stride
         z_offs = (n * z_n_stride + oh * z_h_stride + ow * z_w_stride)[:, None] + offs_c[None, :] * z_c_stride
-        g = tl.load(g_ptr + g_offs, mask=mask, other=0.0).to(dtype)
+        g = _load_g(g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, n, oh, ow, offs_c, mask,
+                    pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw,
+                    pool_ph, pool_pw, POOL, PKH, PKW).to(dtype)
         z = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(dtype)
         if BN:
             gz = _grad_z(g, z, mean, invstd, gamma, beta, coef_a, coef_b, coef_c, True, ACT, p0, p1)

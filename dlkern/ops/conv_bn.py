@@ -28,6 +28,7 @@ from dlkern.kernels import conv_bn as kernels
 from dlkern.ops.activation import composite_backward, composite_forward
 from dlkern.ops.autograd_support import call_op, function_apply, needs_autograd
 from dlkern.ops.library import define, LIB
+from dlkern.ops.max_pool import _pooling_output_size
 from dlkern.ops.triton_support import cdiv, compute_dtype, INTERPRETING, launch, next_power_of_2, sm_count
 
 OP = "conv_bn_act2d"
@@ -323,9 +324,11 @@ def _check_train(input, weight, bn_weight, bn_bias, running_mean, running_var, s
 
 
 def _conv_bn_act2d_triton(input, weight, bias, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
-                          momentum, eps, stride, padding, dilation, activation, p0, p1, allow_tf32):
+                          momentum, eps, stride, padding, dilation, activation, p0, p1, allow_tf32, pool=None):
     """3 launches: the conv with per-tile statistics, their merge (which also updates the running buffers), and
-    normalize + activation (which also counts the batch in num_batches_tracked)."""
+    normalize + activation (which also counts the batch in num_batches_tracked). With ``pool`` (kernel, stride,
+    padding, ceil_mode; windows that do not overlap) the last launch max-pools too: returns (pooled out, z, stats,
+    pos), pos the window tap of each maximum in one byte."""
     geo = _check_train(input, weight, bn_weight, bn_bias, running_mean, running_var, stride, padding, dilation)
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
     sdtype = compute_dtype(input.dtype)
@@ -334,7 +337,7 @@ def _conv_bn_act2d_triton(input, weight, bias, bn_weight, bn_bias, running_mean,
     mean_buf, var_buf = _dense(running_mean, running_var) if track else (None, None)
     M = N * OH * OW
     z = _empty_like_format(input, (N, C_out, OH, OW), input.dtype)
-    out = torch.empty_like(z)
+    out = torch.empty_like(z) if pool is None else None
     stats = torch.empty(3, C_out, dtype=sdtype, device=input.device)
     # Room for the smallest row tile any config may pick: 2 x tiles x C_out (mean, M2).
     part = torch.empty(2 * cdiv(M, 32) * C_out, dtype=sdtype, device=input.device)
@@ -343,19 +346,35 @@ def _conv_bn_act2d_triton(input, weight, bias, bn_weight, bn_bias, running_mean,
     count = track and num_batches_tracked is not None
     _merge_stats(part, stats, (mean_buf, var_buf, num_batches_tracked if count else None) if track else None, M,
                  C_out, tile_m, eps, momentum, _index_64(z))
-    block = 4096 if INTERPRETING else 1024
-    launch(
-        kernels.bn_act_fwd_kernel, (cdiv(z.numel(), block),),
-        z, out, stats, bn_weight if bn_weight is not None else stats, bn_bias if bn_bias is not None else stats,
-        num_batches_tracked if count else stats, z.numel(), C_out, z.stride(1), *_hi_lo(p0), *_hi_lo(p1),
-        HAS_AFFINE=bn_weight is not None, ACT=activation, BLOCK=block, COUNT_BATCH=count, INDEX_64=_index_64(z),
-    )
+    gamma = bn_weight if bn_weight is not None else stats
+    beta = bn_bias if bn_bias is not None else stats
+    if pool is None:
+        block = 4096 if INTERPRETING else 1024
+        launch(
+            kernels.bn_act_fwd_kernel, (cdiv(z.numel(), block),),
+            z, out, stats, gamma, beta, num_batches_tracked if count else stats, z.numel(), C_out, z.stride(1),
+            *_hi_lo(p0), *_hi_lo(p1),
+            HAS_AFFINE=bn_weight is not None, ACT=activation, BLOCK=block, COUNT_BATCH=count, INDEX_64=_index_64(z),
+        )
+    else:
+        (pkh, pkw), (psh, psw), (pph, ppw), ceil_mode = pool
+        PH, PW = pool_output_size(OH, OW, pool)
+        out = _empty_like_format(input, (N, C_out, PH, PW), input.dtype)
+        pos = torch.empty_like(out, dtype=torch.uint8)
+        block = 256 if INTERPRETING else 512
+        launch(
+            kernels.bn_act_pool_fwd_kernel, (cdiv(out.numel(), block),),
+            z, out, pos, stats, gamma, beta, num_batches_tracked if count else stats, out.numel(), C_out, PH, PW,
+            OH, OW, *z.stride(), *out.stride(), psh, psw, pph, ppw, *_hi_lo(p0), *_hi_lo(p1),
+            HAS_AFFINE=bn_weight is not None, ACT=activation, COUNT_BATCH=count, INDEX_64=_index_64(z),
+            PKH=pkh, PKW=pkw, BLOCK=block,
+        )
     if track:  # strided buffers were updated through dense copies
         for buf, dense in ((running_mean, mean_buf), (running_var, var_buf)):
             if dense is not buf:
                 buf.copy_(dense)
         _written(running_mean, running_var, num_batches_tracked if count else None)
-    return out, z, stats
+    return (out, z, stats) if pool is None else (out, z, stats, pos)
 
 
 def _written(*tensors):
@@ -583,7 +602,9 @@ def _conv_bn_act2d_backward_composite(
 
 def _conv_bn_act2d_backward_triton(
         grad_out, input, weight, z, stats, bn_weight, bn_bias, stride, padding, dilation, activation,
-        p0, p1, allow_tf32, input_grad, weight_grad):
+        p0, p1, allow_tf32, input_grad, weight_grad, pool=None):
+    """``pool``: (pos, kernel_size, stride, padding) when grad_out is the gradient of the max-pooled output (a
+    fused pool block): the reduction and dL/dz passes read it through the window positions pos."""
     geo, bn, affine, empty, grad_gamma, grad_beta = _backward_setup(input, weight, stats, bn_weight, bn_bias, stride,
                                                                     padding, dilation)
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
@@ -601,21 +622,27 @@ def _conv_bn_act2d_backward_triton(
     splits = cdiv(M, rows)
     part = torch.empty(2 * splits * C_out, dtype=torch.float64, device=device) if bn else z
     gamma, beta = (bn_weight, bn_bias) if affine else (z, z)
+    if pool is None:
+        pool_args, pool_flags = (z, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0), dict(POOL=False, PKH=1, PKW=1)
+    else:
+        pos, (pkh, pkw), (psh, psw), (pph, ppw) = pool
+        pool_args = (pos, *pos.stride(), pos.shape[2], pos.shape[3], psh, psw, pph, ppw)
+        pool_flags = dict(POOL=True, PKH=pkh, PKW=pkw)
     if bn:  # per split and channel: sum g_u and sum g_u*x_hat
         launch(
             kernels.bn_act_bwd_reduce_kernel, (splits, cdiv(C_out, block_c)),
             grad_out, z, stats, gamma, beta, part,
-            M, C_out, OH, OW, rows, *grad_out.stride(), *z.stride(), *p,
-            HAS_AFFINE=affine, ACT=activation, INDEX_64=index_64, BLOCK_M=128 if INTERPRETING else 32,
-            BLOCK_C=block_c,
+            M, C_out, OH, OW, rows, *grad_out.stride(), *z.stride(), *p, *pool_args,
+            HAS_AFFINE=affine, ACT=activation, INDEX_64=index_64, **pool_flags,
+            BLOCK_M=128 if INTERPRETING else 32, BLOCK_C=block_c,
         )
     gz = torch.empty_like(z)
     launch(
         kernels.grad_z_kernel, (splits, cdiv(C_out, block_c)),
         grad_out, z, gz, stats if bn else z, gamma, beta, part, grad_gamma if affine else z,
-        grad_beta if affine else z, M, C_out, OH, OW, rows, splits, *p, *grad_out.stride(), *z.stride(),
-        BN=bn, HAS_AFFINE=affine, ACT=activation, ACC_DTYPE=acc, INDEX_64=index_64, BLOCK_M=128 if INTERPRETING else 32,
-        BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=block_c,
+        grad_beta if affine else z, M, C_out, OH, OW, rows, splits, *p, *grad_out.stride(), *z.stride(), *pool_args,
+        BN=bn, HAS_AFFINE=affine, ACT=activation, ACC_DTYPE=acc, INDEX_64=index_64, **pool_flags,
+        BLOCK_M=128 if INTERPRETING else 32, BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=block_c,
     )
     common = dict(PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=acc, DOT_FP32=_dot_fp32(input.dtype),
                   INDEX_64=_index_64(input, z))
@@ -780,7 +807,7 @@ def _vmap_by_loop(op):
     one update per slice would not be BatchNorm's."""
 
     def rule(info, in_dims, *args):
-        if op is conv_bn_act2d and args[5] is not None:
+        if op.__name__.startswith(("conv_bn_act2d.", "conv_bn_act_pool2d.")) and args[5] is not None:
             raise RuntimeError(
                 "dlkern.conv_bn_act2d: torch.func.vmap over a training block cannot update BatchNorm's running "
                 "statistics (one update per vmapped call); pass running_mean=running_var=None, or for modules call "
@@ -799,6 +826,144 @@ def _vmap_by_loop(op):
 
 for _op in (conv_bn_act2d, conv_bias_act2d, conv_bn_act2d_backward):
     torch.library.register_vmap(_op, _vmap_by_loop(_op))
+
+
+# ---------------------------------------------------------------------------------------------- fused pool block
+
+
+def pool_output_size(OH, OW, pool):
+    """(PH, PW) of a max pool (kernel, stride, padding, ceil_mode) over an OH x OW map (dilation 1)."""
+    (kh, kw), (sh, sw), (ph, pw), ceil_mode = pool
+    return (_pooling_output_size(OH, kh, ph, sh, 1, ceil_mode), _pooling_output_size(OW, kw, pw, sw, 1, ceil_mode))
+
+
+def _pool_of(pool_kernel, pool_stride, pool_padding, pool_ceil_mode):
+    return tuple(pool_kernel), tuple(pool_stride), tuple(pool_padding), pool_ceil_mode
+
+
+_POOL_SCHEMA = _TRAIN_SCHEMA.replace("conv_bn_act2d(", "conv_bn_act_pool2d(").replace(
+    "bool allow_tf32) -> (Tensor, Tensor, Tensor)",
+    "bool allow_tf32, int[] pool_kernel, int[] pool_stride, int[] pool_padding, bool pool_ceil_mode) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+def _conv_bn_act_pool2d_triton(*args):
+    *train, pk, ps, pp, ceil = args
+    return _conv_bn_act2d_triton(*train, pool=_pool_of(pk, ps, pp, ceil))
+
+
+def _conv_bn_act_pool2d_composite(*args):
+    """ATen's kernels: the training block, then max_pool2d with indices, turned into window taps."""
+    *train, pk, ps, pp, ceil = args
+    out, z, stats = _conv_bn_act2d_composite(*train)
+    pooled, indices = F.max_pool2d(out, pk, ps, pp, 1, ceil, return_indices=True)
+    OW = out.shape[3]
+    rows = torch.arange(pooled.shape[2], device=out.device).view(-1, 1) * ps[0] - pp[0]
+    cols = torch.arange(pooled.shape[3], device=out.device).view(1, -1) * ps[1] - pp[1]
+    pos = (indices // OW - rows) * pk[1] + (indices % OW - cols)
+    return pooled, z, stats, pos.to(torch.uint8)
+
+
+def _conv_bn_act_pool2d_fake(*args):
+    *train, pk, ps, pp, ceil = args
+    _, z, stats = _conv_bn_act2d_fake(*train)
+    PH, PW = pool_output_size(z.shape[2], z.shape[3], _pool_of(pk, ps, pp, ceil))
+    out = _empty_like_format(z, (z.shape[0], z.shape[1], PH, PW), z.dtype)
+    return out, z, stats, torch.empty_like(out, dtype=torch.uint8)
+
+
+conv_bn_act_pool2d = define(_POOL_SCHEMA, _conv_bn_act_pool2d_triton, _conv_bn_act_pool2d_composite,
+                            _conv_bn_act_pool2d_fake, OP)
+"""The training block with its max pool (windows that do not overlap) fused into the last pass: (pooled out, z,
+stats, pos); pos holds each pooled element's window tap (kh*kw_size + kw) in one byte."""
+
+_POOL_BACKWARD_SCHEMA = (
+    "conv_bn_act_pool2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor z, Tensor stats, "
+    "Tensor? bn_weight, Tensor? bn_bias, Tensor pos, int[] stride, int[] padding, int[] dilation, str activation, "
+    "float p0, float p1, bool allow_tf32, bool input_grad, bool weight_grad, int[] pool_kernel, int[] pool_stride, "
+    "int[] pool_padding) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _split_pool_backward(args):
+    grad_out, input, weight, z, stats, bn_weight, bn_bias, pos, *rest = args
+    *train, pk, ps, pp = rest
+    return (grad_out, input, weight, z, stats, bn_weight, bn_bias, *train), (pos, tuple(pk), tuple(ps), tuple(pp))
+
+
+def _conv_bn_act_pool2d_backward_triton(*args):
+    train, pool = _split_pool_backward(args)
+    return _conv_bn_act2d_backward_triton(*train, pool=pool)
+
+
+def _conv_bn_act_pool2d_backward_composite(*args):
+    """The pooled gradient scattered to the maxima (what max_pool2d's backward does), then the block's."""
+    (grad_out, *train), (pos, pk, ps, pp) = _split_pool_backward(args)
+    z = train[2]
+    OW = z.shape[3]
+    rows = torch.arange(pos.shape[2], device=z.device).view(-1, 1) * ps[0] - pp[0]
+    cols = torch.arange(pos.shape[3], device=z.device).view(1, -1) * ps[1] - pp[1]
+    p = pos.long()
+    indices = (rows + p // pk[1]) * OW + cols + p % pk[1]
+    full = torch.zeros(z.shape, dtype=grad_out.dtype, device=z.device)
+    full.view(*z.shape[:2], -1).scatter_(2, indices.flatten(2), grad_out.flatten(2))
+    return _conv_bn_act2d_backward_composite(full.contiguous(memory_format=_memory_format(z)), *train)
+
+
+def _conv_bn_act_pool2d_backward_fake(*args):
+    train, _ = _split_pool_backward(args)
+    grad_out, input, weight, z = train[:4]
+    return _conv_bn_act2d_backward_fake(torch.empty_like(z), *train[1:])
+
+
+conv_bn_act_pool2d_backward = define(_POOL_BACKWARD_SCHEMA, _conv_bn_act_pool2d_backward_triton,
+                                     _conv_bn_act_pool2d_backward_composite, _conv_bn_act_pool2d_backward_fake, OP)
+
+
+def _pool_setup_context(ctx, inputs, output):
+    input, weight, bias, bn_weight, bn_bias, *_, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, \
+        ctx.allow_tf32, pk, ps, pp, _ = inputs
+    _, z, stats, pos = output
+    ctx.pool = (pk, ps, pp)
+    ctx.mark_non_differentiable(z, stats, pos)
+    ctx.set_materialize_grads(False)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight, z, stats, bn_weight, bn_bias, pos)
+
+
+def _pool_backward(ctx, grad_out, _grad_z, _grad_stats, _grad_pos):
+    if grad_out is None:
+        return (None,) * 21
+    input, weight, z, stats, bn_weight, bn_bias, pos = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    with torch.no_grad():
+        dx, dw, db, dgamma, dbeta = call_op(
+            conv_bn_act_pool2d_backward, grad_out, input, weight, z, stats, bn_weight, bn_bias, pos,
+            ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, ctx.allow_tf32, need[0],
+            need[1] or need[2], *ctx.pool,
+        )
+    return (
+        dx if need[0] else None, dw if need[1] else None, db if need[2] and ctx.has_bias else None,
+        dgamma if need[3] else None, dbeta if need[4] else None, *([None] * 16),
+    )
+
+
+_POOL = _block_functions(conv_bn_act_pool2d, _pool_setup_context, _pool_backward)
+_pool_apply = function_apply(_POOL[1], _POOL[0])
+for _op in (conv_bn_act_pool2d, conv_bn_act_pool2d_backward):
+    torch.library.register_vmap(_op, _vmap_by_loop(_op))
+
+
+def _pool_autograd(*args):
+    """The Autograd kernel of dlkern::conv_bn_act_pool2d (as _train_autograd)."""
+    if needs_autograd(*args[:5]):
+        return _pool_apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return conv_bn_act_pool2d(*args)
+
+
+LIB.impl("conv_bn_act_pool2d", _pool_autograd, "Autograd")
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -955,10 +1120,21 @@ def _empty_batch(input, weight, bias, bn_weight, bn_bias, stride, padding, dilat
     return z
 
 
+def pool_fusable(kernel_size, stride, dilation):
+    """Whether a max pool (kernel_size, stride, dilation as pairs) fuses into the block's training pass: windows
+    that do not overlap (stride >= kernel), dilation 1, at most 256 taps (the position is one byte)."""
+    return (all(s >= k for s, k in zip(stride, kernel_size)) and all(d == 1 for d in dilation)
+            and kernel_size[0] * kernel_size[1] <= 256)
+
+
 def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked, training,
-            momentum, eps, stride, padding, dilation, activation, activation_params=()):
+            momentum, eps, stride, padding, dilation, activation, activation_params=(), pool=None):
     """The fused block: autocast, checks, then the training op (+ running update), or in eval the inference op
-    (BatchNorm in the conv's epilogue) or, when autograd is needed, the folded op."""
+    (BatchNorm in the conv's epilogue) or, when autograd is needed, the folded op.
+
+    ``pool`` (kernel, stride, padding, ceil_mode as pairs and a bool; pool_fusable): the max pool that follows,
+    fused into the training pass -- returns (pooled out, window taps) -- or None where it is not fused (eval, an
+    empty batch): the caller pools the block's output then."""
     stride, padding, dilation, activation, p0, p1 = _block_args(weight, stride, padding, dilation, activation,
                                                                 activation_params)
     conv_weight, conv_bias = weight, bias  # eval folds these, not autocast's 16-bit copies
@@ -976,6 +1152,8 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
         track = running_mean is not None and running_var is not None
         if track and momentum is None and num_batches_tracked is None:
             raise ValueError("conv_bn_act2d(): momentum=None (cumulative average) needs num_batches_tracked")
+        if pool is not None and count == 0:
+            return None
         if count == 0:
             if track and num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
@@ -983,9 +1161,16 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
         running = (running_mean, running_var, num_batches_tracked) if track else (None, None, None)
         args = (input, weight, bias, bn_weight, bn_bias, *running, momentum, eps, stride, padding, dilation,
                 activation, p0, p1, allow_tf32)
+        if pool is not None:
+            args += (list(pool[0]), list(pool[1]), list(pool[2]), bool(pool[3]))
+            autograd = needs_autograd(input, weight, bias, bn_weight, bn_bias)
+            out, _, _, pos = _pool_apply(*args) if autograd else call_op(conv_bn_act_pool2d, *args)
+            return out, pos
         if needs_autograd(input, weight, bias, bn_weight, bn_bias):
             return _train_apply(*args)[0]
         return call_op(conv_bn_act2d, *args)[0]
+    if pool is not None:
+        return None
     if not needs_autograd(input, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias):
         return call_op(conv_bn_eval_act2d, input, weight, bias, running_mean, running_var,
                        bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1, allow_tf32)
