@@ -1,10 +1,12 @@
 """``dlkern.convert``: put dlkern's kernels into an existing model without changing its state_dict keys.
 
 Inside every ``nn.Sequential``, each Conv2d -> BatchNorm2d -> activation run becomes one
-:class:`~dlkern.nn.ConvBNReLU2d` (sharing the conv's and BatchNorm's parameters and buffers). The block sits at
-the conv's index; the BatchNorm's and activation's indices hold ``nn.Identity`` placeholders, so integer indexing
-and every later index are unchanged. Two hooks on that Sequential keep its state_dict in the stock layout: the
-block's entries ``i.0.*``/``i.1.*`` are saved as ``i.*``/``i+1.*`` and loaded back from them, so the converted
+:class:`~dlkern.nn.ConvBNReLU2d` (sharing the conv's and BatchNorm's parameters and buffers), or, when an
+``nn.MaxPool2d`` follows it (without ``return_indices``), one :class:`~dlkern.nn.ConvBNActPool2d` holding the pool
+too. The block sits at the conv's index; the indices of the modules it absorbed hold ``nn.Identity``
+placeholders, so integer indexing and every later index are unchanged. Two hooks on that Sequential keep its
+state_dict in the stock layout: the block's entries ``i.0.*``/``i.1.*`` are saved as ``i.*``/``i+1.*`` and loaded
+back from them, so the converted
 and the stock model load each other's state_dicts with ``strict=True``. (Parameter order is unchanged too, so
 optimizer state_dicts cross as well.) Standalone activations and ``nn.MaxPool2d`` become their dlkern twins,
 sharing the original's parameters. Anything else, including subclasses of the stock modules (which may override
@@ -21,7 +23,7 @@ from torch import nn
 
 import dlkern.nn as dnn
 from dlkern import catalog
-from dlkern.nn.conv import ConvBNReLU2d, _has_hooks, activation_spec
+from dlkern.nn.conv import ConvBNActPool2d, ConvBNReLU2d, _ConvBNActBlock, _has_hooks, activation_spec
 
 __all__ = ["convert", "ConversionReport"]
 
@@ -57,8 +59,9 @@ _ACTIVATION_TYPES = {t for t in set(_TWINS) | _DLKERN_TYPES if issubclass(t, _CA
 class ConversionReport:
     """What :func:`convert` did, by qualified module name (as in ``named_modules()``).
 
-    ``fused``: (conv, batchnorm, activation) names of each run now computed by one ConvBNReLU2d (at the conv's
-    name); ``replaced``: (name, stock type, dlkern type); ``skipped``: (name, why it was left as it is).
+    ``fused``: (conv, batchnorm, activation) names of each run now computed by one ConvBNReLU2d, (conv,
+    batchnorm, activation, maxpool) names of each one ConvBNActPool2d computes (the block at the conv's name);
+    ``replaced``: (name, stock type, dlkern type); ``skipped``: (name, why it was left as it is).
     """
 
     fused: list = field(default_factory=list)
@@ -66,9 +69,9 @@ class ConversionReport:
     skipped: list = field(default_factory=list)
 
     def __str__(self):
-        lines = [f"dlkern.convert: fused {len(self.fused)} Conv2d-BatchNorm2d-activation runs, "
+        lines = [f"dlkern.convert: fused {len(self.fused)} Conv2d-BatchNorm2d-activation(-MaxPool2d) runs, "
                  f"replaced {len(self.replaced)} modules, left {len(self.skipped)} as they were"]
-        lines += [f"  fused    {' + '.join(names)}" for names in self.fused]
+        lines += [f"  fused    {' + '.join(names)} into {_block_type(names).__name__}" for names in self.fused]
         lines += [f"  replaced {name}: {old} -> dlkern.nn.{new}" for name, old, new in self.replaced]
         lines += [f"  skipped  {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
@@ -76,7 +79,8 @@ class ConversionReport:
 
 def convert(module, inplace=False):
     """``module`` with every stock piece dlkern covers replaced by its dlkern twin: each Conv2d -> BatchNorm2d ->
-    activation run inside an ``nn.Sequential`` fused into one ``ConvBNReLU2d``, standalone activations and
+    activation run inside an ``nn.Sequential`` fused into one ``ConvBNReLU2d`` (into one ``ConvBNActPool2d`` with
+    the ``nn.MaxPool2d`` that follows it, unless that pool has ``return_indices=True``), standalone activations and
     ``nn.MaxPool2d`` swapped for dlkern's (details in the ``dlkern.convert`` module docstring).
 
     ``inplace=False`` (default) converts a deep copy and leaves ``module`` untouched. The returned model
@@ -89,15 +93,16 @@ def convert(module, inplace=False):
       running statistics included; a conv bias ahead of BatchNorm gets an exact zero gradient, see
       ``ConvBNReLU2d``); ``state_dict``/``load_state_dict`` (strict), ``parameters()`` order, deepcopy and
       pickling behave as for the stock model.
-    - Structure: ``seq[i]`` is the ConvBNReLU2d where the stock model has the conv; ``seq[i + 1]`` and
-      ``seq[i + 2]`` are ``nn.Identity`` placeholders where it has the BatchNorm and the activation. The absorbed
-      stock modules are the block's children ``seq[i][0]``, ``seq[i][1]``, ``seq[i][2]`` (the very objects of an
-      ``inplace=True`` conversion).
+    - Structure: ``seq[i]`` is the ConvBNReLU2d (ConvBNActPool2d) where the stock model has the conv;
+      ``seq[i + 1]``, ``seq[i + 2]`` (and ``seq[i + 3]``) are ``nn.Identity`` placeholders where it has the
+      BatchNorm, the activation (and the max pool). The absorbed stock modules are the block's children
+      ``seq[i][0]``, ``seq[i][1]``, ``seq[i][2]`` (``seq[i][3]``), the very objects of an ``inplace=True``
+      conversion.
     - Slicing: a slice of the converted Sequential that keeps a block computes the block's whole run, even where
-      it ends before the activation's index (``seq[:i + 2]`` computes conv -> BN -> activation where the stock
-      one computes conv -> BN); a slice starting at a placeholder skips the absorbed modules. Slice the stock
-      model for such pieces, or slice the block: ``seq[i][:2]`` is a plain ``nn.Sequential(conv, bn)``.
-    - Hooks registered after conversion on an absorbed module (``seq[i][0]``, ``[1]``, ``[2]``; forward,
+      it ends before the activation's (or pool's) index (``seq[:i + 2]`` computes conv -> BN -> activation where
+      the stock one computes conv -> BN); a slice starting at a placeholder skips the absorbed modules. Slice the
+      stock model for such pieces, or slice the block: ``seq[i][:2]`` is a plain ``nn.Sequential(conv, bn)``.
+    - Hooks registered after conversion on an absorbed module (``seq[i][0]`` ... ``seq[i][3]``; forward,
       forward-pre, backward), and ``torch.nn.utils.prune`` (a forward-pre-hook on the conv), run: while any of
       them has such a hook, the block computes its children one by one as the stock Sequential does (unfused).
       A hook on a placeholder runs too, seeing the block's output. Global module hooks
@@ -112,7 +117,7 @@ def convert(module, inplace=False):
     root = _convert(root, "", report, memo={})
     root.dlkern_report = report
     for names in report.fused:
-        log.info("fused %s into ConvBNReLU2d", " + ".join(names))
+        log.info("fused %s into %s", " + ".join(names), _block_type(names).__name__)
     for name, old, new in report.replaced:
         log.info("replaced %s: %s -> dlkern.nn.%s", name or "<root>", old, new)
     for name, why in report.skipped:
@@ -186,8 +191,20 @@ def _why_not_fused(conv, bn, act):
     return None
 
 
+def _block_type(names):
+    """The block a report.fused entry became: ConvBNActPool2d when it absorbed a max pool."""
+    return ConvBNActPool2d if len(names) == 4 else ConvBNReLU2d
+
+
+def _poolable(pool):
+    """Whether the module after a fusable run joins its block: an exact (stock or dlkern) MaxPool2d without hooks
+    whose output is a tensor (return_indices=True gives a tuple: that run stays a ConvBNReLU2d + the pool)."""
+    return type(pool) in (nn.MaxPool2d, dnn.MaxPool2d) and not pool.return_indices and not _has_hooks(pool)
+
+
 def _fuse_runs(seq, name, report):
-    """Replace each fusable Conv2d -> BatchNorm2d -> activation run among seq's children, in place."""
+    """Replace each fusable Conv2d -> BatchNorm2d -> activation (-> MaxPool2d) run among seq's children, in
+    place."""
     names = list(seq._modules)
     i = 0
     while i < len(names):
@@ -195,20 +212,23 @@ def _fuse_runs(seq, name, report):
         if type(conv) is not nn.Conv2d:
             i += 1
             continue
-        bn, act = (seq._modules[n] if n is not None else None for n in (names + [None, None])[i + 1:i + 3])
+        bn, act, pool = (seq._modules[n] if n is not None else None for n in (names + [None] * 3)[i + 1:i + 4])
         why = _why_not_fused(conv, bn, act)
         if why is not None:
             report.skipped.append((_qualify(name, names[i]), why))
             i += 1
             continue
-        block = ConvBNReLU2d.fuse(conv, bn, act)
+        if _poolable(pool):
+            block, run = ConvBNActPool2d.fuse(conv, bn, act, pool), names[i:i + 4]
+        else:
+            block, run = ConvBNReLU2d.fuse(conv, bn, act), names[i:i + 3]
         block.training = bn.training  # the block reads each child's own mode; keep its flag consistent
-        block._dlkern_stock_names = tuple(names[i:i + 3])  # where conv, bn, act sit in the stock Sequential
+        block._dlkern_stock_names = tuple(run)  # where its children sit in the stock Sequential
         seq._modules[names[i]] = block
-        for n in names[i + 1:i + 3]:
+        for n in run[1:]:
             seq._modules[n] = nn.Identity().train(bn.training)
-        report.fused.append(tuple(_qualify(name, n) for n in names[i:i + 3]))
-        i += 3
+        report.fused.append(tuple(_qualify(name, n) for n in run))
+        i += len(run)
     if _fused_blocks(seq) and not getattr(seq, "_dlkern_key_hooks", False):
         seq.register_state_dict_post_hook(_save_stock_keys)
         seq.register_load_state_dict_pre_hook(_load_stock_keys)
@@ -220,9 +240,10 @@ def _fuse_runs(seq, name, report):
 
 
 def _fused_blocks(seq):
-    """{block name: stock names of its conv, bn, activation} for the fused blocks directly in seq."""
+    """{block name: stock names of its children (conv, bn, activation[, pool])} for the fused blocks directly in
+    seq."""
     return {name: m._dlkern_stock_names for name, m in seq._modules.items()
-            if isinstance(m, ConvBNReLU2d) and hasattr(m, "_dlkern_stock_names")}
+            if isinstance(m, _ConvBNActBlock) and hasattr(m, "_dlkern_stock_names")}
 
 
 def _save_stock_keys(seq, state_dict, prefix, local_metadata):
@@ -232,7 +253,7 @@ def _save_stock_keys(seq, state_dict, prefix, local_metadata):
     def stock(key):
         if key.startswith(prefix):
             parts = key[len(prefix):].split(".", 2)
-            if len(parts) == 3 and parts[0] in blocks and parts[1] in ("0", "1", "2"):
+            if len(parts) == 3 and parts[0] in blocks and parts[1] in _CHILD_INDICES[:len(blocks[parts[0]])]:
                 return prefix + blocks[parts[0]][int(parts[1])] + "." + parts[2]
         return key
 
@@ -246,6 +267,9 @@ def _save_stock_keys(seq, state_dict, prefix, local_metadata):
         items = [(stock(k + ".")[:-1], v) for k, v in metadata.items() if k not in dropped]
         metadata.clear()
         metadata.update(items)
+
+
+_CHILD_INDICES = ("0", "1", "2", "3")
 
 
 def _load_stock_keys(seq, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

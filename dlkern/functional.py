@@ -10,12 +10,13 @@ from dlkern import catalog as _catalog
 from dlkern.ops import activation as _act
 from dlkern.ops import conv_bn as _conv_bn
 from dlkern.ops import max_pool as _max_pool
+from dlkern.ops import pool_block as _pool_block
 
 __all__ = [
     "max_pool2d",
     "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "softplus", "silu", "gelu", "hardsigmoid", "hardtanh",
     "swish", "hard_logistic",
-    "conv_bn_act2d",
+    "conv_bn_act2d", "conv_bn_act_pool2d",
 ]
 
 
@@ -85,14 +86,21 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"max_pool2d(): argument 'input' (position 1) must be Tensor, not {_type_name(input)}")
+    args = _max_pool2d_args(kernel_size, stride, padding, dilation, ceil_mode)
+    output, indices = _max_pool.max_pool2d(input, *args, return_indices)
+    return (output, indices) if return_indices else output
+
+
+def _max_pool2d_args(kernel_size, stride, padding, dilation, ceil_mode):
+    """(kernel_size, stride, padding, dilation, ceil_mode) read as F.max_pool2d's argument parser reads them (lists
+    of ints; stride [] when None), refused with its messages; also used by the pooled conv block."""
     kernel_size = _int_list("kernel_size", kernel_size)
     stride = [] if stride is None else _int_list("stride", stride)
     padding = _int_list("padding", padding)
     dilation = _int_list("dilation", dilation)
     if not isinstance(ceil_mode, bool):
         raise TypeError(f"max_pool2d(): argument 'ceil_mode' (position 6) must be bool, not {_type_name(ceil_mode)}")
-    output, indices = _max_pool.max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
-    return (output, indices) if return_indices else output
+    return kernel_size, stride, padding, dilation, ceil_mode
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,4 +231,23 @@ def conv_bn_act2d(input, weight, bias, running_mean, running_var, bn_weight=None
     return _conv_bn.forward(
         input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked, training,
         momentum, eps, stride, padding, dilation, activation, tuple(activation_params),
+    )
+
+
+def conv_bn_act_pool2d(input, weight, bias, running_mean, running_var, bn_weight=None, bn_bias=None, training=False,
+                       momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, activation="relu", activation_params=(),
+                       num_batches_tracked=None, pool_kernel_size=2, pool_stride=None, pool_padding=0,
+                       pool_dilation=1, pool_ceil_mode=False, return_indices=False):
+    """``max_pool2d(conv_bn_act2d(input, ...), pool_kernel_size, pool_stride, pool_padding, pool_dilation,
+    pool_ceil_mode, return_indices)``: the Conv2d -> BatchNorm2d -> activation -> MaxPool2d block.
+
+    The arguments up to ``num_batches_tracked`` are :func:`conv_bn_act2d`'s; the ``pool_*`` ones are
+    :func:`max_pool2d`'s (``pool_stride=None``: the kernel size), read and refused with its messages. Returns the
+    pooled output, or ``(output, indices)`` with ``return_indices=True`` (int64, flat ``h * W + w`` within each
+    plane of the block's output, as ``F.max_pool2d``'s).
+    """
+    pool = _max_pool2d_args(pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode)
+    return _pool_block.forward(
+        input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked, training,
+        momentum, eps, stride, padding, dilation, activation, tuple(activation_params), *pool, return_indices,
     )

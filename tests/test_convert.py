@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dlkern
-from dlkern.nn import ConvBNReLU2d
+from dlkern.nn import ConvBNActPool2d, ConvBNReLU2d
 from helpers import assert_close
 
 
@@ -106,15 +106,19 @@ def test_vgg_like():
     stock = randomize_bn(VGGish()).double()
     ours = dlkern.convert(stock)
     report = ours.dlkern_report
-    assert report.fused == [("features.0", "features.1", "features.2"), ("features.3", "features.4", "features.5"),
-                            ("features.7.0", "features.7.1", "features.7.2")]
-    assert {(name, new) for name, _, new in report.replaced} == {
-        ("features.6", "MaxPool2d"), ("features.7.3", "MaxPool2d"), ("head.2", "LeakyReLU"), ("head.4", "Tanh")}
+    # A max pool right after a run joins its block.
+    assert report.fused == [("features.0", "features.1", "features.2"),
+                            ("features.3", "features.4", "features.5", "features.6"),
+                            ("features.7.0", "features.7.1", "features.7.2", "features.7.3")]
+    assert {(name, new) for name, _, new in report.replaced} == {("head.2", "LeakyReLU"), ("head.4", "Tanh")}
     assert report.skipped == []
-    assert isinstance(ours.features[0], ConvBNReLU2d) and isinstance(ours.features[7][0], ConvBNReLU2d)
+    assert type(ours.features[0]) is ConvBNReLU2d and type(ours.features[3]) is ConvBNActPool2d
+    assert type(ours.features[7][0]) is ConvBNActPool2d
+    assert [type(m) for m in ours.features[4:7]] == [nn.Identity] * 3
     assert type(ours.features[1]) is nn.Identity and type(ours.head[2]) is dlkern.nn.LeakyReLU
-    assert ours.head[2].negative_slope == 0.2 and ours.features[7][3].ceil_mode
+    assert ours.head[2].negative_slope == 0.2 and ours.features[7][0][3].ceil_mode
     assert "features.0" in str(report)
+    assert "features.3 + features.4 + features.5 + features.6 into ConvBNActPool2d" in str(report)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     check_same_function(stock, ours, x)
     check_state_dicts_cross(stock, ours)
@@ -247,19 +251,20 @@ def test_sequential_subclasses():
 
 
 def fused_blocks(model):
-    return [m for m in model.modules() if isinstance(m, ConvBNReLU2d)]
+    return [m for m in model.modules() if isinstance(m, (ConvBNReLU2d, ConvBNActPool2d))]
 
 
 def check_report_matches_model(ours):
-    """dlkern_report counts what the model really holds: each fused run is a ConvBNReLU2d at the conv's name
-    whose children are the run's modules, and each replaced name holds a module of the reported dlkern type."""
+    """dlkern_report counts what the model really holds: each fused run is a ConvBNReLU2d (ConvBNActPool2d when
+    it absorbed a max pool) at the conv's name with placeholders at the others, and each replaced name holds a
+    module of the reported dlkern type."""
     report = ours.dlkern_report
     modules = dict(ours.named_modules(remove_duplicate=False))
-    assert len(fused_blocks(ours)) == len({id(modules[conv]) for conv, _, _ in report.fused})
-    for conv, bn, act in report.fused:
+    assert len(fused_blocks(ours)) == len({id(modules[conv]) for conv, *_ in report.fused})
+    for conv, *absorbed in report.fused:
         block = modules[conv]
-        assert isinstance(block, ConvBNReLU2d), conv
-        assert type(modules[bn]) is nn.Identity and type(modules[act]) is nn.Identity
+        assert type(block) is (ConvBNActPool2d if len(absorbed) == 3 else ConvBNReLU2d), conv
+        assert all(type(modules[n]) is nn.Identity for n in absorbed)
     for name, _, new in report.replaced:
         assert type(modules[name]) is getattr(dlkern.nn, new), name
 
@@ -276,9 +281,9 @@ def test_repeated_conversion_keeps_every_layer():
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     for _ in range(20):
         ours = dlkern.convert(stock)
-        assert [[type(m) for m in b] for b in ours] == [[ConvBNReLU2d, nn.Identity, nn.Identity,
-                                                         dlkern.nn.MaxPool2d]] * 4
-        assert len(ours.dlkern_report.fused) == 4 and len(ours.dlkern_report.replaced) == 4
+        assert [[type(m) for m in b] for b in ours] == [[ConvBNActPool2d, nn.Identity, nn.Identity,
+                                                         nn.Identity]] * 4
+        assert len(ours.dlkern_report.fused) == 4 and len(ours.dlkern_report.replaced) == 0
         check_report_matches_model(ours)
         check_same_function(stock, ours, x)
 

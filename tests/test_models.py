@@ -9,7 +9,7 @@ from torch import nn
 
 import dlkern
 from dlkern.models import MnistCNN
-from dlkern.nn import ConvBNReLU2d
+from dlkern.nn import ConvBNActPool2d
 from dlkern.ops import triton_support
 from helpers import DEVICES, assert_close
 
@@ -72,7 +72,7 @@ def test_construction():
     assert list(ours.state_dict()) == list(ref.state_dict()) == SEED_KEYS
     for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), name  # building draws the same random numbers
-    assert [type(m) for m in ours.mymodel[0:4]] == [ConvBNReLU2d, nn.Identity, nn.Identity, dlkern.nn.MaxPool2d]
+    assert [type(m) for m in ours.mymodel] == [ConvBNActPool2d, nn.Identity, nn.Identity, nn.Identity] * 3
     assert type(ours.filter[1]) is dlkern.nn.ReLU and type(ref.filter[1]) is nn.ReLU
     assert not any(type(m).__module__.startswith("dlkern") for m in ref.children() for m in m.modules())
     assert MnistCNN(3, 7, backend="torch")(torch.randn(2, 3, 28, 28)).shape == (2, 7)

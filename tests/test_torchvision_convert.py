@@ -44,7 +44,7 @@ def _check_model(name):
     import torchvision
 
     import dlkern
-    from dlkern.nn import ConvBNReLU2d
+    from dlkern.nn import ConvBNActPool2d, ConvBNReLU2d
     from torch import nn
 
     torch.manual_seed(0)
@@ -71,11 +71,12 @@ def _check_model(name):
         report = ours.dlkern_report
         assert list(ours.state_dict()) == list(trained), f"{name}: state_dict keys differ"
         modules = dict(ours.named_modules(remove_duplicate=False))
-        blocks = {id(m) for m in ours.modules() if isinstance(m, ConvBNReLU2d)}
+        blocks = {id(m) for m in ours.modules() if isinstance(m, (ConvBNReLU2d, ConvBNActPool2d))}
         assert len(blocks) == len(report.fused), f"{name}: {len(report.fused)} fused, {len(blocks)} blocks"
-        for conv, bn, act in report.fused:
-            assert isinstance(modules[conv], ConvBNReLU2d), f"{name}: {conv} is {type(modules[conv]).__name__}"
-            assert type(modules[bn]) is nn.Identity and type(modules[act]) is nn.Identity, f"{name}: {bn}, {act}"
+        for conv, *absorbed in report.fused:  # (bn, act) into a ConvBNReLU2d, (bn, act, pool) a ConvBNActPool2d
+            block_type = ConvBNActPool2d if len(absorbed) == 3 else ConvBNReLU2d
+            assert type(modules[conv]) is block_type, f"{name}: {conv} is {type(modules[conv]).__name__}"
+            assert all(type(modules[n]) is nn.Identity for n in absorbed), f"{name}: {absorbed}"
         for mod_name, _, new in report.replaced:
             assert type(modules[mod_name]) is getattr(dlkern.nn, new), f"{name}: {mod_name} is not {new}"
         for training in (False, True):

@@ -5,8 +5,10 @@ from torch import nn
 
 from dlkern import catalog
 from dlkern.nn import activation as _activation_modules  # noqa: F401 (resolves the catalog's Swish, HardLogistic)
+from dlkern.functional import _max_pool2d_args
 from dlkern.nn._jit import NotScriptable
 from dlkern.ops import conv_bn as _ops
+from dlkern.ops import pool_block as _pool_block
 
 
 def _named(name):
@@ -23,15 +25,16 @@ _FUSABLE_MODULES = ", ".join(dict.fromkeys(
     cls.__name__ for a in catalog.CATALOG.values() if a.fusable for cls in a.module_types()))
 
 
-def activation_spec(module):
-    """(name, p0, p1) for fusing `module` (None or nn.Identity: no activation); raises for what cannot be fused."""
+def activation_spec(module, owner="ConvBNReLU2d"):
+    """(name, p0, p1) for fusing `module` (None or nn.Identity: no activation); raises for what cannot be fused
+    (the message names `owner`, the block that would fuse it)."""
     if module is None or type(module) is nn.Identity:
         return "none", 0.0, 0.0
     spec = catalog.activation_spec(module)
     if (spec is None or spec[0] not in catalog.FUSABLE or any(isinstance(p, torch.Tensor) for p in spec[1:])
             or any(True for _ in module.parameters())):
         raise NotImplementedError(
-            f"ConvBNReLU2d: cannot fuse activation {module!r}: fusable are {_FUSABLE_MODULES} (torch.nn's or "
+            f"{owner}: cannot fuse activation {module!r}: fusable are {_FUSABLE_MODULES} (torch.nn's or "
             "dlkern.nn's); activations with learnable parameters (PReLU, Swish with a tensor beta) are not fused"
         )
     return spec
@@ -42,7 +45,64 @@ def _has_hooks(module):
                 or module._backward_pre_hooks)
 
 
-class ConvBNReLU2d(NotScriptable, nn.Sequential):
+class _ConvBNActBlock(NotScriptable, nn.Sequential):
+    """What ConvBNReLU2d and ConvBNActPool2d share: the stock Conv2d, BatchNorm2d and activation at "0"-"2" (any
+    further stock modules after them), building them from the constructor arguments or sharing given ones, slicing
+    to plain Sequentials, and reading the fused op's arguments from the children on every call."""
+
+    def _init_from(self, conv, bn, activation, *rest):
+        activation_spec(activation, type(self).__name__)  # fail now, not at the first forward
+        nn.Sequential.__init__(self, conv, bn, nn.Identity() if activation is None else activation, *rest)
+
+    @classmethod
+    def _build(cls, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode, eps,
+               momentum, affine, track_running_stats, activation, device, dtype):
+        """(conv, bn, activation) from the constructor arguments."""
+        _check_conv(groups, padding_mode, cls.__name__)
+        if isinstance(activation, str):
+            if activation not in catalog.FUSABLE:
+                raise ValueError(
+                    f"{cls.__name__}: unknown activation {activation!r}; names: {sorted(catalog.FUSABLE)}")
+            activation = _named(activation)
+        factory = dict(device=device, dtype=dtype)
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, **factory)
+        bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **factory)
+        return conv, bn, activation
+
+    @classmethod
+    def _check_fuse(cls, conv, bn):
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"{cls.__name__}.fuse: expected an nn.Conv2d and an nn.BatchNorm2d, got {conv!r}, {bn!r}")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"{cls.__name__}.fuse: {bn!r} does not match the {conv.out_channels} channels of {conv!r}")
+        _check_conv(conv.groups, conv.padding_mode, cls.__name__)
+
+    def __getitem__(self, idx):
+        # A slice is a part of the stock Sequential (block[:2] is conv + BatchNorm), so it is a plain Sequential.
+        if isinstance(idx, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
+    def _block_args(self, conv, bn, activation):
+        """The conv block's arguments of dlkern.ops.conv_bn.forward (and pool_block.forward), read from the
+        children as they are now."""
+        owner = type(self).__name__
+        _check_conv(conv.groups, conv.padding_mode, owner)
+        name, p0, p1 = activation_spec(activation, owner)
+        # As BatchNorm2d: batch statistics in training, or in eval without running buffers; the buffers are
+        # updated only in training with track_running_stats.
+        training = bn.training or (bn.running_mean is None and bn.running_var is None)
+        use_buffers = not bn.training or bn.track_running_stats
+        return (
+            conv.weight, conv.bias,
+            bn.running_mean if use_buffers else None, bn.running_var if use_buffers else None,
+            bn.weight, bn.bias, bn.num_batches_tracked if bn.training and bn.track_running_stats else None,
+            training, bn.momentum, bn.eps, conv.stride, conv.padding, conv.dilation, name, (p0, p1),
+        )
+
+
+class ConvBNReLU2d(_ConvBNActBlock):
     """``nn.Sequential(nn.Conv2d, nn.BatchNorm2d, activation)`` computed by dlkern's fused Triton kernels.
 
     Takes Conv2d's and BatchNorm2d's constructor arguments and holds those modules at "0" and "1" (the
@@ -71,59 +131,80 @@ class ConvBNReLU2d(NotScriptable, nn.Sequential):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  activation="relu", device=None, dtype=None):
-        _check_conv(groups, padding_mode)
-        if isinstance(activation, str):
-            if activation not in catalog.FUSABLE:
-                raise ValueError(f"ConvBNReLU2d: unknown activation {activation!r}; names: {sorted(catalog.FUSABLE)}")
-            activation = _named(activation)
-        factory = dict(device=device, dtype=dtype)
-        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, **factory)
-        bn = nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, **factory)
-        self._init_from(conv, bn, activation)
+        self._init_from(*self._build(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                     bias, padding_mode, eps, momentum, affine, track_running_stats, activation,
+                                     device, dtype))
 
     @classmethod
     def fuse(cls, conv, bn, activation=None):
         """The fused block over existing modules (their parameters and buffers are shared, not copied)."""
-        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"ConvBNReLU2d.fuse: expected an nn.Conv2d and an nn.BatchNorm2d, got {conv!r}, {bn!r}")
-        if bn.num_features != conv.out_channels:
-            raise ValueError(f"ConvBNReLU2d.fuse: {bn!r} does not match the {conv.out_channels} channels of {conv!r}")
-        _check_conv(conv.groups, conv.padding_mode)
+        cls._check_fuse(conv, bn)
         block = cls.__new__(cls)
-        block._init_from(conv, bn, nn.Identity() if activation is None else activation)
+        block._init_from(conv, bn, activation)
         return block
-
-    def _init_from(self, conv, bn, activation):
-        activation_spec(activation)  # fail now, not at the first forward
-        nn.Sequential.__init__(self, conv, bn, nn.Identity() if activation is None else activation)
-
-    def __getitem__(self, idx):
-        # A slice is a part of the stock Sequential (block[:2] is conv + BatchNorm), so it is a plain Sequential.
-        if isinstance(idx, slice):
-            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
-        return super().__getitem__(idx)
 
     def forward(self, input):
         conv, bn, activation = self._modules.values()  # Sequential's __getitem__ costs ~3 µs an item
         if any(_has_hooks(m) for m in (conv, bn, activation)):
             return nn.Sequential.forward(self, input)  # the stock computation, so that the hooks run
-        _check_conv(conv.groups, conv.padding_mode)
-        name, p0, p1 = activation_spec(activation)
-        # As BatchNorm2d: batch statistics in training, or in eval without running buffers; the buffers are
-        # updated only in training with track_running_stats.
-        training = bn.training or (bn.running_mean is None and bn.running_var is None)
-        use_buffers = not bn.training or bn.track_running_stats
-        return _ops.forward(
-            input, conv.weight, conv.bias,
-            bn.running_mean if use_buffers else None, bn.running_var if use_buffers else None,
-            bn.weight, bn.bias, bn.num_batches_tracked if bn.training and bn.track_running_stats else None,
-            training, bn.momentum, bn.eps, conv.stride, conv.padding, conv.dilation, name, (p0, p1),
+        return _ops.forward(input, *self._block_args(conv, bn, activation))
+
+
+class ConvBNActPool2d(_ConvBNActBlock):
+    """``nn.Sequential(nn.Conv2d, nn.BatchNorm2d, activation, nn.MaxPool2d)`` as one dlkern block.
+
+    ConvBNReLU2d's constructor arguments, then MaxPool2d's as ``pool_kernel_size`` (2), ``pool_stride`` (None:
+    the kernel size), ``pool_padding``, ``pool_dilation`` and ``pool_ceil_mode``. It holds the four stock modules
+    at "0"-"3", so parameters, buffers and state_dict keys are the stock Sequential's (both ways, strict=True);
+    ``fuse(conv, bn, activation, pool)`` wraps existing ones. Everything ConvBNReLU2d documents holds (training
+    and eval, hooks on any of the four children, slicing, the conv bias's exact zero gradient, no
+    ``torch.jit.script``). A pool with ``return_indices=True`` is refused: its (values, indices) could not go
+    on through a Sequential (``dlkern.functional.conv_bn_act_pool2d`` returns them).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 activation="relu", pool_kernel_size=2, pool_stride=None, pool_padding=0, pool_dilation=1,
+                 pool_ceil_mode=False, device=None, dtype=None):
+        pool = nn.MaxPool2d(pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode=pool_ceil_mode)
+        self._init_from(*self._build(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                     bias, padding_mode, eps, momentum, affine, track_running_stats, activation,
+                                     device, dtype), pool)
+
+    @classmethod
+    def fuse(cls, conv, bn, activation, pool):
+        """The block over existing modules (their parameters and buffers are shared, not copied); ``activation``
+        may be None (none)."""
+        cls._check_fuse(conv, bn)
+        block = cls.__new__(cls)
+        block._init_from(conv, bn, activation, pool)
+        return block
+
+    def _init_from(self, conv, bn, activation, pool):
+        _check_pool(pool)
+        super()._init_from(conv, bn, activation, pool)
+
+    def forward(self, input):
+        conv, bn, activation, pool = self._modules.values()
+        if any(_has_hooks(m) for m in (conv, bn, activation, pool)):
+            return nn.Sequential.forward(self, input)  # the stock computation, so that the hooks run
+        _check_pool(pool)
+        pool_args = _max_pool2d_args(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+        return _pool_block.forward(input, *self._block_args(conv, bn, activation), *pool_args)
+
+
+def _check_pool(pool):
+    if not isinstance(pool, nn.MaxPool2d):
+        raise TypeError(f"ConvBNActPool2d: expected an nn.MaxPool2d after the activation, got {pool!r}")
+    if pool.return_indices:
+        raise ValueError(
+            f"ConvBNActPool2d: cannot hold {pool!r}: with return_indices=True it returns (values, indices), which "
+            "a Sequential cannot pass on; use dlkern.functional.conv_bn_act_pool2d(..., return_indices=True)"
         )
 
 
-def _check_conv(groups, padding_mode):
+def _check_conv(groups, padding_mode, owner):
     if groups != 1:
-        raise ValueError(f"ConvBNReLU2d: only groups=1 is supported, got groups={groups}")
+        raise ValueError(f"{owner}: only groups=1 is supported, got groups={groups}")
     if padding_mode != "zeros":
-        raise ValueError(f"ConvBNReLU2d: only padding_mode='zeros' is supported, got padding_mode={padding_mode!r}")
+        raise ValueError(f"{owner}: only padding_mode='zeros' is supported, got padding_mode={padding_mode!r}")
