@@ -125,16 +125,15 @@ def _load_g(
 
 @triton.jit
 def _conv_tile(
-    x_ptr, w_ptr, bias_ptr, offs_m, offs_n, mask_n, C_in, H, W, OH, OW,
-    x_n_stride, x_c_stride, x_h_stride, x_w_stride, M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    x_ptr, w_ptr, bias_ptr, n, oh, ow, mask_m, offs_n, mask_n, C_in, H, W,
+    x_n_stride, x_c_stride, x_h_stride, x_w_stride, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_FP32: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """conv(x, w) + bias for the output rows offs_m and channels offs_n: (BLOCK_M, BLOCK_N) in ACC_DTYPE."""
+    """conv(x, w) + bias at output pixels (n, oh, ow) (rows where mask_m) and channels offs_n: (BLOCK_M, BLOCK_N)
+    in ACC_DTYPE."""
     K = C_in * KH * KW
-    mask_m = offs_m < M
-    n, oh, ow = _rows(offs_m, OH, OW)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
     x_row = x_ptr + n * x_n_stride
@@ -156,6 +155,16 @@ def _conv_tile(
     return acc
 
 
+@triton.jit
+def _max_pool_combine(a, rank_a, b, rank_b):
+    """ATen's max-pool choice as an associative reduction: NaN above everything (the later of two NaNs), else
+    the greater value, equal values by the earlier rank (window order)."""
+    a_nan = a != a
+    b_nan = b != b
+    take_b = (b_nan & (~a_nan | (rank_b > rank_a))) | (~a_nan & ~b_nan & ((b > a) | ((b == a) & (rank_b < rank_a))))
+    return tl.where(take_b, b, a), tl.where(take_b, rank_b, rank_a)
+
+
 @triton.jit(do_not_specialize=["m_bucket"])
 def conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, z_ptr, part_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
@@ -163,13 +172,16 @@ def conv_fwd_kernel(
     x_n_stride, x_c_stride, x_h_stride, x_w_stride,
     out_n_stride, out_c_stride, out_h_stride, out_w_stride,
     M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, p0_hi, p0_lo, p1_hi, p1_lo, eps_hi, eps_lo, m_bucket,
+    PH, PW, pool_sh, pool_sw, pool_ph, pool_pw,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr, SAVE_Z: tl.constexpr,
     BN_EVAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     ACT: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
-    INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INDEX_64: tl.constexpr, POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, TAPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out = act(conv(x, w) + bias), one BLOCK_M row tile per program. With STATS (training) it stores
-    z = conv(x, w) + bias instead and, per row tile and channel, the tile's mean and M2 = sum((z - mean)^2) at
+    """out = act(conv(x, w) + bias), one BLOCK_M row tile per program; with POOL (inference) max-pooled too, the
+    rows ordered window by window (PKH x PKW taps in TAPS rows), only the pooled output written. With STATS
+    (training) it stores z = conv(x, w) + bias instead and, per row tile and channel, the tile's mean and M2 = sum((z - mean)^2) at
     part[0|1, pid_m, c]. With BN_EVAL, BatchNorm in eval mode (running mean and var; gamma, beta when given) is
     applied to conv + bias in the epilogue, from the buffers as they are now: the folding costs no launch and can
     never be stale. INDEX_64: 64-bit offsets (a tensor of >= 2^30 elements), else 32-bit."""
@@ -178,14 +190,26 @@ def conv_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_out
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if POOL:  # rows are (n, ph, pw, tap): each pooled window's TAPS (a power of two >= PKH*PKW) rows together
+        tap = offs_m % TAPS
+        t = offs_m // TAPS
+        pw = t % PW
+        t = t // PW
+        ph = t % PH
+        n = t // PH
+        oh = ph * pool_sh - pool_ph + tap // PKW
+        ow = pw * pool_sw - pool_pw + tap % PKW
+        mask_m = (offs_m < M) & (tap < PKH * PKW) & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+    else:
+        n, oh, ow = _rows(offs_m, OH, OW)
+        mask_m = offs_m < M
     acc = _conv_tile(
-        x_ptr, w_ptr, bias_ptr, offs_m, offs_n, mask_n, C_in, H, W, OH, OW,
-        x_n_stride, x_c_stride, x_h_stride, x_w_stride, M, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        x_ptr, w_ptr, bias_ptr, n, oh, ow, mask_m, offs_n, mask_n, C_in, H, W,
+        x_n_stride, x_c_stride, x_h_stride, x_w_stride, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
         KH, KW, HAS_BIAS, PRECISION, ACC_DTYPE, DOT_FP32, INDEX_64, BLOCK_M, BLOCK_N, BLOCK_K,
     )
-    n, oh, ow = _rows(offs_m, OH, OW)
     out_offs = (n * out_n_stride + oh * out_h_stride + ow * out_w_stride)[:, None] + offs_n[None, :] * out_c_stride
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
     if STATS:
         z = acc.to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + out_offs, z, mask=mask)
@@ -212,7 +236,24 @@ def conv_fwd_kernel(
             tl.store(z_ptr + out_offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
         p0 = _scalar(p0_hi, p0_lo, ACC_DTYPE)
         p1 = _scalar(p1_hi, p1_lo, ACC_DTYPE)
-        tl.store(out_ptr + out_offs, _act(acc, ACT, p0, p1).to(out_ptr.dtype.element_ty), mask=mask)
+        if POOL:  # inference: max-pool each window's rows here; only the pooled output is written
+            v = _act(acc, ACT, p0, p1).to(out_ptr.dtype.element_ty).to(ACC_DTYPE)  # as the stored activation
+            v = tl.where(mask_m[:, None], v, float("-inf"))
+            # Out-of-window rows rank after every in-window one, so a window of -inf keeps its first tap's.
+            rank = tl.where(mask_m, tap, TAPS + tap)[:, None] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            best, _ = tl.reduce((tl.reshape(v, (BLOCK_M // TAPS, TAPS, BLOCK_N)),
+                                 tl.reshape(rank, (BLOCK_M // TAPS, TAPS, BLOCK_N))), 1, _max_pool_combine)
+            g = pid_m * (BLOCK_M // TAPS) + tl.arange(0, BLOCK_M // TAPS)
+            g_pw = g % PW
+            g_t = g // PW
+            g_ph = g_t % PH
+            g_n = g_t // PH
+            pooled_offs = (g_n * out_n_stride + g_ph * out_h_stride + g_pw * out_w_stride)[:, None] \
+                + offs_n[None, :] * out_c_stride
+            tl.store(out_ptr + pooled_offs, best.to(out_ptr.dtype.element_ty),
+                     mask=(g < M // TAPS)[:, None] & mask_n[None, :])
+        else:
+            tl.store(out_ptr + out_offs, _act(acc, ACT, p0, p1).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

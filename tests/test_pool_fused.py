@@ -110,6 +110,40 @@ def test_ties_nan_and_minus_inf_as_aten(path, monkeypatch):
     assert out[:, 1].isnan().all()
 
 
+@pytest.mark.parametrize("path", ["triton", "composite"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("pool,height", POOLS + [(((3, 3), (3, 3), (1, 1), True), 8)],
+                         ids=[f"{p[0]}-{p[1]}-{p[2]}-{'ceil' if p[3] else 'floor'}" for p, _ in POOLS] + ["3x3"])
+def test_inference_is_one_kernel(pool, height, layout, path, monkeypatch):
+    """Eval without autograd: conv + BatchNorm (running statistics) + activation + max pool in one kernel that
+    writes only the pooled output, equal to stock eval (ties and NaN included: a NaN input channel)."""
+    if path == "composite":
+        monkeypatch.setattr(triton_support, "_composite_forced", True)
+    conv, bn = _pair(torch.float64, seed=7)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 1.5)
+    bn.eval()
+    x = torch.randn(2, 3, height, height + 1, dtype=torch.float64)
+    x[1, :, 2, 3] = float("nan")
+    x[0, :, :, :4] = 0.25  # equal values in whole windows: ties
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    before = triton_support.launch_counts.copy()
+    with torch.no_grad():
+        out, pos = ops.forward(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, None,
+                               False, 0.1, 1e-5, 1, 1, 1, "silu", (), pool=pool)
+        k, st, pd, ceil = pool
+        ref = F.max_pool2d(F.silu(bn(conv(x))), k, st, pd, 1, ceil)
+    assert pos is None
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert_close(out.nan_to_num(), ref.nan_to_num(), dtype=torch.float64)
+    if path == "triton":
+        assert dict(triton_support.launch_counts - before) == {"conv_fwd_kernel": 1}
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_bf16_autocast():
     """Under bf16 autocast the pooled values are the rounded activations' maxima, as stock pools its bf16 output."""
     conv, bn = _pair(torch.float32, seed=3)
@@ -132,8 +166,12 @@ def test_not_fused_where_not_covered():
     conv, bn = _pair(torch.float64)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     bn.eval()
-    assert ops.forward(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, None, False,
-                       0.1, 1e-5, 1, 1, 1, "relu", (), pool=((2, 2), (2, 2), (0, 0), False)) is None  # eval
+    xg = x.clone().requires_grad_()  # eval with autograd (frozen BatchNorm fine-tuning): folded, then pooled
+    assert ops.forward(xg, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, None, False,
+                       0.1, 1e-5, 1, 1, 1, "relu", (), pool=((2, 2), (2, 2), (0, 0), False)) is None
+    with torch.no_grad():  # inference with more taps than a row tile
+        assert ops.forward(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, None,
+                           False, 0.1, 1e-5, 1, 1, 1, "relu", (), pool=((9, 8), (9, 8), (0, 0), True)) is None
     empty = torch.randn(0, 3, 6, 6, dtype=torch.float64)
     assert _ours(conv, bn.train(), empty, ((2, 2), (2, 2), (0, 0), False)) is None
 
@@ -146,6 +184,10 @@ def test_opcheck_and_compile():
             torch.ones(4, dtype=torch.float64), torch.zeros((), dtype=torch.long), 0.1, 1e-5, *geo, "relu", 0.0, 0.0,
             False, [2, 2], [2, 2], [1, 0], True)
     torch.library.opcheck(torch.ops.dlkern.conv_bn_act_pool2d.default, args)
+    running = (torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5)
+    torch.library.opcheck(torch.ops.dlkern.conv_bn_eval_act_pool2d.default,
+                          (x.detach(), conv.weight.detach(), conv.bias.detach(), *running, bn.weight.detach(),
+                           bn.bias.detach(), 1e-5, *geo, "relu", 0.0, 0.0, False, [2, 2], [2, 2], [1, 0], True))
     out, z, stats, pos = torch.ops.dlkern.conv_bn_act_pool2d(*args)
     torch.library.opcheck(
         torch.ops.dlkern.conv_bn_act_pool2d_backward.default,

@@ -209,13 +209,21 @@ def _merge_stats(part, stats, running, M, C_out, tile_m, eps, momentum, index_64
 
 
 def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation, act, p0, p1, allow_tf32, stats,
-              bn_eval=None):
+              bn_eval=None, pool=None):
     """Launches conv_fwd_kernel; returns its BLOCK_M (the row tile of the statistics partials). ``bn_eval``:
-    (running_mean, running_var, weight, bias, eps) of a BatchNorm in eval mode to apply in the epilogue."""
+    (running_mean, running_var, weight, bias, eps) of a BatchNorm in eval mode to apply in the epilogue;
+    ``pool``: the max pool (kernel, stride, padding, ceil_mode) to apply after it, ``out`` being pooled."""
     N, C_in, H, W, C_out, KH, KW, OH, OW = geo
     M = N * OH * OW
     dst = z if stats else out
     mean, var, gamma, beta, eps = bn_eval if bn_eval is not None else (dst, dst, None, None, 0.0)
+    pool_args, pool_flags = (1, 1, 1, 1, 0, 0), dict(POOL=False, PKH=1, PKW=1, TAPS=1)
+    if pool is not None:
+        (pkh, pkw), (psh, psw), (pph, ppw), _ = pool
+        PH, PW = out.shape[2], out.shape[3]
+        taps = next_power_of_2(pkh * pkw)
+        M = N * PH * PW * taps  # rows: each window's taps
+        pool_args, pool_flags = (PH, PW, psh, psw, pph, ppw), dict(POOL=True, PKH=pkh, PKW=pkw, TAPS=taps)
     kernel, blocks = _gemm(_conv_fwd, kernels.conv_fwd_kernel, _FWD_TILES, "BLOCK_N", M, C_out, input.dtype,
                            BLOCK_M=32 if stats else 128, BLOCK_N=_np2(C_out), BLOCK_K=_np2(C_in * KH * KW))
     return launch(
@@ -226,10 +234,11 @@ def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation,
         gamma if gamma is not None else mean, beta if beta is not None else mean,
         N, C_in, H, W, C_out, OH, OW, *input.stride(), *dst.stride(),
         M, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], *_hi_lo(p0), *_hi_lo(p1),
-        *_hi_lo(eps), next_power_of_2(M), KH=KH, KW=KW, HAS_BIAS=bias is not None, STATS=stats, SAVE_Z=z is not None and not stats,
-        BN_EVAL=bn_eval is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, ACT=act,
-        PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=_acc_dtype(input.dtype),
-        DOT_FP32=_dot_fp32(input.dtype), INDEX_64=_index_64(input, dst), **blocks,
+        *_hi_lo(eps), next_power_of_2(M), *pool_args, KH=KH, KW=KW, HAS_BIAS=bias is not None, STATS=stats,
+        SAVE_Z=z is not None and not stats, BN_EVAL=bn_eval is not None, HAS_GAMMA=gamma is not None,
+        HAS_BETA=beta is not None, ACT=act, PRECISION=_precision(input.dtype, allow_tf32),
+        ACC_DTYPE=_acc_dtype(input.dtype), DOT_FP32=_dot_fp32(input.dtype), INDEX_64=_index_64(input, dst),
+        **pool_flags, **blocks,
     ).meta["BLOCK_M"]
 
 
@@ -526,6 +535,48 @@ conv_bn_eval_act2d = define(
 )
 """act(batch_norm(conv(input, weight) + bias, running stats, eval)) in one kernel, BatchNorm applied in the
 epilogue from the buffers as they are: inference (no autograd)."""
+
+
+_EVAL_POOL_SCHEMA = (
+    "conv_bn_eval_act_pool2d(Tensor input, Tensor weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
+    "Tensor? bn_weight, Tensor? bn_bias, float eps, int[] stride, int[] padding, int[] dilation, str activation, "
+    "float p0, float p1, bool allow_tf32, int[] pool_kernel, int[] pool_stride, int[] pool_padding, "
+    "bool pool_ceil_mode) -> Tensor"
+)
+
+
+def _conv_bn_eval_act_pool2d_triton(*args):
+    *block, pk, ps, pp, ceil = args
+    input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride, padding, dilation, activation, \
+        p0, p1, allow_tf32 = block
+    pool = (tuple(pk), tuple(ps), tuple(pp), ceil)
+    geo = geometry(input, weight, stride, padding, dilation)
+    N, C_in, H, W, C_out, KH, KW, OH, OW = geo
+    check_bn_sizes(C_out, running_mean, running_var, bn_weight, bn_bias)
+    PH, PW = pool_output_size(OH, OW, pool)
+    out = _empty_like_format(input, (N, C_out, PH, PW), input.dtype)
+    weight, bias, running_mean, running_var, bn_weight, bn_bias = _dense(
+        weight, bias, running_mean, running_var, bn_weight, bn_bias)
+    _gemm_fwd(input, weight, bias, out, None, None, geo, stride, padding, dilation, activation, p0, p1, allow_tf32,
+              stats=False, bn_eval=(running_mean, running_var, bn_weight, bn_bias, eps), pool=pool)
+    return out
+
+
+def _conv_bn_eval_act_pool2d_composite(*args):
+    *block, pk, ps, pp, ceil = args
+    return F.max_pool2d(_conv_bn_eval_act2d_composite(*block), pk, ps, pp, 1, ceil)
+
+
+def _conv_bn_eval_act_pool2d_fake(*args):
+    *block, pk, ps, pp, ceil = args
+    full = _conv_bn_eval_act2d_fake(*block)
+    PH, PW = pool_output_size(full.shape[2], full.shape[3], (tuple(pk), tuple(ps), tuple(pp), ceil))
+    return _empty_like_format(full, (full.shape[0], full.shape[1], PH, PW), full.dtype)
+
+
+conv_bn_eval_act_pool2d = define(_EVAL_POOL_SCHEMA, _conv_bn_eval_act_pool2d_triton,
+                                 _conv_bn_eval_act_pool2d_composite, _conv_bn_eval_act_pool2d_fake, OP)
+"""Inference: conv + BatchNorm (eval) + activation + max pool in one kernel, writing only the pooled output."""
 
 
 def _eval_setup_context(ctx, inputs, output):
@@ -951,7 +1002,7 @@ def _pool_backward(ctx, grad_out, _grad_z, _grad_stats, _grad_pos):
 
 _POOL = _block_functions(conv_bn_act_pool2d, _pool_setup_context, _pool_backward)
 _pool_apply = function_apply(_POOL[1], _POOL[0])
-for _op in (conv_bn_act_pool2d, conv_bn_act_pool2d_backward):
+for _op in (conv_bn_act_pool2d, conv_bn_act_pool2d_backward, conv_bn_eval_act_pool2d):
     torch.library.register_vmap(_op, _vmap_by_loop(_op))
 
 
@@ -1133,8 +1184,9 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
     (BatchNorm in the conv's epilogue) or, when autograd is needed, the folded op.
 
     ``pool`` (kernel, stride, padding, ceil_mode as pairs and a bool; pool_fusable): the max pool that follows,
-    fused into the training pass -- returns (pooled out, window taps) -- or None where it is not fused (eval, an
-    empty batch): the caller pools the block's output then."""
+    fused: in training returns (pooled out, window taps); in inference (eval without autograd) (pooled out, None),
+    one kernel; None where it is not fused (eval with autograd, an empty batch, > 64 taps in inference): the
+    caller pools the block's output then."""
     stride, padding, dilation, activation, p0, p1 = _block_args(weight, stride, padding, dilation, activation,
                                                                 activation_params)
     conv_weight, conv_bias = weight, bias  # eval folds these, not autocast's 16-bit copies
@@ -1169,11 +1221,17 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
         if needs_autograd(input, weight, bias, bn_weight, bn_bias):
             return _train_apply(*args)[0]
         return call_op(conv_bn_act2d, *args)[0]
-    if pool is not None:
-        return None
     if not needs_autograd(input, conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias):
+        if pool is not None:
+            if pool[0][0] * pool[0][1] > 64:  # more taps than the smallest row tile
+                return None
+            return call_op(conv_bn_eval_act_pool2d, input, weight, bias, running_mean, running_var, bn_weight, bn_bias,
+                           eps, stride, padding, dilation, activation, p0, p1, allow_tf32, list(pool[0]),
+                           list(pool[1]), list(pool[2]), bool(pool[3])), None
         return call_op(conv_bn_eval_act2d, input, weight, bias, running_mean, running_var,
                        bn_weight, bn_bias, eps, stride, padding, dilation, activation, p0, p1, allow_tf32)
+    if pool is not None:  # eval with autograd: not fused
+        return None
     # Autograd needed: BatchNorm folded into the conv with differentiable ops (frozen-BatchNorm fine-tuning).
     w, b = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
     w, b = w.to(input.dtype), b.to(input.dtype)
