@@ -247,6 +247,65 @@ def test_sequential_subclasses():
     assert list(ours.state_dict()) == list(stock.state_dict())
 
 
+def test_max_pool_joins_the_block():
+    """A MaxPool2d (stock or dlkern's) right after a fusable run joins it in one ConvBNActPool2d, placeholders at the
+    BatchNorm's, activation's and pool's indices; one with return_indices=True (a tuple output), a hooked one or a
+    subclass stays outside (the run becomes a ConvBNReLU2d). The absorbed pool is the very object (inplace)."""
+
+    class MyPool(nn.MaxPool2d):
+        pass
+
+    torch.manual_seed(8)
+    stock = randomize_bn(nn.Sequential(
+        *cbr(2, 3, nn.ReLU()), nn.MaxPool2d(3, 2, padding=1, ceil_mode=True),
+        *cbr(3, 3, nn.SiLU()), dlkern.nn.MaxPool2d(2, 1, dilation=2),
+        *cbr(3, 3, nn.ReLU()), MyPool(1),
+        *cbr(3, 3, nn.ELU()), nn.MaxPool2d(1),
+        *cbr(3, 3, nn.ReLU()), nn.MaxPool2d(2, return_indices=True),
+    )).double()
+    stock[15].register_forward_hook(lambda m, i, o: o * 2)  # hooked: left as it is
+    pools = [stock[3], stock[7]]
+    x = torch.randn(2, 2, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected, expected_indices = stock.eval()(x)
+    ours = dlkern.convert(stock, inplace=True)
+    report = ours.dlkern_report
+    assert report.fused == [("0", "1", "2", "3"), ("4", "5", "6", "7"), ("8", "9", "10"), ("12", "13", "14"),
+                            ("16", "17", "18")]
+    assert [type(m) for m in ours] == [ConvBNActPool2d, *[nn.Identity] * 3, ConvBNActPool2d, *[nn.Identity] * 3,
+                                       ConvBNReLU2d, nn.Identity, nn.Identity, MyPool,
+                                       ConvBNReLU2d, nn.Identity, nn.Identity, nn.MaxPool2d,
+                                       ConvBNReLU2d, nn.Identity, nn.Identity, dlkern.nn.MaxPool2d]
+    assert ours[0][3] is pools[0] and ours[4][3] is pools[1]
+    assert "hook" in dict(report.skipped)["15"] and ours[19].return_indices
+    assert "0 + 1 + 2 + 3 into ConvBNActPool2d" in str(report) and "8 + 9 + 10 into ConvBNReLU2d" in str(report)
+    with torch.no_grad():
+        out, indices = ours(x)
+    assert_close(out, expected)
+    assert torch.equal(indices, expected_indices)
+    check_report_matches_model(ours)
+
+
+def test_pool_block_state_dicts_and_slices():
+    """MnistCNN-like stages: the converted model's state_dict is the stock one's (both ways, strict); a slice
+    keeping a ConvBNActPool2d computes its whole run, the block's own slice is a piece of the stock Sequential."""
+    torch.manual_seed(9)
+    stage = [*cbr(2, 3, nn.ReLU()), nn.MaxPool2d(2)]
+    stock = randomize_bn(nn.Sequential(*stage, *cbr(3, 4, nn.Hardtanh()), nn.MaxPool2d(2, ceil_mode=True))).double()
+    ours = dlkern.convert(stock)
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    assert ours.state_dict()._metadata.keys() == stock.state_dict()._metadata.keys()
+    x = torch.randn(2, 2, 7, 7, dtype=torch.float64)
+    check_same_function(stock, ours, x)
+    check_state_dicts_cross(stock, ours)
+    ours.load_state_dict(stock.state_dict())  # the cross check left them different
+    with torch.no_grad():
+        stock.eval(), ours.eval()
+        assert_close(ours[:2](x), stock[:4](x))  # the block computes its whole run
+        assert type(ours[0][:3]) is nn.Sequential
+        assert_close(ours[0][:3](x), stock[:3](x))
+
+
 # ------------------------------------------------------------------------------------------- item: the memo (ids)
 
 
