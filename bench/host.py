@@ -65,7 +65,7 @@ FILLS = {"fill_", "zero_", "zeros", "zeros_like", "new_zeros", "ones_like", "ful
 # dlkern's Triton ops: counted by the launches they make (the C++ max pool ops are one kernel each).
 TRITON_OPS = {"activation", "activation_", "activation_backward", "activation_channelwise",
               "activation_channelwise_backward", "conv_bn_act2d", "conv_bias_act2d", "conv_bn_eval_act2d",
-              "conv_bn_act2d_backward"}
+              "conv_bn_act2d_backward", "conv_bn_act_pool2d", "conv_bn_act_pool2d_backward", "conv_bn_eval_act_pool2d"}
 
 
 def _median_us(fn, run, sync):

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import torch  # noqa: E402
 
+import dlkern  # noqa: E402
 import dlkern.functional as F  # noqa: E402
 import host_stub  # noqa: E402
 from dlkern.kernels import conv_bn as dlkern_kernels  # noqa: E402
@@ -87,6 +88,18 @@ def main():
                                 training=False, padding=1)
 
         check("conv block eval", conv_eval)
+
+        pool_block = dlkern.nn.ConvBNActPool2d(8, 16, 3, padding=1)
+        xp = torch.randn(2, 8, 6, 6, requires_grad=True)
+        gp = torch.randn(2, 16, 3, 3)
+        check("pool block train fwd+bwd", lambda: torch.autograd.grad(pool_block(xp), (xp, pool_block[0].weight), gp))
+
+        def pool_eval():
+            with torch.no_grad():
+                pool_block.eval()(xp)
+            pool_block.train()
+
+        check("pool block eval", pool_eval)
 
         # A plan is per key: a 16-byte-misaligned input is a new plan (Triton specializes on alignment) ...
         triton_support._plans.clear()

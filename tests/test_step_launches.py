@@ -16,9 +16,9 @@ from dlkern.ops import conv_bn, triton_support
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import host  # noqa: E402
 
-# Per training step: each conv block 3 launches forward (conv + statistics, their merge with the running update,
-# normalize + activation) and 5 backward (4 for the first block, whose input needs no gradient); the head's ReLU
-# 2; the C++ max pool 2 per block.
+# Per training step: each conv block (ConvBNActPool2d: the max pool fused in) 3 launches forward (conv +
+# statistics, their merge with the running update, normalize + activation + max pool) and 5 backward (4 for the
+# first block, whose input needs no gradient); the head's ReLU 2.
 DLKERN_TRITON = 3 * 3 + 5 + 5 + 4 + 2
 
 
@@ -58,5 +58,5 @@ def test_training_step_launches_and_no_fills(monkeypatch):
     assert triton_launches == DLKERN_TRITON
     assert not set(backward_ops) & host.FILLS, sorted(set(backward_ops) & host.FILLS)
     assert fills == 1  # the seed, ones_like, taken outside the backward
-    # dlkern's 25 Triton and 6 C++ launches, the head's and loss's 13 ATen ops, foreach Adam's 7 on a GPU.
-    assert launches == DLKERN_TRITON + 6 + 13 + 7, launches
+    # dlkern's 25 Triton launches (no separate max pool), the head's and loss's 13 ATen ops, foreach Adam's 7.
+    assert launches == DLKERN_TRITON + 13 + 7, launches

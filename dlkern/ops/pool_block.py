@@ -1,11 +1,13 @@
 """The Conv2d -> BatchNorm2d -> activation -> MaxPool2d block: the one entry point of
 ``dlkern.functional.conv_bn_act_pool2d`` and ``dlkern.nn.ConvBNActPool2d``.
 
-Today it is the fused conv block (dlkern/ops/conv_bn.py) followed by dlkern's max pool (dlkern/ops/max_pool.py),
-exactly what ``max_pool2d(conv_bn_act2d(...))`` computes. A fused op (the pool in the block's epilogue, its
-argmax kept as one byte per pooled element) replaces the composition where it covers the arguments; everything
-else keeps this path.
+Where the fused kernels cover the pool (windows that do not overlap, dilation 1; training, and inference without
+autograd) the max pool runs inside the conv block's kernels (dlkern/ops/conv_bn.py: ``forward(pool=...)``),
+its argmax kept as one byte per pooled element; everything else is the fused conv block followed by dlkern's
+max pool (dlkern/ops/max_pool.py), exactly what ``max_pool2d(conv_bn_act2d(...))`` computes.
 """
+
+import torch
 
 from dlkern.ops import conv_bn as _conv_bn
 from dlkern.ops import max_pool as _max_pool
@@ -22,8 +24,57 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
     at most half the kernel, output size >= 1) run on the block's output, with ATen's messages: as in the stock
     Sequential, they raise after a training block has updated the running statistics.
     """
+    pool = _fused_pool(input, weight, stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding,
+                       pool_dilation, pool_ceil_mode)
+    if pool is not None and (training or not return_indices):  # (inference keeps no window taps)
+        fused = _conv_bn.forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias,
+                                 num_batches_tracked, training, momentum, eps, stride, padding, dilation, activation,
+                                 activation_params, pool=pool)
+        if fused is not None:
+            out, taps = fused
+            if not return_indices:
+                return out
+            width = _conv_bn.geometry(input, weight, *_conv_bn.conv_args(weight, stride, padding, dilation))[-1]
+            return out, _indices(taps, pool, width)
     out = _conv_bn.forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked,
                            training, momentum, eps, stride, padding, dilation, activation, activation_params)
     pooled, indices = _max_pool.max_pool2d(out, pool_kernel_size, pool_stride, pool_padding, pool_dilation,
                                            pool_ceil_mode, return_indices)
     return (pooled, indices) if return_indices else pooled
+
+
+def _fused_pool(input, weight, stride, padding, dilation, kernel_size, pool_stride, pool_padding, pool_dilation,
+                ceil_mode):
+    """The pool as conv_bn.forward(pool=...) takes it, when the fused kernels cover it and its arguments are
+    surely valid (so that every refusal keeps coming from max_pool2d, with ATen's message): windows that do not
+    overlap, dilation 1, padding at most half the kernel, a non-empty output. Else None."""
+    try:
+        if not all(len(a) in (1, 2) for a in (kernel_size, pool_padding, pool_dilation)) or len(pool_stride) > 2:
+            return None
+        kernel = (kernel_size[0], kernel_size[-1])
+        pstride = (pool_stride[0], pool_stride[-1]) if pool_stride else kernel
+        ppad = (pool_padding[0], pool_padding[-1])
+        pdil = (pool_dilation[0], pool_dilation[-1])
+        if min(kernel) <= 0 or min(ppad) < 0 or any(p > k // 2 for p, k in zip(ppad, kernel)):
+            return None
+        if not _conv_bn.pool_fusable(kernel, pstride, pdil) or input.dim() != 4 or weight.dim() != 4:
+            return None
+        conv_stride, conv_padding, conv_dilation = _conv_bn.conv_args(weight, stride, padding, dilation)
+        OH, OW = _conv_bn.geometry(input, weight, conv_stride, conv_padding, conv_dilation)[-2:]
+        if min(OH, OW) < 1:
+            return None
+        pool = (kernel, pstride, ppad, bool(ceil_mode))
+        if min(_conv_bn.pool_output_size(OH, OW, pool)) < 1:
+            return None
+        return pool
+    except (TypeError, ValueError, IndexError, RuntimeError):  # whatever is wrong, the composition reports it
+        return None
+
+
+def _indices(taps, pool, width):
+    """max_pool2d's int64 indices (h*W + w in the block's output) from the fused kernel's window taps."""
+    (kh, kw), (sh, sw), (ph, pw), _ = pool
+    rows = torch.arange(taps.shape[2], device=taps.device).view(-1, 1) * sh - ph
+    cols = torch.arange(taps.shape[3], device=taps.device).view(1, -1) * sw - pw
+    t = taps.long()
+    return ((rows + t // kw) * width + cols + t % kw).contiguous(memory_format=_conv_bn._memory_format(taps))
