@@ -65,13 +65,14 @@ DLKERN_FWD = (
            when="TILES > MERGE_TILES", note="merges groups of 1024 partials, in parallel"),
     Kernel("bn_stats_finalize_kernel", "final_part + 2*vec + 8", "3*vec + 2*vec", "10*FINAL_TILES*C",
            note="writes stats (mean, invstd, var), updates running mean and var"),
-    Kernel("bn_act_fwd_kernel", "z + 4*vec + 8", "out + 8", "4*Z"),
-    Kernel("max_pool2d (dlkern C++/CUDA)", "out", "pooled + idx", "3*P"),
+    Kernel("bn_act_pool_fwd_kernel", "z + 4*vec + 8", "pooled + pos + 8", "4*Z + P",
+           note="normalize + activation + max pool (ConvBNActPool2d): the full-resolution activation is never "
+                "written; the argmax is one byte per pooled element"),
 )
 DLKERN_BWD = (
-    Kernel("max_pool2d_backward (dlkern C++/CUDA)", "gp + idx", "g", note="gathers: no zero fill"),
-    Kernel("bn_act_bwd_reduce_kernel", "g + z + 4*vec", "bwd_part", "8*Z"),
-    Kernel("grad_z_kernel", "bwd_part + g + z + 4*vec", "gz + 2*vec", "10*Z",
+    Kernel("bn_act_bwd_reduce_kernel", "gp + pos + z + 4*vec", "bwd_part", "8*Z",
+           note="reads the pooled gradient through the argmax bytes; not counted: their re-reads per tap (cache)"),
+    Kernel("grad_z_kernel", "bwd_part + gp + pos + z + 4*vec", "gz + 2*vec", "10*Z",
            note="not counted: every program re-reads all splits' partials (L2)"),
     Kernel("conv_bwd_input_kernel", "gz + w", "dx", "2*M_IN*C_IN*C*KH*KW", "gemm", when="not first",
            note="not counted: gz re-read per tap through the cache"),
@@ -189,7 +190,7 @@ def block_sizes(block, first):
     M, K, Z, P = N * OH * OW, C_IN * KH * KW, N * C * OH * OW, N * C * PH * PW
     s = dict(N=N, C_IN=C_IN, H=H, W=W, C=C, OH=OH, OW=OW, KH=KH, KW=KW, M=M, M_IN=N * H * W, K=K, Z=Z, P=P,
              first=first, E=E)
-    s.update(x=N * C_IN * H * W * E, w=C * K * E, vec=C * E, z=Z * E, pooled=P * E, idx=P * INDEX)
+    s.update(x=N * C_IN * H * W * E, w=C * K * E, vec=C * E, z=Z * E, pooled=P * E, idx=P * INDEX, pos=P)
     s.update(out=s["z"], g=s["z"], gz=s["z"], gp=s["pooled"], dx=s["x"], dw=s["w"])
     # dlkern's partial buffers, as dlkern/ops/conv_bn.py sizes them on an H200
     s["TILES"] = _cdiv(M, stats_rows(M))

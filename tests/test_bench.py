@@ -193,7 +193,7 @@ def test_kernels_rows(quick_run):
     """The kernels suite compiled a sample of the MnistCNN's Triton kernels for sm_90 and read their resources."""
     _, stdout, rows = quick_run
     kernels = [r for r in rows if r["suite"] == "kernels" and r["case"] != "byte model"]
-    assert {"conv_fwd_kernel", "bn_act_fwd_kernel"} <= {r["case"] for r in kernels}
+    assert {"conv_fwd_kernel", "bn_act_pool_fwd_kernel"} <= {r["case"] for r in kernels}
     for r in kernels:
         assert r["config"] and set(r["dtype"].split("/")) <= {"fp32", "bf16", "fp16"}, r
         assert int(r["regs"]) > 0 and int(r["warps"]) >= 1 and 0 <= float(r["occupancy"]) <= 100, r
@@ -257,7 +257,8 @@ def _bytemodel(monkeypatch):
 
 def test_byte_model_block_by_hand(monkeypatch):
     """Block 2 (32x14x14 -> conv 3x3, no padding -> 32x12x12 -> pool 32x6x6) at batch 64, counted by hand from
-    the kernels' loads and stores (fp32, int64 pool indices, H200 splits)."""
+    the kernels' loads and stores (fp32; dlkern's pool fused, its argmax one byte; eager's int64 pool indices;
+    H200 splits)."""
     bm = _bytemodel(monkeypatch)
     x, w, vec = 64 * 32 * 14 * 14 * 4, 32 * 32 * 9 * 4, 32 * 4
     z, pooled, idx = 64 * 32 * 12 * 12 * 4, 64 * 32 * 6 * 6 * 4, 64 * 32 * 6 * 6 * 8
@@ -269,11 +270,9 @@ def test_byte_model_block_by_hand(monkeypatch):
     dlkern = {
         "conv_fwd_kernel": x + w + vec + z + fwd_part,
         "bn_stats_finalize_kernel": fwd_part + 2 * vec + 8 + 5 * vec,
-        "bn_act_fwd_kernel": z + 4 * vec + 8 + z + 8,
-        "max_pool2d (dlkern C++/CUDA)": z + pooled + idx,
-        "max_pool2d_backward (dlkern C++/CUDA)": pooled + idx + z,
-        "bn_act_bwd_reduce_kernel": 2 * z + 4 * vec + bwd_part,
-        "grad_z_kernel": bwd_part + 2 * z + 4 * vec + z + 2 * vec,
+        "bn_act_pool_fwd_kernel": z + 4 * vec + 8 + pooled + P + 8,
+        "bn_act_bwd_reduce_kernel": pooled + P + z + 4 * vec + bwd_part,
+        "grad_z_kernel": bwd_part + pooled + P + z + 4 * vec + z + 2 * vec,
         "conv_bwd_input_kernel": z + w + x,
         "conv_bwd_weight_kernel": z + x + wgrad_part,
         "sum_splits_kernel": wgrad_part + w + vec,
@@ -287,8 +286,8 @@ def test_byte_model_block_by_hand(monkeypatch):
         "cuDNN conv dgrad": z + w + x, "cuDNN conv wgrad": z + x + w,
     }
     gemms = 2 * M * 32 * 288 * 2 + 2 * (64 * 14 * 14) * 32 * 32 * 9  # fwd and wgrad, then dgrad over dx's rows
-    dlkern_flops = gemms + 10 * tiles * 32 + 4 * Z + 3 * P + 8 * Z + 10 * Z + wgrad_part // 4
-    for impl, expected, flops, launches in (("dlkern", dlkern, dlkern_flops, 10),
+    dlkern_flops = gemms + 10 * tiles * 32 + 4 * Z + P + 8 * Z + 10 * Z + wgrad_part // 4
+    for impl, expected, flops, launches in (("dlkern", dlkern, dlkern_flops, 8),
                                             ("eager", eager, None, 15)):
         block = [k for k in bm.step_kernels(impl, 64) if k["where"] == "block 2"]
         assert {k["kernel"].name: k["reads"] + k["writes"] for k in block} == expected
@@ -297,7 +296,7 @@ def test_byte_model_block_by_hand(monkeypatch):
         if flops is not None:
             assert bm.totals(block)["flops"] == flops
     first = [k["kernel"].name for k in bm.step_kernels("dlkern", 64) if k["where"] == "block 1"]
-    assert "conv_bwd_input_kernel" not in first and len(first) == 9  # the input needs no gradient
+    assert "conv_bwd_input_kernel" not in first and len(first) == 7  # the input needs no gradient
     # Block 1 at batch 8192: 8192*784/64 = 100352 row tiles, merged first in 98 groups of <= 1024.
     first = {k["kernel"].name: k for k in bm.step_kernels("dlkern", 8192) if k["where"] == "block 1"}
     fwd_part, merged = 2 * 100352 * 32 * 4, 2 * 98 * 32 * 4
@@ -308,7 +307,7 @@ def test_byte_model_block_by_hand(monkeypatch):
 
 def test_byte_model_follows_dlkern(monkeypatch):
     """The model's splits are dlkern's on a 132-SM GPU, and it counts the launches tests/test_step_launches.py
-    counts for a dlkern step (25 Triton, 6 max pool, 13 ATen, 7 foreach Adam), plus a first statistics merge
+    counts for a dlkern step (25 Triton, the max pool fused, 13 ATen, 7 foreach Adam), plus a first statistics merge
     level in each block with over 1024 row tiles (blocks 1 and 2 at batch 1024, all three at 8192)."""
     import torch
 
@@ -320,8 +319,8 @@ def test_byte_model_follows_dlkern(monkeypatch):
     for M in (64 * 144, 8192 * 784, 8192 * 16, 1):
         for programs in (1, 5):
             assert bm.rows_per_split(M, programs) == conv_bn._rows_per_split(M, torch.device("cuda"), programs)
-    assert {b: bm.totals(bm.step_kernels("dlkern", b))["launches"] for b in bm.BATCHES} == {64: 51, 1024: 53,
-                                                                                           8192: 54}
+    assert {b: bm.totals(bm.step_kernels("dlkern", b))["launches"] for b in bm.BATCHES} == {64: 45, 1024: 47,
+                                                                                           8192: 48}
 
 
 def test_byte_model_rows_and_report(monkeypatch, capsys):

@@ -117,6 +117,8 @@ def _pruner(n_name, n_dim, k_dims, tensor):
         n = named_args[n_dim]
         wide = named_args[tensor].element_size() > 2
         allowed = [c for c in configs if not (wide and id(c) in _HALF_ONLY)]
+        if kwargs.get("POOL"):  # the pooling epilogue's reduction needs registers: these tiles fit with it
+            allowed = [c for c in allowed if c.kwargs["BLOCK_K"] <= 32 and not (wide and c.kwargs["BLOCK_M"] > 64)]
         kept = [c for c in allowed if c.kwargs["BLOCK_K"] <= _np2(k, hi=128) and c.kwargs[n_name] <= _np2(n, hi=128)]
         return kept or allowed[:1]
 
@@ -158,14 +160,14 @@ def _heuristic(tiles, n_name, M, N, dtype):
     return {"BLOCK_M": bm, n_name: bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
 
 
-def _gemm(tuned, plain, tiles, n_name, M, N, dtype, **interpreter_blocks):
+def _gemm(tuned, plain, tiles, n_name, M, N, dtype, pool=False, **interpreter_blocks):
     """(kernel, launch keywords) for a GEMM: the interpreter's small fixed tiles, the autotuner, or the
-    heuristic's fixed tile -- with m_bucket for the autotuner's key."""
+    heuristic's fixed tile (64 rows with a pooling epilogue) -- with m_bucket for the autotuner's key."""
     if INTERPRETING:
         return plain, interpreter_blocks
     if AUTOTUNE:
         return tuned, {}
-    return plain, _heuristic(tiles, n_name, M, N, dtype)
+    return plain, _heuristic(tiles, n_name, 0 if pool else M, N, dtype)
 
 
 # Tensors from this many elements get 64-bit offsets: a margin below int32's 2^31 for the offsets that masked
@@ -225,7 +227,8 @@ def _gemm_fwd(input, weight, bias, out, z, part, geo, stride, padding, dilation,
         M = N * PH * PW * taps  # rows: each window's taps
         pool_args, pool_flags = (PH, PW, psh, psw, pph, ppw), dict(POOL=True, PKH=pkh, PKW=pkw, TAPS=taps)
     kernel, blocks = _gemm(_conv_fwd, kernels.conv_fwd_kernel, _FWD_TILES, "BLOCK_N", M, C_out, input.dtype,
-                           BLOCK_M=32 if stats else 128, BLOCK_N=_np2(C_out), BLOCK_K=_np2(C_in * KH * KW))
+                           pool=pool is not None, BLOCK_M=32 if stats else 128, BLOCK_N=_np2(C_out),
+                           BLOCK_K=_np2(C_in * KH * KW))
     return launch(
         kernel,
         lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(C_out, meta["BLOCK_N"])),
@@ -679,13 +682,14 @@ def _conv_bn_act2d_backward_triton(
         pos, (pkh, pkw), (psh, psw), (pph, ppw) = pool
         pool_args = (pos, *pos.stride(), pos.shape[2], pos.shape[3], psh, psw, pph, ppw)
         pool_flags = dict(POOL=True, PKH=pkh, PKW=pkw)
+    rows_tile = 32 if pool is None else 16  # reading through the pool's argmax takes registers: smaller tiles
     if bn:  # per split and channel: sum g_u and sum g_u*x_hat
         launch(
             kernels.bn_act_bwd_reduce_kernel, (splits, cdiv(C_out, block_c)),
             grad_out, z, stats, gamma, beta, part,
             M, C_out, OH, OW, rows, *grad_out.stride(), *z.stride(), *p, *pool_args,
             HAS_AFFINE=affine, ACT=activation, INDEX_64=index_64, **pool_flags,
-            BLOCK_M=128 if INTERPRETING else 32, BLOCK_C=block_c,
+            BLOCK_M=128 if INTERPRETING else rows_tile, BLOCK_C=block_c,
         )
     gz = torch.empty_like(z)
     launch(
@@ -693,7 +697,7 @@ def _conv_bn_act2d_backward_triton(
         grad_out, z, gz, stats if bn else z, gamma, beta, part, grad_gamma if affine else z,
         grad_beta if affine else z, M, C_out, OH, OW, rows, splits, *p, *grad_out.stride(), *z.stride(), *pool_args,
         BN=bn, HAS_AFFINE=affine, ACT=activation, ACC_DTYPE=acc, INDEX_64=index_64, **pool_flags,
-        BLOCK_M=128 if INTERPRETING else 32, BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=block_c,
+        BLOCK_M=128 if INTERPRETING else rows_tile, BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=block_c,
     )
     common = dict(PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=acc, DOT_FP32=_dot_fp32(input.dtype),
                   INDEX_64=_index_64(input, z))
