@@ -1,7 +1,8 @@
 """Conv blocks: dlkern.nn.ConvBNReLU2d against eager PyTorch (cuDNN conv, BatchNorm, ReLU) and torch.compile.
 
 The MNIST CNN's three Conv3x3 -> BatchNorm -> ReLU blocks at each batch (64, 1024 and 8192; 64 and 8192 with
-``--quick``), in two passes:
+``--quick``), and each with its MaxPool2d(2) (case ``blockN+pool``): dlkern.nn.ConvBNActPool2d (the pool fused),
+``dlkern-unfused`` (ConvBNReLU2d then dlkern's max pool), eager and torch.compile; in two passes:
 
 - ``train``: training-mode forward and backward, ``torch.autograd.grad`` for the parameters (and the input,
   except in the first block, whose input is the image) -- no accumulation into .grad;
@@ -23,13 +24,19 @@ from timing import first_call_s, free_memory, launches, median_ms, peak_mb, prin
 BLOCKS = [("block1", 1, 32, 28, 1), ("block2", 32, 32, 14, 0), ("block3", 32, 32, 6, 0)]
 
 
-def _build(impl, c_in, c_out, padding, mode):
+def _build(impl, c_in, c_out, padding, mode, pool=False):
     import dlkern
 
-    if impl == "dlkern":
+    if impl == "dlkern" and pool:
+        model = dlkern.nn.ConvBNActPool2d(c_in, c_out, 3, padding=padding, pool_kernel_size=2)
+    elif impl.startswith("dlkern"):
         model = dlkern.nn.ConvBNReLU2d(c_in, c_out, 3, padding=padding)
+        if pool:
+            model = nn.Sequential(model, dlkern.nn.MaxPool2d(2))
     else:
         model = nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=padding), nn.BatchNorm2d(c_out), nn.ReLU())
+        if pool:
+            model.append(nn.MaxPool2d(2))
     model = model.cuda().train(mode == "train")
     if impl.startswith("compile"):
         compile_mode = impl.removeprefix("compile").removeprefix("-") or None
@@ -76,15 +83,16 @@ def run_suite(run):
     modes = run.compile_modes or (["default"] if run.quick else ["default", "reduce-overhead", "max-autotune"])
     impls = ["eager"] + [f"compile-{m}" if m != "default" else "compile" for m in modes] + ["dlkern"]
     rows = []
-    for name, c_in, c_out, size, padding in BLOCKS:
+    for (name, c_in, c_out, size, padding), pool in [(b, p) for p in (False, True) for b in BLOCKS]:
+        name = name + "+pool" if pool else name
         for batch in batches:
             x = torch.randn(batch, c_in, size, size, device="cuda", requires_grad=c_in > 1)
             for mode in ("train", "eval"):
                 times = {}
-                for impl in impls:
+                for impl in impls + (["dlkern-unfused"] if pool else []):
                     try:
                         torch.manual_seed(0)
-                        module, callable_ = _build(impl, c_in, c_out, padding, mode)
+                        module, callable_ = _build(impl, c_in, c_out, padding, mode, pool)
                         cudagraphs = impl in ("compile-reduce-overhead", "compile-max-autotune")
                         step = _step(list(module.parameters()), callable_, x, mode, cudagraphs)
                         compile_s = first_call_s(step, run)
