@@ -77,7 +77,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: 
 
 @triton.jit
 def _rows(offs_m, OH, OW):
-    """(n, oh, ow) of flattened output rows m = (n*OH + oh)*OW + ow."""
+    """(n, oh, ow) of flattened indices m = (n*OH + oh)*OW + ow (output rows; pooled elements too)."""
     ow = offs_m % OW
     t = offs_m // OW
     return t // OH, t % OH, ow
@@ -94,30 +94,50 @@ def _index(x, INDEX_64: tl.constexpr):
 
 
 @triton.jit
-def _load_g(
-    g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, n, oh, ow, c, mask,
+def _bn_params(stats_ptr, gamma_ptr, beta_ptr, c, mask_c, C, HAS_AFFINE: tl.constexpr, DTYPE: tl.constexpr):
+    """(mean, invstd, gamma, beta) of channels c as rows to broadcast over a tile's rows; without affine
+    gamma = 1 and beta = 0."""
+    mean = tl.load(stats_ptr + c, mask=mask_c, other=0.0)[None, :]
+    invstd = tl.load(stats_ptr + C + c, mask=mask_c, other=0.0)[None, :]
+    if HAS_AFFINE:
+        return (mean, invstd, tl.load(gamma_ptr + c, mask=mask_c, other=0.0).to(DTYPE)[None, :],
+                tl.load(beta_ptr + c, mask=mask_c, other=0.0).to(DTYPE)[None, :])
+    else:
+        return mean, invstd, 1.0, 0.0
+
+
+@triton.jit
+def _tile_g_z(
+    g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, z_ptr, z_n_stride, z_c_stride, z_h_stride, z_w_stride,
+    m0, m_end, c, mask_c, OH, OW,
     pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw,
-    POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
+    POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, BLOCK_M: tl.constexpr, DTYPE: tl.constexpr,
 ):
-    """dL/d(out) at rows (n, oh, ow) x channels c. With POOL, out is the max-pooled activation and g the pooled
+    """The backward passes' tile: rows [m0, m0 + BLOCK_M) (below m_end) x channels c of dL/d(out) and z, in DTYPE
+    (0 where masked), with z's offsets and the mask. With POOL, out is the max-pooled activation and g the pooled
     gradient: the full-resolution gradient is g at its window where that window's maximum sat (pos, the tap
     kh*PKW + kw, one byte per pooled element), else 0 -- never materialized. Windows do not overlap (stride >=
     kernel): row oh belongs to window (oh + pad) // stride at most."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    n, oh, ow = _rows(offs_m, OH, OW)
+    mask = (offs_m < m_end)[:, None] & mask_c[None, :]
+    z_offs = (n * z_n_stride + oh * z_h_stride + ow * z_w_stride)[:, None] + c[None, :] * z_c_stride
     if POOL:
         ph = (oh + pool_ph) // pool_sh
         pw = (ow + pool_pw) // pool_sw
         kh = oh + pool_ph - ph * pool_sh
         kw = ow + pool_pw - pw * pool_sw
-        inside = (kh < PKH) & (kw < PKW) & (ph < PH) & (pw < PW)
-        m = mask & inside[:, None]
+        m = mask & ((kh < PKH) & (kw < PKW) & (ph < PH) & (pw < PW))[:, None]
         g = tl.load(g_ptr + (n * g_n_stride + ph * g_h_stride + pw * g_w_stride)[:, None] + c[None, :] * g_c_stride,
                     mask=m, other=0.0)
         pos = tl.load(pos_ptr + (n * pos_n_stride + ph * pos_h_stride + pw * pos_w_stride)[:, None]
                       + c[None, :] * pos_c_stride, mask=m, other=0)
-        return tl.where(m & (pos.to(tl.int32) == (kh * PKW + kw)[:, None]), g, 0.0)
+        g = tl.where(m & (pos.to(tl.int32) == (kh * PKW + kw)[:, None]), g, 0.0)
     else:
-        return tl.load(g_ptr + (n * g_n_stride + oh * g_h_stride + ow * g_w_stride)[:, None] + c[None, :] * g_c_stride,
-                       mask=mask, other=0.0)
+        g = tl.load(g_ptr + (n * g_n_stride + oh * g_h_stride + ow * g_w_stride)[:, None] + c[None, :] * g_c_stride,
+                    mask=mask, other=0.0)
+    z = tl.load(z_ptr + z_offs, mask=mask, other=0.0)
+    return g.to(DTYPE), z.to(DTYPE), z_offs, mask
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -181,10 +201,11 @@ def conv_fwd_kernel(
 ):
     """out = act(conv(x, w) + bias), one BLOCK_M row tile per program; with POOL (inference) max-pooled too, the
     rows ordered window by window (PKH x PKW taps in TAPS rows), only the pooled output written. With STATS
-    (training) it stores z = conv(x, w) + bias instead and, per row tile and channel, the tile's mean and M2 = sum((z - mean)^2) at
-    part[0|1, pid_m, c]. With BN_EVAL, BatchNorm in eval mode (running mean and var; gamma, beta when given) is
-    applied to conv + bias in the epilogue, from the buffers as they are now: the folding costs no launch and can
-    never be stale. INDEX_64: 64-bit offsets (a tensor of >= 2^30 elements), else 32-bit."""
+    (training) it stores z = conv(x, w) + bias instead and, per row tile and channel, the tile's mean and
+    M2 = sum((z - mean)^2) at part[0|1, pid_m, c]. With BN_EVAL, BatchNorm in eval mode (running mean and var;
+    gamma, beta when given) is applied to conv + bias in the epilogue, from the buffers as they are now: the
+    folding costs no launch and can never be stale. INDEX_64: 64-bit offsets (a tensor of >= 2^30 elements),
+    else 32-bit."""
     pid_m = _index(tl.program_id(0), INDEX_64)
     pid_n = _index(tl.program_id(1), INDEX_64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -192,11 +213,7 @@ def conv_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if POOL:  # rows are (n, ph, pw, tap): each pooled window's TAPS (a power of two >= PKH*PKW) rows together
         tap = offs_m % TAPS
-        t = offs_m // TAPS
-        pw = t % PW
-        t = t // PW
-        ph = t % PH
-        n = t // PH
+        n, ph, pw = _rows(offs_m // TAPS, PH, PW)
         oh = ph * pool_sh - pool_ph + tap // PKW
         ow = pw * pool_sw - pool_pw + tap % PKW
         mask_m = (offs_m < M) & (tap < PKH * PKW) & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
@@ -244,10 +261,7 @@ def conv_fwd_kernel(
             best, _ = tl.reduce((tl.reshape(v, (BLOCK_M // TAPS, TAPS, BLOCK_N)),
                                  tl.reshape(rank, (BLOCK_M // TAPS, TAPS, BLOCK_N))), 1, _max_pool_combine)
             g = pid_m * (BLOCK_M // TAPS) + tl.arange(0, BLOCK_M // TAPS)
-            g_pw = g % PW
-            g_t = g // PW
-            g_ph = g_t % PH
-            g_n = g_t // PH
+            g_n, g_ph, g_pw = _rows(g, PH, PW)
             pooled_offs = (g_n * out_n_stride + g_ph * out_h_stride + g_pw * out_w_stride)[:, None] \
                 + offs_n[None, :] * out_c_stride
             tl.store(out_ptr + pooled_offs, best.to(out_ptr.dtype.element_ty),
@@ -371,12 +385,9 @@ def bn_act_pool_fwd_kernel(
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
     offs = _index(pid, INDEX_64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
-    pw = offs % PW
-    t = offs // PW
-    ph = t % PH
-    t = t // PH
-    c = t % C
-    n = t // C
+    nc, ph, pw = _rows(offs, PH, PW)
+    c = nc % C
+    n = nc // C
     dtype = stats_ptr.dtype.element_ty
     mean = tl.load(stats_ptr + c, mask=mask, other=0.0)
     invstd = tl.load(stats_ptr + C + c, mask=mask, other=0.0)
@@ -422,20 +433,13 @@ def bn_act_bwd_reduce_kernel(
     PKW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per split of the rows and channel: part[0, s, c] = sum g_u, part[1, s, c] = sum g_u*x_hat, where
-    g_u = dL/du = g*act'(u) is the gradient at BatchNorm's output u (with POOL, g from the pooled gradient:
-    _load_g)."""
+    g_u = dL/du = g*act'(u) is the gradient at BatchNorm's output u (with POOL, g read through the pool's
+    argmax: _tile_g_z)."""
     pid_s = _index(tl.program_id(0), INDEX_64)
     offs_c = _index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), INDEX_64)
     mask_c = offs_c < C
     dtype = stats_ptr.dtype.element_ty
-    mean = tl.load(stats_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
-    invstd = tl.load(stats_ptr + C + offs_c, mask=mask_c, other=0.0)[None, :]
-    if HAS_AFFINE:
-        gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(dtype)[None, :]
-        beta = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(dtype)[None, :]
-    else:
-        gamma = 1.0
-        beta = 0.0
+    mean, invstd, gamma, beta = _bn_params(stats_ptr, gamma_ptr, beta_ptr, offs_c, mask_c, C, HAS_AFFINE, dtype)
     p0 = _scalar(p0_hi, p0_lo, dtype)
     p1 = _scalar(p1_hi, p1_lo, dtype)
     m_start = pid_s * rows_per_split
@@ -444,14 +448,12 @@ def bn_act_bwd_reduce_kernel(
     sum_g = tl.zeros((BLOCK_C,), dtype=tl.float64)
     sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        n, oh, ow = _rows(offs_m, OH, OW)
-        mask = (offs_m < m_end)[:, None] & mask_c[None, :]
-        z_offs = (n * z_n_stride + oh * z_h_stride + ow * z_w_stride)[:, None] + offs_c[None, :] * z_c_stride
-        g = _load_g(g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, n, oh, ow, offs_c, mask,
-                    pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw,
-                    pool_ph, pool_pw, POOL, PKH, PKW).to(dtype)
-        x_hat = (tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(dtype) - mean) * invstd
+        g, z, _, mask = _tile_g_z(
+            g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, z_ptr, z_n_stride, z_c_stride, z_h_stride,
+            z_w_stride, m0, m_end, offs_c, mask_c, OH, OW, pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride,
+            pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw, POOL, PKH, PKW, BLOCK_M, dtype,
+        )
+        x_hat = (z - mean) * invstd
         g_u = tl.where(mask, _act_vjp(g, x_hat * gamma + beta, ACT, p0, p1), 0.0)
         sum_g += tl.sum(g_u.to(tl.float64), axis=0)
         sum_gx += tl.sum((g_u * x_hat).to(tl.float64), axis=0)
@@ -492,31 +494,22 @@ def grad_z_kernel(
             offs = offs_s[:, None] * C + offs_c[None, :]
             sum_g += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), axis=0)
             sum_gx += tl.sum(tl.load(part_ptr + num_splits * C + offs, mask=mask, other=0.0), axis=0)
-        mean = tl.load(stats_ptr + offs_c, mask=mask_c, other=0.0)[None, :]
-        invstd = tl.load(stats_ptr + C + offs_c, mask=mask_c, other=0.0)[None, :]
+        mean, invstd, gamma, beta = _bn_params(stats_ptr, gamma_ptr, beta_ptr, offs_c, mask_c, C, HAS_AFFINE, dtype)
         if HAS_AFFINE:
-            gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(dtype)[None, :]
-            beta = tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(dtype)[None, :]
             if pid_s == 0:
                 tl.store(grad_gamma_ptr + offs_c, sum_gx.to(grad_gamma_ptr.dtype.element_ty), mask=mask_c)
                 tl.store(grad_beta_ptr + offs_c, sum_g.to(grad_beta_ptr.dtype.element_ty), mask=mask_c)
-        else:
-            gamma = 1.0
-            beta = 0.0
         coef_a = invstd * gamma
         coef_b = (sum_g / M).to(dtype)[None, :]
         coef_c = (sum_gx / M).to(dtype)[None, :]
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        n, oh, ow = _rows(offs_m, OH, OW)
-        mask = (offs_m < m_end)[:, None] & mask_c[None, :]
-        z_offs = (n * z_n_stride + oh * z_h_stride + ow * z_w_stride)[:, None] + offs_c[None, :] * z_c_stride
-        g = _load_g(g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, n, oh, ow, offs_c, mask,
-                    pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw,
-                    pool_ph, pool_pw, POOL, PKH, PKW).to(dtype)
-        z = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(dtype)
+        g, z, z_offs, mask = _tile_g_z(
+            g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, z_ptr, z_n_stride, z_c_stride, z_h_stride,
+            z_w_stride, m0, m_end, offs_c, mask_c, OH, OW, pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride,
+            pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw, POOL, PKH, PKW, BLOCK_M, dtype,
+        )
         if BN:
             gz = _grad_z(g, z, mean, invstd, gamma, beta, coef_a, coef_b, coef_c, True, ACT, p0, p1)
         else:

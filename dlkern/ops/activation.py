@@ -12,7 +12,8 @@ parameters as in :func:`activation_spec`):
   -> (Tensor, Tensor)``: the weight gradient is empty when weight_grad is False.
 
 CUDA tensors run the Triton kernels (and so do CPU tensors under TRITON_INTERPRET=1); other CPU tensors run
-an equivalent PyTorch composite after a one-time warning (the dispatcher picks by device). None of them reads tensor values on the host.
+an equivalent PyTorch composite after a one-time warning (the dispatcher picks by device). None of them reads
+tensor values on the host.
 Outputs have the input's strides when it is dense (``empty_like``), as PyTorch's elementwise ops. Every op has a
 vmap rule. Autograd (reverse mode, forward mode, double backward, torch.func) lives in the
 ``torch.autograd.Function``s at the end, which dlkern.functional calls; ``activation`` and ``activation_channelwise``

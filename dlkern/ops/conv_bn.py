@@ -740,8 +740,8 @@ def _conv_bn_act2d_backward_triton(
     return dx, dw, db, grad_gamma, grad_beta
 
 
-def _conv_bn_act2d_backward_fake(grad_out, input, weight, z, stats, bn_weight, bn_bias, stride, padding, dilation, activation, p0, p1,
-      allow_tf32, input_grad, weight_grad):
+def _conv_bn_act2d_backward_fake(grad_out, input, weight, z, stats, bn_weight, bn_bias, stride, padding, dilation,
+                                 activation, p0, p1, allow_tf32, input_grad, weight_grad):
     affine = bn_weight is not None and stats is not None
     check_bn_sizes(weight.shape[0], bn_weight=bn_weight, bn_bias=bn_bias)
     dx = torch.empty_like(input, memory_format=suggest_memory_format(input)) if input_grad else input.new_empty(0)
