@@ -177,25 +177,21 @@ class Recorder:
         assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "record without TRITON_INTERPRET"
         from host_stub import stand_in_gpu
 
-        from dlkern.ops import triton_support
-
         for obj in gc.get_objects():
             if isinstance(obj, autotuner.Autotuner):
                 obj.cache.clear()
-        plans = getattr(triton_support, "_plans", {})  # launch(): kernels kept per key skip Triton's path
-        plans.clear()
-        with stand_in_gpu():  # resets the JIT caches; restores compile, _bench and the driver on exit
-            saved = (triton.compiler.compile, autotuner.Autotuner.check_disk_cache)
+        # stand_in_gpu resets the JIT caches and drops launch plans (which would skip Triton's path) on entry and
+        # exit, keeps the on-disk autotune cache out (it would skip the per-config launches), and restores compile,
+        # _bench and the driver on exit.
+        with stand_in_gpu():
+            saved = triton.compiler.compile
             triton.compiler.compile = self.compile
             autotuner.Autotuner._bench = lambda tuner, *a, config, **m: self.bench(tuner, *a, config=config, **m)
-            # autotune results cached on disk (cache_results=True) would skip the per-config launches
-            autotuner.Autotuner.check_disk_cache = lambda tuner, key, configs, bench_fn: (bench_fn(), False)[1]
             self.tag, self.dtype = tag, dtype
             try:
                 yield
             finally:
-                triton.compiler.compile, autotuner.Autotuner.check_disk_cache = saved
-                plans.clear()  # they hold the stand-in's kernels, which launch nothing
+                triton.compiler.compile = saved
 
 
 def _config_name(config):

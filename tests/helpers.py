@@ -1,4 +1,4 @@
-"""Shared test helpers: devices, dtypes and per-dtype tolerances."""
+"""Shared test helpers: devices, dtypes, per-dtype tolerances, and state_dict round trips."""
 
 import pytest
 import torch
@@ -24,3 +24,16 @@ def assert_close(actual, expected, dtype=None, **kw):
     tol = dict(TOLERANCES[dtype or actual.dtype])
     tol.update(kw)
     torch.testing.assert_close(actual, expected.to(actual.dtype), **tol)
+
+
+def assert_state_dicts_cross(block, stock):
+    """A dlkern block and its stock Sequential have the same state_dict keys (conv and BatchNorm) and load each
+    other's state_dicts with strict=True, values included."""
+    assert list(block.state_dict()) == list(stock.state_dict()) == [
+        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"]
+    stock[1].running_mean.fill_(0.25)
+    block.load_state_dict(stock.state_dict(), strict=True)
+    assert torch.equal(block[1].running_mean, stock[1].running_mean)
+    block[0].weight.data.fill_(0.5)
+    stock.load_state_dict(block.state_dict(), strict=True)
+    assert torch.equal(stock[0].weight, block[0].weight)

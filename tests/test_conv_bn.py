@@ -19,7 +19,7 @@ import dlkern
 from dlkern.nn import ConvBNReLU2d
 from dlkern.ops import conv_bn as ops
 from dlkern.ops import triton_support
-from helpers import DEVICES, assert_close
+from helpers import DEVICES, assert_close, assert_state_dicts_cross
 
 TRAIN_KERNELS = ("conv_fwd_kernel", "bn_stats_finalize_kernel", "bn_act_fwd_kernel")  # running stats updated too
 BACKWARD_KERNELS = ("bn_act_bwd_reduce_kernel", "grad_z_kernel", "conv_bwd_input_kernel",
@@ -276,14 +276,7 @@ def test_torch_compile_fullgraph():
 def test_state_dict_round_trips():
     block = ConvBNReLU2d(3, 8, 3, padding=1)
     stock = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-    assert list(block.state_dict()) == list(stock.state_dict()) == [
-        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"]
-    stock[1].running_mean.fill_(0.25)
-    block.load_state_dict(stock.state_dict(), strict=True)
-    assert torch.equal(block[1].running_mean, stock[1].running_mean)
-    block[0].weight.data.fill_(0.5)
-    stock.load_state_dict(block.state_dict(), strict=True)
-    assert torch.equal(stock[0].weight, block[0].weight)
+    assert_state_dicts_cross(block, stock)
     assert [n for n, _ in block.named_parameters()] == [n for n, _ in stock.named_parameters()]
 
 

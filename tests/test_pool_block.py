@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dlkern
 from dlkern.nn import ConvBNActPool2d
 from dlkern.ops import triton_support
-from helpers import assert_close
+from helpers import assert_close, assert_state_dicts_cross
 from test_conv_bn import assert_grad_close
 
 # Launches of one training step of a block whose input needs a gradient (test_training_step_launches), today's
@@ -284,14 +284,7 @@ def test_state_dicts_both_ways_and_fuse_shares():
     stock = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.MaxPool2d(3, 2, ceil_mode=True))
     assert repr(block[3]) == repr(stock[3]) and repr(block[:3]) == repr(stock[:3])
-    assert list(block.state_dict()) == list(stock.state_dict()) == [
-        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"]
-    stock[1].running_mean.fill_(0.25)
-    block.load_state_dict(stock.state_dict(), strict=True)
-    assert torch.equal(block[1].running_mean, stock[1].running_mean)
-    block[0].weight.data.fill_(0.5)
-    stock.load_state_dict(block.state_dict(), strict=True)
-    assert torch.equal(stock[0].weight, block[0].weight)
+    assert_state_dicts_cross(block, stock)
     fused = ConvBNActPool2d.fuse(*stock)
     assert all(a is b for a, b in zip(fused, stock, strict=True))
     assert type(fused[:2]) is nn.Sequential and list(fused[:2]) == list(stock[:2])  # slices are plain Sequentials

@@ -29,7 +29,9 @@ from dlkern.ops.activation import composite_backward, composite_forward
 from dlkern.ops.autograd_support import call_op, function_apply, needs_autograd
 from dlkern.ops.library import define, LIB
 from dlkern.ops.max_pool import _pooling_output_size
-from dlkern.ops.triton_support import cdiv, compute_dtype, INTERPRETING, launch, next_power_of_2, sm_count
+from dlkern.ops.triton_support import (
+    cdiv, compute_dtype, INTERPRETING, launch, next_power_of_2, remembered, sm_count,
+)
 
 OP = "conv_bn_act2d"
 
@@ -1028,23 +1030,11 @@ _block_args_cache = {}
 
 
 def _block_args(weight, stride, padding, dilation, activation, activation_params):
-    """conv_args and check_activation, remembered per argument values (a module passes the same ones every call;
-    unhashable ones, such as lists, and traced calls are checked afresh)."""
-    if not torch.compiler.is_compiling():
-        key = (weight.shape[2:], stride, padding, dilation, activation, activation_params)
-        try:
-            return _block_args_cache[key]
-        except (KeyError, TypeError):
-            pass
-    checked = (*conv_args(weight, stride, padding, dilation), *check_activation(activation, activation_params))
-    if not torch.compiler.is_compiling():
-        try:
-            if len(_block_args_cache) > 4096:
-                _block_args_cache.clear()
-            _block_args_cache[key] = checked
-        except TypeError:
-            pass
-    return checked
+    """conv_args and check_activation, remembered per argument values."""
+    return remembered(
+        _block_args_cache, (weight.shape[2:], stride, padding, dilation, activation, activation_params),
+        lambda: (*conv_args(weight, stride, padding, dilation), *check_activation(activation, activation_params)),
+    )
 
 
 def _pair(name, value):

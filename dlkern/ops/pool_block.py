@@ -11,6 +11,7 @@ import torch
 
 from dlkern.ops import conv_bn as _conv_bn
 from dlkern.ops import max_pool as _max_pool
+from dlkern.ops.triton_support import remembered
 
 
 def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked, training,
@@ -51,25 +52,11 @@ def _fused_pool(input, weight, stride, padding, dilation, kernel_size, pool_stri
     """The pool as conv_bn.forward(pool=...) takes it, when the fused kernels cover it and its arguments are
     surely valid (so that every refusal keeps coming from max_pool2d, with ATen's message): windows that do not
     overlap, dilation 1, padding at most half the kernel, a non-empty output. Else None. Remembered per shapes
-    and arguments (a module's are the same call after call), except while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return _check_pool(input, weight, stride, padding, dilation, kernel_size, pool_stride, pool_padding,
-                           pool_dilation, ceil_mode)
-    try:
-        key = (input.shape, input.dim(), weight.shape, stride, padding, dilation, tuple(kernel_size),
-               tuple(pool_stride), tuple(pool_padding), tuple(pool_dilation), ceil_mode)
-        hash(key)
-    except TypeError:  # unhashable arguments: checked afresh
-        key = None
-    if key is not None and key in _fused_pool_cache:
-        return _fused_pool_cache[key]
-    pool = _check_pool(input, weight, stride, padding, dilation, kernel_size, pool_stride, pool_padding,
-                       pool_dilation, ceil_mode)
-    if key is not None:
-        if len(_fused_pool_cache) > 4096:
-            _fused_pool_cache.clear()
-        _fused_pool_cache[key] = pool
-    return pool
+    and arguments (its checks cost ~10 us)."""
+    key = (input.shape, weight.shape, stride, padding, dilation, tuple(kernel_size), tuple(pool_stride),
+           tuple(pool_padding), tuple(pool_dilation), ceil_mode)
+    return remembered(_fused_pool_cache, key, lambda: _check_pool(
+        input, weight, stride, padding, dilation, kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode))
 
 
 def _check_pool(input, weight, stride, padding, dilation, kernel_size, pool_stride, pool_padding, pool_dilation,

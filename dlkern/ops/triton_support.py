@@ -108,6 +108,26 @@ def triton_on_cpu():
         _on_cpu = saved
 
 
+def remembered(cache, key, compute):
+    """compute() once per key in `cache` (a dict), for host-side argument checks that depend on hashable values
+    only (a module passes the same ones call after call). Computed afresh while torch.compile traces (Dynamo
+    sees the checks) and for an unhashable key; a failing check is never remembered; past 4096 keys the cache
+    starts over rather than grow."""
+    if torch.compiler.is_compiling():
+        return compute()
+    try:
+        return cache[key]
+    except KeyError:
+        pass
+    except TypeError:
+        return compute()
+    value = compute()
+    if len(cache) >= 4096:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def compute_dtype(dtype):
     """The dtype dlkern computes (and reduces) a tensor of `dtype` in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
