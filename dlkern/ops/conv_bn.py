@@ -437,13 +437,14 @@ average)."""
 
 
 def _train_setup_context(ctx, inputs, output):
+    """Also for conv_bn_act_pool2d, whose extra inputs (the pool's) and output (the window taps) come last."""
     input, weight, bias, bn_weight, bn_bias, *_, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, \
-        ctx.allow_tf32 = inputs
-    _, z, stats = output
-    ctx.mark_non_differentiable(z, stats)
+        ctx.allow_tf32 = inputs[:17]
+    _, z, stats, *taps = output
+    ctx.mark_non_differentiable(z, stats, *taps)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for z and stats, which nothing differentiates
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(input, weight, z, stats, bn_weight, bn_bias)
+    ctx.save_for_backward(input, weight, z, stats, bn_weight, bn_bias, *taps)
 
 
 def _train_backward(ctx, grad_out, _grad_z, _grad_stats):
@@ -970,7 +971,7 @@ def _conv_bn_act_pool2d_backward_composite(*args):
 
 def _conv_bn_act_pool2d_backward_fake(*args):
     train, _ = _split_pool_backward(args)
-    grad_out, input, weight, z = train[:4]
+    z = train[3]
     return _conv_bn_act2d_backward_fake(torch.empty_like(z), *train[1:])
 
 
@@ -979,14 +980,8 @@ conv_bn_act_pool2d_backward = define(_POOL_BACKWARD_SCHEMA, _conv_bn_act_pool2d_
 
 
 def _pool_setup_context(ctx, inputs, output):
-    input, weight, bias, bn_weight, bn_bias, *_, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, \
-        ctx.allow_tf32, pk, ps, pp, _ = inputs
-    _, z, stats, pos = output
-    ctx.pool = (pk, ps, pp)
-    ctx.mark_non_differentiable(z, stats, pos)
-    ctx.set_materialize_grads(False)
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(input, weight, z, stats, bn_weight, bn_bias, pos)
+    _train_setup_context(ctx, inputs, output)
+    ctx.pool = tuple(inputs[17:20])
 
 
 def _pool_backward(ctx, grad_out, _grad_z, _grad_stats, _grad_pos):
