@@ -674,3 +674,41 @@ def test_2x2_backward_odd_sizes_and_foreign_indices(shape, dtype):
     expected = torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, foreign)
     actual = torch.ops.dlkern.max_pool2d_backward(g, x, foreign, [2], [], [0], [1], False)
     assert_close(actual, expected)  # repeated indices sum: the dtype's tolerance for a different order
+
+
+def _vm_flags(address):
+    """The VmFlags of the mapping of this process that holds `address` (Linux /proc/self/smaps)."""
+    flags = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(a, 16) for a in head.split("-"))
+                inside = lo <= address < hi
+            elif head == "VmFlags:" and inside:
+                flags = line.split()[1:]
+    return flags
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return re.search(r"\[(\w+)\]", f.read()).group(1)
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="needs Linux transparent huge pages")
+def test_large_cpu_outputs_are_advised_onto_huge_pages():
+    # A fresh 100 MB gradient on 4 KB pages spends most of its time in page faults; dlkern advises outputs above
+    # 32 MB onto 2 MB pages (VmFlags "hg") and leaves smaller ones, which may share glibc's heap, alone.
+    x = torch.randn(1024, 32, 28, 28)  # the MnistCNN's first pool at batch 1024: a 103 MB input gradient
+    y, ind = F.max_pool2d(x, 2, return_indices=True)
+    g = torch.randn_like(y)
+    grad = torch.ops.dlkern.max_pool2d_backward(g, x, ind, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    assert "hg" in _vm_flags(grad.data_ptr() + grad.nbytes // 2)
+    assert "hg" in _vm_flags(ind.data_ptr() + ind.nbytes // 2)  # 51 MB of int64 indices
+    ref = torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, ind)
+    assert torch.equal(grad, ref)
+    small = torch.ops.dlkern.max_pool2d_backward(g[:8], x[:8], ind[:8], [2, 2], [2, 2], [0, 0], [1, 1], False)
+    assert "hg" not in (_vm_flags(small.data_ptr()) or [])
