@@ -660,20 +660,50 @@ def test_values_only_forward_runs_without_indices():
     assert seen == ["dlkern.max_pool2d_values.default", "dlkern.max_pool2d.default", "dlkern.max_pool2d.default"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 7, 9), (1, 1, 2, 2)])
-def test_2x2_backward_odd_sizes_and_foreign_indices(shape, dtype):
-    """The 2x2 tiling backward writes each element once: odd last rows/columns get 0, and indices that point
-    outside their own window (passed by a caller) are scattered as ATen's backward scatters them."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_values_only_forward_matches_torch(dtype, channels_last):
+    """The values-only forward selects what ATen selects: every 2x2 arrangement of ties and NaN, odd sizes, and a
+    window that is not 2x2."""
+    x = every_2x2_window(torch.float32 if dtype == torch.int32 else dtype, channels_last)
+    if dtype == torch.int32:
+        x = x.nan_to_num(nan=7, neginf=-5).to(dtype)
+    for part, args in [(x, dict(kernel_size=2)), (x[..., :7], dict(kernel_size=2)), (x, dict(kernel_size=(2, 3), stride=1))]:
+        with torch.no_grad():
+            assert torch.equal(F.max_pool2d(part, **args).isnan(), TF.max_pool2d(part, **args).isnan())
+            assert torch.equal(F.max_pool2d(part, **args).nan_to_num(), TF.max_pool2d(part, **args).nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 7, 9), (1, 1, 2, 2), (3, 20, 5, 4), (4, 64, 65, 63)])
+def test_2x2_backward_odd_sizes_and_foreign_indices(shape, channels_last, dtype):
+    """The channels_last 2x2 tiling backward writes each element once: odd last rows/columns get 0, a -0 gradient
+    lands as ATen's zero-filled sum stores it (+0), and indices that point outside their own window (passed by a
+    caller) are scattered as ATen's backward scatters them -- in every image, or in one image of several. The
+    largest shape is over the 4 MB above which each image is zeroed before it is written."""
     x = torch.randn(shape, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     out, idx = torch.ops.dlkern.max_pool2d(x, [2], [], [0], [1], False)
-    g = torch.randn_like(out)
-    expected = torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
-    assert torch.equal(torch.ops.dlkern.max_pool2d_backward(g, x, idx, [2], [], [0], [1], False), expected)
+    g = torch.randn_like(out).masked_fill(torch.rand(out.shape) < 0.2, -0.0)
+    pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+
+    def check(indices, exact):
+        expected = torch.ops.aten.max_pool2d_with_indices_backward(g, x, *pool, indices)
+        actual = torch.ops.dlkern.max_pool2d_backward(g, x, indices, [2], [], [0], [1], False)
+        if exact:
+            assert torch.equal(actual, expected) and torch.equal(actual.signbit(), expected.signbit())
+        else:
+            assert_close(actual, expected)  # repeated indices sum: the dtype's tolerance for a different order
+        assert actual.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    check(idx, exact=True)
     foreign = torch.randint(0, shape[2] * shape[3], idx.shape)  # anywhere in the plane, repeats included
-    expected = torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, foreign)
-    actual = torch.ops.dlkern.max_pool2d_backward(g, x, foreign, [2], [], [0], [1], False)
-    assert_close(actual, expected)  # repeated indices sum: the dtype's tolerance for a different order
+    check(foreign, exact=False)
+    if shape[0] > 1:
+        one_foreign = idx.clone()
+        one_foreign[-1, -1, 0, 0] = shape[2] * shape[3] - 1  # one index of the last image leaves its window
+        check(one_foreign, exact=False)
 
 
 def _vm_flags(address):
