@@ -514,7 +514,9 @@ struct Unpool2x2Nhwc {
     // the last row and column of an odd-sized image are in no window
     for (int64_t h = 2 * s.OH; h < s.H; ++h) std::fill(gi + h * W * C, gi + (h + 1) * W * C, scalar_t(0));
     if (2 * s.OW < W) {
-      for (int64_t h = 0; h < 2 * s.OH; ++h) std::fill(gi + (h * W + 2 * s.OW) * C, gi + (h + 1) * W * C, scalar_t(0));
+      for (int64_t h = 0; h < 2 * s.OH; ++h) {
+        std::fill(gi + (h * W + 2 * s.OW) * C, gi + (h + 1) * W * C, scalar_t(0));
+      }
     }
     return foreign == 0;
   }

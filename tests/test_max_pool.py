@@ -616,6 +616,8 @@ for (shape, args), dtype, cl in itertools.product(cases, [torch.float32, torch.f
     ref, ref_idx = TF.max_pool2d(x, **args, return_indices=True)
     assert torch.equal(idx, ref_idx), ("indices", shape, args, dtype, cl)
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)  # max pooling selects: exact
+    with torch.no_grad():  # the values-only kernel (channels_last)
+        torch.testing.assert_close(F.max_pool2d(x, **args), ref, rtol=0, atol=0, equal_nan=True)
     if dtype.is_floating_point:
         g = torch.randn(out.shape).to(dtype)
         k = args["kernel_size"]
@@ -668,7 +670,8 @@ def test_values_only_forward_matches_torch(dtype, channels_last):
     x = every_2x2_window(torch.float32 if dtype == torch.int32 else dtype, channels_last)
     if dtype == torch.int32:
         x = x.nan_to_num(nan=7, neginf=-5).to(dtype)
-    for part, args in [(x, dict(kernel_size=2)), (x[..., :7], dict(kernel_size=2)), (x, dict(kernel_size=(2, 3), stride=1))]:
+    cases = [(x, dict(kernel_size=2)), (x[..., :7], dict(kernel_size=2)), (x, dict(kernel_size=(2, 3), stride=1))]
+    for part, args in cases:
         with torch.no_grad():
             assert torch.equal(F.max_pool2d(part, **args).isnan(), TF.max_pool2d(part, **args).isnan())
             assert torch.equal(F.max_pool2d(part, **args).nan_to_num(), TF.max_pool2d(part, **args).nan_to_num())

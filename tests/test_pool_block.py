@@ -422,3 +422,34 @@ def test_training_step_launches():
     with CountLaunches() as backward:
         out.backward(torch.ones_like(out))
     assert (forward.launches, backward.launches) == (TRAIN_FORWARD_LAUNCHES, TRAIN_BACKWARD_LAUNCHES)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_cpu_without_triton_runs_the_unfused_block(training):
+    """Where the Triton kernels do not run (a CPU outside the interpreter) the block is ATen's conv block (the
+    composite) and dlkern's C++ max pool, not the fused op's composite, which would pool the same way and add the
+    window taps' encoding and a scatter back; in the interpreter the fused op runs. Same results both ways."""
+    torch.manual_seed(5)
+    block, _ = make_pair(2, 4, torch.float64, conv_kw=dict(padding=1))
+    block.train(training)
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+
+    def run(model):
+        seen = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace == "dlkern":
+                    seen.append(func._opname)
+                return func(*args, **(kwargs or {}))
+
+        with Record(), torch.set_grad_enabled(training):
+            out = model(x)
+        return seen, out
+
+    fused, fused_out = run(copy.deepcopy(block))
+    with triton_support.composite_on_cpu():
+        unfused, unfused_out = run(copy.deepcopy(block))
+    assert fused == ["conv_bn_act_pool2d" if training else "conv_bn_eval_act_pool2d"]
+    assert unfused == (["conv_bn_act2d", "max_pool2d"] if training else ["conv_bn_eval_act2d", "max_pool2d_values"])
+    assert_close(unfused_out, fused_out)

@@ -3,6 +3,8 @@ Conv2d -> BatchNorm2d -> act -> MaxPool2d in float64 -- outputs, every gradient,
 Triton kernels (interpreter) and the PyTorch composite; ties, NaN and -inf as ATen's max pool; pool padding,
 ceil_mode, strides above the kernel; channels_last; opcheck; torch.compile; launches."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -206,3 +208,26 @@ def test_opcheck_and_compile():
     g = torch.randn_like(eager)
     for a, b in zip(torch.autograd.grad(eager, params, g), torch.autograd.grad(compiled, params, g)):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [(1, 2), (2, 1), (2, 2), (2, 3), (3, 3)])
+@pytest.mark.parametrize("width", [1, 2, 5])
+def test_window_taps_round_trip(kernel, width):
+    """window_taps (what the composite returns as pos) decodes ATen's flat indices by compares for windows of one
+    or two rows no wider than the plane, else by division; window_indices inverts it. Checked against the
+    division on every valid padding, stride >= kernel, both ceil modes, narrow planes included."""
+    torch.manual_seed(width)
+    for pad in itertools.product(range(kernel[0] // 2 + 1), range(kernel[1] // 2 + 1)):
+        for extra, ceil in itertools.product([0, 1], [False, True]):
+            stride = (kernel[0] + extra, kernel[1] + extra)
+            x = torch.randn(2, 3, 5, width)
+            try:
+                _, idx = F.max_pool2d(x, kernel, stride, pad, 1, ceil, return_indices=True)
+            except RuntimeError:  # the output would be empty
+                continue
+            rows = torch.arange(idx.shape[2]).view(-1, 1) * stride[0] - pad[0]
+            cols = torch.arange(idx.shape[3]).view(1, -1) * stride[1] - pad[1]
+            expected = (idx // width - rows) * kernel[1] + (idx % width - cols)
+            taps = ops.window_taps(idx, width, kernel, stride, pad)
+            assert taps.dtype == torch.uint8 and torch.equal(taps.long(), expected), (pad, stride, ceil)
+            assert torch.equal(ops.window_indices(taps, width, kernel, stride, pad), idx), (pad, stride, ceil)

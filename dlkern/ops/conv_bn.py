@@ -28,7 +28,7 @@ from dlkern.kernels import conv_bn as kernels
 from dlkern.ops.activation import composite_backward, composite_forward
 from dlkern.ops.autograd_support import call_op, function_apply, needs_autograd
 from dlkern.ops.library import define, LIB
-from dlkern.ops.max_pool import _pooling_output_size
+from dlkern.ops.max_pool import _MAX_POOL2D, _MAX_POOL2D_VALUES, _pooling_output_size
 from dlkern.ops.triton_support import (
     cdiv, compute_dtype, INTERPRETING, launch, next_power_of_2, remembered, sm_count,
 )
@@ -570,7 +570,7 @@ def _conv_bn_eval_act_pool2d_triton(*args):
 
 def _conv_bn_eval_act_pool2d_composite(*args):
     *block, pk, ps, pp, ceil = args
-    return F.max_pool2d(_conv_bn_eval_act2d_composite(*block), pk, ps, pp, 1, ceil)
+    return _MAX_POOL2D_VALUES(_conv_bn_eval_act2d_composite(*block), pk, ps, pp, [1, 1], ceil)  # dlkern's C++
 
 
 def _conv_bn_eval_act_pool2d_fake(*args):
@@ -911,16 +911,40 @@ def _conv_bn_act_pool2d_triton(*args):
     return _conv_bn_act2d_triton(*train, pool=_pool_of(pk, ps, pp, ceil))
 
 
+def _window_starts(pooled_shape, stride, padding, device):
+    """(rows, cols): the first row and column of each pooled element's window (in the padding when negative)."""
+    rows = torch.arange(pooled_shape[2], device=device).view(-1, 1) * stride[0] - padding[0]
+    cols = torch.arange(pooled_shape[3], device=device).view(1, -1) * stride[1] - padding[1]
+    return rows, cols
+
+
+def window_taps(indices, width, kernel_size, stride, padding):
+    """The window tap (kh * kernel_size[1] + kw, in uint8) of each of max_pool2d's flat indices (h * width + w);
+    window_indices inverts it. A window of one or two rows, no wider than the plane, is decoded by a compare:
+    ATen's int64 division costs 4x as much."""
+    (kh, kw), (rows, cols) = kernel_size, _window_starts(indices.shape, stride, padding, indices.device)
+    if kh <= 2 and kw <= width:
+        rel = indices - (rows * width + cols)  # row * width + column within the window, the column < width
+        taps = rel if kh == 1 else torch.where(rel >= width, rel - (width - kw), rel)
+    else:  # a window column may exceed the plane's width: by the element's own row and column
+        taps = (indices // width - rows) * kw + (indices % width - cols)
+    return taps.to(torch.uint8)
+
+
+def window_indices(taps, width, kernel_size, stride, padding):
+    """max_pool2d's flat indices (h * width + w, int64) from window taps: window_taps inverted."""
+    rows, cols = _window_starts(taps.shape, stride, padding, taps.device)
+    tap = torch.arange(kernel_size[0] * kernel_size[1], device=taps.device)
+    offsets = tap // kernel_size[1] * width + tap % kernel_size[1]  # (kernel taps,): no division per element
+    return offsets.take(taps.long()).add_(rows * width + cols)
+
+
 def _conv_bn_act_pool2d_composite(*args):
-    """ATen's kernels: the training block, then max_pool2d with indices, turned into window taps."""
+    """ATen's kernels for the training block, then dlkern's C++ max pool, its indices turned into window taps."""
     *train, pk, ps, pp, ceil = args
     out, z, stats = _conv_bn_act2d_composite(*train)
-    pooled, indices = F.max_pool2d(out, pk, ps, pp, 1, ceil, return_indices=True)
-    OW = out.shape[3]
-    rows = torch.arange(pooled.shape[2], device=out.device).view(-1, 1) * ps[0] - pp[0]
-    cols = torch.arange(pooled.shape[3], device=out.device).view(1, -1) * ps[1] - pp[1]
-    pos = (indices // OW - rows) * pk[1] + (indices % OW - cols)
-    return pooled, z, stats, pos.to(torch.uint8)
+    pooled, indices = _MAX_POOL2D(out, pk, ps, pp, [1, 1], ceil)
+    return pooled, z, stats, window_taps(indices, out.shape[3], pk, ps, pp)
 
 
 def _conv_bn_act_pool2d_fake(*args):
@@ -959,11 +983,7 @@ def _conv_bn_act_pool2d_backward_composite(*args):
     """The pooled gradient scattered to the maxima (what max_pool2d's backward does), then the block's."""
     (grad_out, *train), (pos, pk, ps, pp) = _split_pool_backward(args)
     z = train[2]
-    OW = z.shape[3]
-    rows = torch.arange(pos.shape[2], device=z.device).view(-1, 1) * ps[0] - pp[0]
-    cols = torch.arange(pos.shape[3], device=z.device).view(1, -1) * ps[1] - pp[1]
-    p = pos.long()
-    indices = (rows + p // pk[1]) * OW + cols + p % pk[1]
+    indices = window_indices(pos, z.shape[3], pk, ps, pp)
     full = torch.zeros(z.shape, dtype=grad_out.dtype, device=z.device)
     full.view(*z.shape[:2], -1).scatter_(2, indices.flatten(2), grad_out.flatten(2))
     return _conv_bn_act2d_backward_composite(full.contiguous(memory_format=_memory_format(z)), *train)

@@ -2,7 +2,7 @@
 ``dlkern.functional.conv_bn_act_pool2d`` and ``dlkern.nn.ConvBNActPool2d``.
 
 Where the fused kernels cover the pool (windows that do not overlap, dilation 1; training, and inference without
-autograd) the max pool runs inside the conv block's kernels (dlkern/ops/conv_bn.py: ``forward(pool=...)``),
+autograd) and run (CUDA, or a CPU in Triton's interpreter) the max pool runs inside the conv block's kernels (dlkern/ops/conv_bn.py: ``forward(pool=...)``),
 its argmax kept as one byte per pooled element; everything else is the fused conv block followed by dlkern's
 max pool (dlkern/ops/max_pool.py), exactly what ``max_pool2d(conv_bn_act2d(...))`` computes.
 """
@@ -11,7 +11,7 @@ import torch
 
 from dlkern.ops import conv_bn as _conv_bn
 from dlkern.ops import max_pool as _max_pool
-from dlkern.ops.triton_support import remembered
+from dlkern.ops.triton_support import cpu_runs_triton, remembered
 
 
 def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked, training,
@@ -25,8 +25,12 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
     at most half the kernel, output size >= 1) run on the block's output, with ATen's messages: as in the stock
     Sequential, they raise after a training block has updated the running statistics.
     """
-    pool = _fused_pool(input, weight, stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding,
-                       pool_dilation, pool_ceil_mode)
+    pool = None
+    # Fused where the Triton kernels run. A CPU without them runs ATen's conv block and dlkern's C++ max pool: the
+    # fused op's composite would pool the same way and add the window taps' encoding and a scatter back.
+    if isinstance(input, torch.Tensor) and (input.is_cuda or cpu_runs_triton()):
+        pool = _fused_pool(input, weight, stride, padding, dilation, pool_kernel_size, pool_stride, pool_padding,
+                           pool_dilation, pool_ceil_mode)
     if pool is not None and (training or not return_indices):  # (inference keeps no window taps)
         fused = _conv_bn.forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias,
                                  num_batches_tracked, training, momentum, eps, stride, padding, dilation, activation,
@@ -36,7 +40,8 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
             if not return_indices:
                 return out
             width = _conv_bn.geometry(input, weight, *_conv_bn.conv_args(weight, stride, padding, dilation))[-1]
-            return out, _indices(taps, pool, width)
+            indices = _conv_bn.window_indices(taps, width, *pool[:3])  # pool: (kernel, stride, padding, ceil)
+            return out, indices.contiguous(memory_format=_conv_bn._memory_format(taps))
     out = _conv_bn.forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked,
                            training, momentum, eps, stride, padding, dilation, activation, activation_params)
     pooled, indices = _max_pool.max_pool2d(out, pool_kernel_size, pool_stride, pool_padding, pool_dilation,
@@ -82,12 +87,3 @@ def _check_pool(input, weight, stride, padding, dilation, kernel_size, pool_stri
         return pool
     except (TypeError, ValueError, IndexError, RuntimeError):  # whatever is wrong, the composition reports it
         return None
-
-
-def _indices(taps, pool, width):
-    """max_pool2d's int64 indices (h*W + w in the block's output) from the fused kernel's window taps."""
-    (kh, kw), (sh, sw), (ph, pw), _ = pool
-    rows = torch.arange(taps.shape[2], device=taps.device).view(-1, 1) * sh - ph
-    cols = torch.arange(taps.shape[3], device=taps.device).view(1, -1) * sw - pw
-    t = taps.long()
-    return ((rows + t // kw) * width + cols + t % kw).contiguous(memory_format=_conv_bn._memory_format(taps))
