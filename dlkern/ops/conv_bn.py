@@ -153,10 +153,21 @@ _conv_bwd_weight = _tuned(kernels.conv_bwd_weight_kernel, "BLOCK_CO", "C_out", "
 def _heuristic(tiles, n_name, M, N, dtype):
     """The fixed tile for a shape (DLKERN_AUTOTUNE=0): from the offered ones, 128-row tiles once M fills an H200
     several times over (>= 2^17 rows), else 64; BLOCK_N/BLOCK_CO the narrowest that covers N (32 for the MnistCNN),
-    the smallest BLOCK_K, 4 warps when offered."""
+    the smallest BLOCK_K, 4 warps when offered. Computed once per (tiles, large M, N, dtype): a few µs a call."""
+    key = (id(tiles), n_name, M >= 1 << 17, N, dtype)
+    blocks = _heuristic_tiles.get(key)
+    if blocks is None:
+        blocks = _heuristic_tiles[key] = _pick_tile(tiles, n_name, M >= 1 << 17, dtype)
+    return blocks
+
+
+_heuristic_tiles = {}
+
+
+def _pick_tile(tiles, n_name, large, dtype):
     wide = dtype.itemsize > 2
     offered = [t for t in tiles if not (wide and t[5])]
-    bm = 128 if M >= 1 << 17 and any(t[0] == 128 for t in offered) else min(t[0] for t in offered)
+    bm = 128 if large and any(t[0] == 128 for t in offered) else min(t[0] for t in offered)
     fits = [t for t in offered if t[0] == bm] or offered
     bm, bn, bk, w, s, _ = min(fits, key=lambda t: (t[2], -t[3] if bm == 128 else t[3], t[4]))
     return {"BLOCK_M": bm, n_name: bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s}
