@@ -424,3 +424,32 @@ def channel_sum_kernel(src_ptr, dst_ptr, O, C, I, OI, chunk, BLOCK_C: tl.constex
         offs = c_offs[:, None] + (o * C * I + (k - o * I))[None, :]
         acc += tl.load(src_ptr + offs, mask=c_mask[:, None] & (k < k_end)[None, :], other=0.0)
     tl.store(dst_ptr + split * C + c, tl.sum(acc, axis=1), mask=c_mask)
+
+
+@triton.jit
+def channelwise_bwd_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, part_ptr, O, C, I, OI, chunk, w_stride, p1: tl.float64,
+                           ACT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The backward of prelu / tensor-beta swish over dense (O, C, I) arrays x, g and dx of one layout, walked as
+    channel_sum_kernel walks them: dx = g * f'(x) per element, and part[split, c] = this split's sum of
+    g * df/dw over channel c -- the weight gradient with no per-element buffer and no extra pass over it.
+    channel_sum_kernel then adds the splits in a fixed order (no atomics: bitwise reproducible)."""
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    c_offs = c.to(tl.int64) * I
+    a = _compute_dtype(tl.load(w_ptr + c * w_stride, mask=c_mask, other=0.0))[:, None]
+    k_start = split * chunk
+    k_end = tl.minimum(k_start + chunk, OI)
+    acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=part_ptr.dtype.element_ty)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        o = k // I
+        offs = c_offs[:, None] + (o * C * I + (k - o * I))[None, :]
+        mask = c_mask[:, None] & (k < k_end)[None, :]
+        x = _compute_dtype(tl.load(x_ptr + offs, mask=mask, other=0.0))
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(x.dtype)
+        d = act_grad(x, ACT, a, _scalar_arg(p1, x))
+        tl.store(dx_ptr + offs, times_grad(g, d, ACT).to(dx_ptr.dtype.element_ty), mask=mask)
+        acc += tl.where(mask, g * act_grad_param(x, ACT, a), 0.0)
+    tl.store(part_ptr + split * C + c, tl.sum(acc, axis=1), mask=c_mask)

@@ -272,8 +272,11 @@ def breadth(recorder):
             for fn in activations:
                 fn(x).sum().backward()
             w = torch.rand(8, dtype=dtype, requires_grad=True)
-            F.prelu(x, w).sum().backward()
+            F.prelu(x, w).sum().backward()  # grad_output expanded: the two-pass weight gradient
             F.swish(x, w).sum().backward()
+            for t in (x, x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()):
+                F.prelu(t, w).backward(torch.ones_like(t))  # one layout: the one-pass channelwise backward
+                F.swish(t, w).backward(torch.ones_like(t))
             F.relu(x.detach().clone(), inplace=True)
             F.relu(x.detach().transpose(2, 3)[:, :, ::2])  # strided
         for dtype in (torch.float32, torch.float64):

@@ -33,6 +33,7 @@ pytestmark = [
 ]
 
 FWD, BWD, CHANNEL_SUM = "activation_fwd_kernel", "activation_bwd_kernel", "channel_sum_kernel"
+CHANNELWISE_BWD = "channelwise_bwd_kernel"
 C = 3  # channels of the test tensors (dim 1)
 
 
@@ -94,6 +95,17 @@ def launches(*kernels):
         assert triton_support.launch_counts[k] > before[k], f"{k} did not run"
 
 
+def backward_kernels(x, g, w):
+    """The backward's Triton kernels: prelu and tensor-parameter swish with a weight gradient, over x and g of one
+    contiguous or channels_last layout, take one pass (channelwise_bwd_kernel) and the split sum; everything else
+    activation_bwd_kernel (and, for a weight gradient, the two-pass channel sum)."""
+    if w is None:
+        return (BWD,)
+    one_layout = g.stride() == x.stride() and (
+        x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)))
+    return (CHANNELWISE_BWD, CHANNEL_SUM) if one_layout and x.numel() > 0 else (BWD, CHANNEL_SUM)
+
+
 def _param(case, dtype, device):
     if case.param is None:
         return None
@@ -145,8 +157,7 @@ def test_forward_backward(case, dtype, layout, device):
     x = _layout(layout, dtype, device)
     w = _param(case, dtype, device)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
-    kernels = (FWD, BWD, CHANNEL_SUM) if w is not None else (FWD, BWD)
-    with launches(*kernels):
+    with launches(FWD, *backward_kernels(x, g, w)):
         y, dx, dw = _run(case, x, w, g)
     y_ref, dx_ref, dw_ref = _reference(case, x, w, g)
 
@@ -188,7 +199,7 @@ def test_special_values(case, dtype, device):
     x = _special_values(dtype, case.breakpoints).to(device)
     w = None if case.param is None else torch.full((1,), case.param, dtype=dtype, device=device).requires_grad_()
     g = torch.ones_like(x)
-    with launches(FWD, BWD):
+    with launches(FWD, *backward_kernels(x, g, w)):
         y, dx, _ = _run(case, x, w, g)
     y_ref, dx_ref, _ = _reference(case, x, w, g)
     if case.limits:
@@ -262,7 +273,7 @@ def test_gradcheck(case, device):
     x = _away_from_breakpoints(case, (2, C, 2), device).requires_grad_()
     w = _param(case, torch.float64, device)
     inputs = (x,) if w is None else (x, w)
-    with launches(FWD, BWD):
+    with launches(FWD, *backward_kernels(x, x, w)):
         assert torch.autograd.gradcheck(lambda *a: case.ours(a[0], a[1] if len(a) > 1 else None), inputs)
 
 
@@ -586,7 +597,7 @@ def test_strided_weight(case, weight, dtype, device):
     w = view(ours_base)
     assert not w.is_contiguous()
     xr = x.detach().requires_grad_()
-    with launches(FWD, BWD, CHANNEL_SUM):
+    with launches(FWD, *backward_kernels(x, g, w)):
         y = case.ours(xr, w)
         y.backward(g)
     ref_base = base.to(device).requires_grad_()
@@ -902,7 +913,7 @@ def test_nonfinite_grad_output(case, dtype, device):
     xr = x.clone().requires_grad_()
     expected = torch.autograd.grad(case.ref(xr, w), xr, g)[0]
     xd = x.clone().requires_grad_()
-    with launches("activation_bwd_kernel"):
+    with launches(*backward_kernels(x, g, w)):
         actual = torch.autograd.grad(case.ours(xd, w), xd, g)[0]
     torch.testing.assert_close(actual.isnan(), expected.isnan())
     finite = expected.isfinite()
@@ -931,3 +942,38 @@ def test_fallback_warns_once_per_process_at_the_callers_line(monkeypatch):
         warnings.simplefilter("always")
         F.relu(x)
     assert not caught
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape, layout", [((2, 5, 3, 4), "contiguous"), ((2, 5, 3, 4), "channels_last"),
+                                           ((40, 5), "contiguous"), ((3, 5, 37), "contiguous")],
+                         ids=["nchw", "channels_last", "2d", "3d"])
+@pytest.mark.parametrize("act", ["prelu", "swish"])
+def test_channelwise_backward_in_one_pass(act, shape, layout, dtype, device):
+    """prelu / tensor-beta swish with a weight gradient: one pass writes dx and per-split channel sums (no
+    per-element weight-gradient buffer), then the splits are added. Against float64 PyTorch, per channel and with
+    one scalar weight; a grad_output of another layout takes the two-pass path and gives the same gradients."""
+    gen = torch.Generator().manual_seed(11)
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    g64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, g = (t.to(device, dtype).contiguous(memory_format=fmt) for t in (x64, g64))
+    for channels in (shape[1], 1):
+        w64 = torch.linspace(0.1, 0.9, channels, dtype=torch.float64)
+        view = (1, channels) + (1,) * (len(shape) - 2)
+        if act == "prelu":
+            def ref(x, w):
+                return TF.prelu(x, w)
+        else:
+            def ref(x, w):
+                return x * torch.sigmoid(w.view(view) * x)
+        x_ref, w_ref = x.double().requires_grad_(), w64.clone().requires_grad_()
+        dx_ref, dw_ref = torch.autograd.grad(ref(x_ref, w_ref), (x_ref, w_ref), g.double())
+        other_layout = g.transpose(0, 1).contiguous().transpose(0, 1)  # same values, dims 0 and 1 swapped in memory
+        for grad_output, kernel in ((g, CHANNELWISE_BWD), (other_layout, BWD)):
+            xr, wr = x.detach().requires_grad_(), w64.to(device, dtype).requires_grad_()
+            with launches(kernel, CHANNEL_SUM):
+                dx, dw = torch.autograd.grad(getattr(F, act)(xr, wr), (xr, wr), grad_output)
+            assert_close(dx, dx_ref)
+            assert_close(dw, dw_ref)

@@ -28,6 +28,7 @@ from dlkern.kernels.activation import (
     activation_bwd_kernel,
     activation_fwd_kernel,
     channel_sum_kernel,
+    channelwise_bwd_kernel,
 )
 from dlkern.ops.autograd_support import batch_first, call_op, function_apply, needs_autograd
 from dlkern.ops.library import define, LIB
@@ -76,17 +77,17 @@ def _check_input(x, act, p0=0.0, p1=0.0):
 
 def _check_channelwise(x, weight, act):
     _check_input(x, act)
-    torch._check(act in CHANNELWISE, lambda: f"dlkern: {act} has no tensor parameter")
-    torch._check(
-        weight.dim() <= 1, lambda: f"{act}: Expected `weight` to be a scalar or 1D tensor, but got: ndim = {weight.dim()}"
-    )
-    torch._check(
-        weight.dtype == x.dtype,
-        lambda: f"{act}: Type promoting not supported. Got {_ATEN_NAMES.get(x.dtype, x.dtype)} and "
-        f"{_ATEN_NAMES.get(weight.dtype, weight.dtype)}",
-    )
+    # Plain ifs on host values, as in _check_input; torch._check where a size may be symbolic (torch.compile).
+    if act not in CHANNELWISE:
+        raise RuntimeError(f"dlkern: {act} has no tensor parameter")
+    if weight.dim() > 1:
+        raise RuntimeError(f"{act}: Expected `weight` to be a scalar or 1D tensor, but got: ndim = {weight.dim()}")
+    if weight.dtype != x.dtype:
+        raise RuntimeError(f"{act}: Type promoting not supported. Got {_ATEN_NAMES.get(x.dtype, x.dtype)} and "
+                           f"{_ATEN_NAMES.get(weight.dtype, weight.dtype)}")
     if weight.numel() != 1:
-        torch._check(x.dim() > 0, lambda: "Not allow zero-dim input tensor.")
+        if x.dim() == 0:
+            raise RuntimeError("Not allow zero-dim input tensor.")
         channels = x.shape[1] if x.dim() > 1 else 1
         torch._check(
             channels == weight.numel(),
@@ -221,32 +222,48 @@ def _launch_backward(dx, grad_output, saved, act, p0, p1, from_output, weight=No
     )
 
 
-def _channel_sum(elems, channels):
-    """Per-channel sums of a dense tensor whose channel dim is 1 (all of it when channels == 1), in a fixed
-    order: per-(channel block, split) partial sums, then one program per channel block adds the splits."""
-    numel = elems.numel()
+def _oci(t, channels):
+    """(O, I) of a dense tensor whose memory is an (O, C, I) array, C = `channels` the size of dim 1 (all of the
+    tensor, C = 1, when `channels` is 1)."""
     if channels == 1:
-        O, I = 1, numel
-    else:  # dense: memory is an (O, C, I) array with I = stride of the channel dim
-        I = elems.stride(1)
-        O = numel // (channels * I)
+        return 1, t.numel()
+    return t.numel() // (channels * t.stride(1)), t.stride(1)
+
+
+def _splits(O, I, channels, device, tile):
+    """(block_c, block_k, channel blocks, splits, chunk): how a per-channel reduction over an (O, C, I) array is
+    cut into (channel block, split) programs, each adding `chunk` of the O * I positions per channel, in tiles of
+    about `tile` elements (BLOCK_C x BLOCK_K)."""
     block_c = min(next_power_of_2(channels), 64) if I == 1 else 1
     # Under the interpreter, small tiles and two splits let the tests' tiny tensors cross both boundaries.
-    block_k = 16 if INTERPRETING else max(16, min(1024, 4096 // block_c))
+    block_k = 16 if INTERPRETING else max(16, min(1024, tile // block_c))
     # Enough (channel block, split) programs to fill a GPU; the split depends on the shape only.
     c_blocks = cdiv(channels, block_c)
-    target = 2 if INTERPRETING else 4 * sm_count(elems.device)
+    target = 2 if INTERPRETING else 4 * sm_count(device)
     splits = max(1, min(cdiv(target, c_blocks), cdiv(O * I, block_k)))
     chunk = cdiv(cdiv(O * I, splits), block_k) * block_k
-    splits = cdiv(O * I, chunk)
-    partial = torch.empty((splits, channels), dtype=elems.dtype, device=elems.device)
-    launch(channel_sum_kernel, (c_blocks, splits), elems, partial, O, channels, I, O * I, chunk,
-           BLOCK_C=block_c, BLOCK_K=block_k)
-    total = torch.empty((1, channels), dtype=elems.dtype, device=elems.device)
+    return block_c, block_k, c_blocks, cdiv(O * I, chunk), chunk
+
+
+def _sum_splits(partial, channels):
+    """The (splits, channels) partial sums added per channel, one program per channel block."""
+    splits = partial.shape[0]
+    total = torch.empty((1, channels), dtype=partial.dtype, device=partial.device)
     block_c = min(next_power_of_2(channels), 64)
     launch(channel_sum_kernel, (cdiv(channels, block_c), 1), partial, total, splits, channels, 1, splits, splits,
            BLOCK_C=block_c, BLOCK_K=min(next_power_of_2(splits), 64))
     return total.view(channels)
+
+
+def _channel_sum(elems, channels):
+    """Per-channel sums of a dense tensor whose channel dim is 1 (all of it when channels == 1), in a fixed
+    order: per-(channel block, split) partial sums, then one program per channel block adds the splits."""
+    O, I = _oci(elems, channels)
+    block_c, block_k, c_blocks, splits, chunk = _splits(O, I, channels, elems.device, tile=4096)
+    partial = torch.empty((splits, channels), dtype=elems.dtype, device=elems.device)
+    launch(channel_sum_kernel, (c_blocks, splits), elems, partial, O, channels, I, O * I, chunk,
+           BLOCK_C=block_c, BLOCK_K=block_k)
+    return _sum_splits(partial, channels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -493,9 +510,28 @@ activation_channelwise = define("activation_channelwise(Tensor x, Tensor weight,
                                 _channelwise_triton, _channelwise_composite, _channelwise_fake, _act_name(2))
 
 
+def _one_dense_layout(*tensors):
+    """Whether the tensors share one layout whose memory is an (O, C, I) array, C = dim 1: contiguous, or
+    channels_last."""
+    first = tensors[0]
+    if any(t.stride() != first.stride() for t in tensors[1:]):
+        return False
+    return first.is_contiguous() or (first.dim() == 4 and first.is_contiguous(memory_format=torch.channels_last))
+
+
 def _channelwise_backward_triton(grad_output, x, weight, act, weight_grad):
     dx = torch.empty_like(x)
     channels = 1 if weight.numel() == 1 else weight.numel()
+    if weight_grad and x.numel() > 0 and _one_dense_layout(x, grad_output, dx):
+        # one pass: dx and per-split weight-gradient sums, then the splits added (2 launches, no per-element dw)
+        O, I = _oci(x, channels)
+        # 1024-element tiles: the activation's backward per element takes registers (4096 spilled, sm_90)
+        block_c, block_k, c_blocks, splits, chunk = _splits(O, I, channels, x.device, tile=1024)
+        partial = torch.empty((splits, channels), dtype=compute_dtype(x.dtype), device=x.device)
+        launch(channelwise_bwd_kernel, (c_blocks, splits), grad_output, x, weight, dx, partial, O, channels, I,
+               O * I, chunk, 0 if weight.numel() == 1 else weight.stride(-1), 0.0, ACT=act, BLOCK_C=block_c,
+               BLOCK_K=block_k)
+        return dx, _sum_splits(partial, channels).to(weight.dtype).view(weight.shape)
     dw_elems = torch.empty_like(dx, dtype=compute_dtype(x.dtype)) if weight_grad else None
     _launch_backward(dx, grad_output, x, act, 0.0, 0.0, False, weight, dw_elems)
     if not weight_grad:
