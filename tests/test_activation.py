@@ -97,13 +97,14 @@ def launches(*kernels):
 
 def backward_kernels(x, g, w):
     """The backward's Triton kernels: prelu and tensor-parameter swish with a weight gradient, over x and g of one
-    contiguous or channels_last layout, take one pass (channelwise_bwd_kernel) and the split sum; everything else
-    activation_bwd_kernel (and, for a weight gradient, the two-pass channel sum)."""
+    contiguous or channels_last layout, take one pass (channelwise_bwd_kernel; the split sum too when there are
+    splits, see test_channelwise_backward_in_one_pass); everything else activation_bwd_kernel (and, for a weight
+    gradient, the two-pass channel sum)."""
     if w is None:
         return (BWD,)
     one_layout = g.stride() == x.stride() and (
         x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)))
-    return (CHANNELWISE_BWD, CHANNEL_SUM) if one_layout and x.numel() > 0 else (BWD, CHANNEL_SUM)
+    return (CHANNELWISE_BWD,) if one_layout and x.numel() > 0 else (BWD, CHANNEL_SUM)
 
 
 def _param(case, dtype, device):
@@ -947,13 +948,16 @@ def test_fallback_warns_once_per_process_at_the_callers_line(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape, layout", [((2, 5, 3, 4), "contiguous"), ((2, 5, 3, 4), "channels_last"),
-                                           ((40, 5), "contiguous"), ((3, 5, 37), "contiguous")],
-                         ids=["nchw", "channels_last", "2d", "3d"])
+                                           ((40, 5), "contiguous"), ((3, 5, 37), "contiguous"),
+                                           ((2, 5, 2, 2), "contiguous")],
+                         ids=["nchw", "channels_last", "2d", "3d", "one-split"])
 @pytest.mark.parametrize("act", ["prelu", "swish"])
 def test_channelwise_backward_in_one_pass(act, shape, layout, dtype, device):
     """prelu / tensor-beta swish with a weight gradient: one pass writes dx and per-split channel sums (no
     per-element weight-gradient buffer), then the splits are added. Against float64 PyTorch, per channel and with
-    one scalar weight; a grad_output of another layout takes the two-pass path and gives the same gradients."""
+    one scalar weight; a grad_output of another layout takes the two-pass path and gives the same gradients.
+    With one split (here: at most 16 positions per channel, the interpreter's tile) the sums are the gradient and
+    no second launch adds them."""
     gen = torch.Generator().manual_seed(11)
     x64 = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
     g64 = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -971,9 +975,13 @@ def test_channelwise_backward_in_one_pass(act, shape, layout, dtype, device):
         x_ref, w_ref = x.double().requires_grad_(), w64.clone().requires_grad_()
         dx_ref, dw_ref = torch.autograd.grad(ref(x_ref, w_ref), (x_ref, w_ref), g.double())
         other_layout = g.transpose(0, 1).contiguous().transpose(0, 1)  # same values, dims 0 and 1 swapped in memory
-        for grad_output, kernel in ((g, CHANNELWISE_BWD), (other_layout, BWD)):
+        one_split = x.numel() // channels <= 16 or device != "cpu"  # (a GPU's tiles: one split for all shapes here)
+        one_pass = (CHANNELWISE_BWD,) if one_split else (CHANNELWISE_BWD, CHANNEL_SUM)
+        for grad_output, kernels in ((g, one_pass), (other_layout, (BWD, CHANNEL_SUM))):
             xr, wr = x.detach().requires_grad_(), w64.to(device, dtype).requires_grad_()
-            with launches(kernel, CHANNEL_SUM):
+            sums = triton_support.launch_counts[CHANNEL_SUM]
+            with launches(*kernels):
                 dx, dw = torch.autograd.grad(getattr(F, act)(xr, wr), (xr, wr), grad_output)
+            assert (triton_support.launch_counts[CHANNEL_SUM] == sums) == (kernels == (CHANNELWISE_BWD,))
             assert_close(dx, dx_ref)
             assert_close(dw, dw_ref)

@@ -239,15 +239,18 @@ def _splits(O, I, channels, device, tile):
     block_k = 16 if INTERPRETING else max(16, min(1024, tile // block_c))
     # Enough (channel block, split) programs to fill a GPU; the split depends on the shape only.
     c_blocks = cdiv(channels, block_c)
-    target = 2 if INTERPRETING else 4 * sm_count(device)
+    target = 2 * c_blocks if INTERPRETING else 4 * sm_count(device)
     splits = max(1, min(cdiv(target, c_blocks), cdiv(O * I, block_k)))
     chunk = cdiv(cdiv(O * I, splits), block_k) * block_k
     return block_c, block_k, c_blocks, cdiv(O * I, chunk), chunk
 
 
 def _sum_splits(partial, channels):
-    """The (splits, channels) partial sums added per channel, one program per channel block."""
+    """The (splits, channels) partial sums added per channel, one program per channel block (no launch for one
+    split: up to one tile of positions per channel, or channel blocks enough to fill the GPU alone)."""
     splits = partial.shape[0]
+    if splits == 1:
+        return partial.view(channels)
     total = torch.empty((1, channels), dtype=partial.dtype, device=partial.device)
     block_c = min(next_power_of_2(channels), 64)
     launch(channel_sum_kernel, (cdiv(channels, block_c), 1), partial, total, splits, channels, 1, splits, splits,
