@@ -403,6 +403,25 @@ def activation_bwd_kernel(
 
 
 @triton.jit
+def _channel_split(C, I, OI, chunk, BLOCK_C: tl.constexpr):
+    """This program's channel block and split of a dense (O, C, I) array: (c, c_mask, c_offs, k_start, k_end), the
+    split adding positions k = o*I + i in [k_start, k_end) of each channel c."""
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    k_start = split * chunk
+    return c, c < C, c.to(tl.int64) * I, k_start, tl.minimum(k_start + chunk, OI)
+
+
+@triton.jit
+def _channel_tile(c_offs, c_mask, k0, k_end, C, I, BLOCK_K: tl.constexpr):
+    """(offsets, mask) of the [BLOCK_C, BLOCK_K] tile at positions k0.. of the split's channels."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    o = k // I
+    return c_offs[:, None] + (o * C * I + (k - o * I))[None, :], c_mask[:, None] & (k < k_end)[None, :]
+
+
+@triton.jit
 def channel_sum_kernel(src_ptr, dst_ptr, O, C, I, OI, chunk, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """dst[split, c] = sum of src[o, c, i] over the split's range of k = o*I + i < OI (= O*I, passed from the
     host, which types it int64 when it needs 64 bits), src a dense (O, C, I) array.
@@ -410,20 +429,12 @@ def channel_sum_kernel(src_ptr, dst_ptr, O, C, I, OI, chunk, BLOCK_C: tl.constex
     Each program owns BLOCK_C channels of one split and adds its tiles in a fixed order: no atomics, so the
     result is bitwise reproducible. A second launch over the (splits, C, 1) partial sums finishes the reduction.
     """
-    pid_c = tl.program_id(0)
-    split = tl.program_id(1).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    c_offs = c.to(tl.int64) * I
-    k_start = split * chunk
-    k_end = tl.minimum(k_start + chunk, OI)
+    c, c_mask, c_offs, k_start, k_end = _channel_split(C, I, OI, chunk, BLOCK_C)
     acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=dst_ptr.dtype.element_ty)
     for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        o = k // I
-        offs = c_offs[:, None] + (o * C * I + (k - o * I))[None, :]
-        acc += tl.load(src_ptr + offs, mask=c_mask[:, None] & (k < k_end)[None, :], other=0.0)
-    tl.store(dst_ptr + split * C + c, tl.sum(acc, axis=1), mask=c_mask)
+        offs, mask = _channel_tile(c_offs, c_mask, k0, k_end, C, I, BLOCK_K)
+        acc += tl.load(src_ptr + offs, mask=mask, other=0.0)
+    tl.store(dst_ptr + tl.program_id(1).to(tl.int64) * C + c, tl.sum(acc, axis=1), mask=c_mask)
 
 
 @triton.jit
@@ -433,23 +444,14 @@ def channelwise_bwd_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, part_ptr, O, C, I, OI, c
     channel_sum_kernel walks them: dx = g * f'(x) per element, and part[split, c] = this split's sum of
     g * df/dw over channel c -- the weight gradient with no per-element buffer and no extra pass over it.
     channel_sum_kernel then adds the splits in a fixed order (no atomics: bitwise reproducible)."""
-    pid_c = tl.program_id(0)
-    split = tl.program_id(1).to(tl.int64)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c < C
-    c_offs = c.to(tl.int64) * I
+    c, c_mask, c_offs, k_start, k_end = _channel_split(C, I, OI, chunk, BLOCK_C)
     a = _compute_dtype(tl.load(w_ptr + c * w_stride, mask=c_mask, other=0.0))[:, None]
-    k_start = split * chunk
-    k_end = tl.minimum(k_start + chunk, OI)
     acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=part_ptr.dtype.element_ty)
     for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        o = k // I
-        offs = c_offs[:, None] + (o * C * I + (k - o * I))[None, :]
-        mask = c_mask[:, None] & (k < k_end)[None, :]
+        offs, mask = _channel_tile(c_offs, c_mask, k0, k_end, C, I, BLOCK_K)
         x = _compute_dtype(tl.load(x_ptr + offs, mask=mask, other=0.0))
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(x.dtype)
         d = act_grad(x, ACT, a, _scalar_arg(p1, x))
         tl.store(dx_ptr + offs, times_grad(g, d, ACT).to(dx_ptr.dtype.element_ty), mask=mask)
         acc += tl.where(mask, g * act_grad_param(x, ACT, a), 0.0)
-    tl.store(part_ptr + split * C + c, tl.sum(acc, axis=1), mask=c_mask)
+    tl.store(part_ptr + tl.program_id(1).to(tl.int64) * C + c, tl.sum(acc, axis=1), mask=c_mask)
