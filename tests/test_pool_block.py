@@ -453,3 +453,31 @@ def test_cpu_without_triton_runs_the_unfused_block(training):
     assert fused == ["conv_bn_act_pool2d" if training else "conv_bn_eval_act_pool2d"]
     assert unfused == (["conv_bn_act2d", "max_pool2d"] if training else ["conv_bn_eval_act2d", "max_pool2d_values"])
     assert_close(unfused_out, fused_out)
+
+
+@pytest.mark.parametrize("path", ["triton", "composite"])
+@pytest.mark.parametrize("form", ["module", "functional", "indices", "weight"])
+def test_double_backward_is_a_clear_error(path, form):
+    """A gradient penalty through the pooled training block (create_graph=True) raises the block's clear error on
+    every path, as ConvBNReLU2d's does: never a gradient without a graph, whose penalty would silently add
+    nothing (issue 18: the fused path returned one)."""
+    torch.manual_seed(21)
+    block, _ = make_pair(2, 4, torch.float64, conv_kw=dict(padding=1))
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    conv, bn = block[0], block[1]
+
+    def run():
+        if form == "module" or form == "weight":
+            return block(x)
+        out = dlkern.functional.conv_bn_act_pool2d(
+            x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=True,
+            padding=1, return_indices=form == "indices")
+        return out[0] if form == "indices" else out
+
+    with (triton_support.composite_on_cpu() if path == "composite" else torch.enable_grad()):
+        out = run()
+        wrt = conv.weight if form == "weight" else x
+        (grad,) = torch.autograd.grad(out.square().sum(), wrt, create_graph=True)
+        assert grad.requires_grad  # a penalty on it must reach autograd, not be a constant
+        with pytest.raises(RuntimeError, match=r"dlkern\.conv_bn_act2d: double backward"):
+            torch.autograd.grad(grad.square().sum(), [x, conv.weight])

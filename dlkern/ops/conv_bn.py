@@ -464,7 +464,7 @@ def _train_backward(ctx, grad_out, _grad_z, _grad_stats):
     input, weight, z, stats, bn_weight, bn_bias = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dw, db, dgamma, dbeta = _block_backward(
-        grad_out, input, weight, z, stats, bn_weight, bn_bias, ctx.stride, ctx.padding, ctx.dilation, ctx.act,
+        conv_bn_act2d_backward, grad_out, input, weight, z, stats, bn_weight, bn_bias, ctx.stride, ctx.padding, ctx.dilation, ctx.act,
         ctx.p0, ctx.p1, ctx.allow_tf32, need[0], need[1] or need[2],
     )
     return (
@@ -612,7 +612,7 @@ def _eval_backward(ctx, grad_out, _grad_z):
     torch._check(z.numel() > 0, lambda: "dlkern::conv_bias_act2d: backward needs save_preact=True")
     need = ctx.needs_input_grad
     dx, dw, db, _, _ = _block_backward(
-        grad_out, input, weight, z, None, None, None, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0,
+        conv_bn_act2d_backward, grad_out, input, weight, z, None, None, None, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0,
         ctx.p1, ctx.allow_tf32, need[0], need[1] or need[2],
     )
     return dx if need[0] else None, dw if need[1] else None, db if need[2] and ctx.has_bias else None, *([None] * 8)
@@ -817,12 +817,12 @@ class _NoDoubleBackward(torch.autograd.Function):
         raise RuntimeError(_NO_DOUBLE_BACKWARD)
 
 
-def _block_backward(grad_out, input, weight, z, stats, bn_weight, bn_bias, *args):
-    """conv_bn_act2d_backward, which has no autograd formula of its own: when autograd records the backward,
-    its results go through _NoDoubleBackward."""
+def _block_backward(op, grad_out, input, weight, z, stats, bn_weight, bn_bias, *args):
+    """A block's backward op (conv_bn_act2d_backward, conv_bn_act_pool2d_backward), which has no autograd formula
+    of its own: when autograd records the backward (create_graph=True), its results go through
+    _NoDoubleBackward, so that differentiating them raises instead of silently giving no gradient."""
     with torch.no_grad():
-        grads = call_op(conv_bn_act2d_backward, grad_out, input, weight, z, stats, bn_weight,
-                        bn_bias, *args)
+        grads = call_op(op, grad_out, input, weight, z, stats, bn_weight, bn_bias, *args)
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
     sources = [t for t in (grad_out, input, weight, bn_weight, bn_bias) if t is not None and t.requires_grad]
@@ -1020,12 +1020,10 @@ def _pool_backward(ctx, grad_out, _grad_z, _grad_stats, _grad_pos):
         return (None,) * 21
     input, weight, z, stats, bn_weight, bn_bias, pos = ctx.saved_tensors
     need = ctx.needs_input_grad
-    with torch.no_grad():
-        dx, dw, db, dgamma, dbeta = call_op(
-            conv_bn_act_pool2d_backward, grad_out, input, weight, z, stats, bn_weight, bn_bias, pos,
-            ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, ctx.allow_tf32, need[0],
-            need[1] or need[2], *ctx.pool,
-        )
+    dx, dw, db, dgamma, dbeta = _block_backward(
+        conv_bn_act_pool2d_backward, grad_out, input, weight, z, stats, bn_weight, bn_bias, pos, ctx.stride,
+        ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, ctx.allow_tf32, need[0], need[1] or need[2], *ctx.pool,
+    )
     return (
         dx if need[0] else None, dw if need[1] else None, db if need[2] and ctx.has_bias else None,
         dgamma if need[3] else None, dbeta if need[4] else None, *([None] * 16),
