@@ -709,6 +709,136 @@ def test_2x2_backward_odd_sizes_and_foreign_indices(shape, channels_last, dtype)
         check(one_foreign, exact=False)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Indices outside the plane: a window wholly in the padding, or a caller's indices. The backward skips them, the
+# gathers (forward mode, double backward) give 0 there; nothing reads or writes outside its own plane.
+# ---------------------------------------------------------------------------------------------------------------
+
+# Dilation 2 puts both tap rows of every window (rows -1 and 1) outside a 1-row input: each window sees only
+# padding, and ATen's forward returns -inf with indices 8, 10, 13, past the 8 elements of the plane (its own CPU
+# backward then writes out of bounds, so it is never called on these inputs here).
+PADDING_ONLY_ARGS = dict(kernel_size=(2, 3), stride=(4, 3), padding=(1, 1), dilation=(2, 1))
+
+
+def reference_backward(grad_output, indices, input_shape):
+    """grad_input with each grad_output added at its index, in float64 on the CPU; indices outside [0, H*W)
+    skipped. Only in-bounds indices reach scatter_add_."""
+    H, W = input_shape[-2:]
+    idx = indices.cpu().flatten(-2)
+    valid = (idx >= 0) & (idx < H * W)
+    gi = torch.zeros(*input_shape[:-2], H * W, dtype=torch.float64)
+    gi.scatter_add_(-1, idx.where(valid, 0), grad_output.cpu().double().flatten(-2).where(valid, 0))
+    return gi.view(input_shape)
+
+
+def reference_gather(t, indices):
+    """t read at each index, in float64 on the CPU; 0 where the index is outside [0, H*W)."""
+    H, W = t.shape[-2:]
+    idx = indices.cpu().flatten(-2)
+    valid = (idx >= 0) & (idx < H * W)
+    return t.cpu().double().flatten(-2).gather(-1, idx.where(valid, 0)).where(valid, 0).view(indices.shape)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, channels_last", [((1, 1, 1, 8), False), ((2, 3, 1, 8), False),
+                                                  ((2, 3, 1, 8), True)], ids=["issue", "nchw", "channels_last"])
+def test_window_wholly_in_padding(device, dtype, shape, channels_last):
+    """ATen's values and out-of-plane indices; every derivative is 0 (the output is -inf whatever the input): the
+    backward writes zeros, and forward mode, double backward and the torch.func transforms, which read at the
+    indices, give zeros instead of failing (torch.gather raises on these indices; on a GPU it asserts)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = make_input(shape, dtype, device, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    args = PADDING_ONLY_ARGS
+    pool = lambda a: F.max_pool2d(a, **args)  # noqa: E731
+    out, idx = F.max_pool2d(x, **args, return_indices=True)
+    ref_out, ref_idx = TF.max_pool2d(x, **args, return_indices=True)  # ATen's forward is safe
+    assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
+    assert torch.equal(idx.cpu(), torch.tensor([8, 10, 13]).expand(idx.shape)) and out.isneginf().all()
+
+    # reverse mode (the op's C++ autograd)
+    xg = x.clone().requires_grad_()
+    y = pool(xg)
+    go = torch.randn(y.shape, dtype=dtype, device=device).contiguous(memory_format=fmt).requires_grad_()
+    (g,) = torch.autograd.grad(y, xg, go, create_graph=True)
+    assert torch.equal(g, torch.zeros_like(x)) and g.is_contiguous(memory_format=fmt)
+    # double backward: the gradient of the backward with respect to grad_output reads at the indices
+    (gg,) = torch.autograd.grad(g, go, torch.randn_like(g))
+    assert torch.equal(gg, torch.zeros_like(go))
+
+    # forward mode, eager and torch.func
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(pool(fwAD.make_dual(x, t))).tangent
+    assert torch.equal(tangent, torch.zeros_like(out))
+    primal, tangent = torch.func.jvp(pool, (x,), (t,))
+    assert torch.equal(primal, ref_out) and torch.equal(tangent, torch.zeros_like(out))
+    assert torch.equal(torch.func.jacfwd(pool)(x), torch.zeros(out.shape + x.shape, dtype=dtype, device=device))
+    # second order through the Python autograd.Functions (torch.func): Hessian and Hessian-vector product
+    grad = torch.func.grad(lambda a: (pool(a) * go.detach()).sum())
+    assert torch.equal(torch.func.jacrev(grad)(x), torch.zeros(x.shape + x.shape, dtype=dtype, device=device))
+    assert torch.equal(torch.func.jvp(grad, (x,), (t,))[1], torch.zeros_like(x))
+    if device == "cuda":
+        torch.cuda.synchronize()  # a device-side assert would surface here
+
+
+def out_of_plane_indices(indices, H, W):
+    """The forward's indices with some moved just outside their plane (one past the end, one before the start),
+    far outside it, and to the int64 extremes, in the first, a middle and the last plane."""
+    plane = H * W
+    bad = indices.clone()
+    bad[0, 0, 0, 0] = plane  # the next plane's (NCHW) or image's (channels_last) first element
+    bad[0, 0, -1, -1] = plane + W + 1
+    bad[-1, -1, 0, 0] = -1  # the previous plane's last element
+    bad[-1, -1, 0, 1] = -plane
+    bad[-1, -1, -1, -1] = plane  # past the end of the whole tensor
+    bad[1, 1, 1, 1] = 2**40
+    bad[1, 1, 1, 2] = -(2**40)
+    bad[1, 2, 0, 0] = torch.iinfo(torch.int64).max
+    bad[1, 2, 0, 1] = torch.iinfo(torch.int64).min
+    return bad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("pool", [([3], [1], [1]), ([2], [], [0])], ids=["3x3", "2x2_tiling"])
+def test_backward_skips_indices_outside_the_plane(device, dtype, channels_last, pool):
+    """dlkern::max_pool2d_backward given indices outside [0, H*W) skips them: every plane's gradient, the planes
+    next to the bad indices' included, is the sum of its in-plane indices' gradients alone (a write past a plane
+    would land in its neighbour; one far outside, or past the tensor, would crash). Every kernel: the NCHW and
+    channels_last scatters, the channels_last 2x2 writer (whose images with such an index go to the scatter),
+    16-bit types through their float buffer. The op's own derivatives read 0 at those indices."""
+    kernel_size, stride, padding = pool
+    op_args = (kernel_size, stride, padding, [1], False)
+    shape = (4, 4, 6, 8)  # image 2 has no bad index: the channels_last 2x2 writer keeps it
+    x = make_input(shape, dtype, device, channels_last)
+    _, idx = torch.ops.dlkern.max_pool2d(x, *op_args)
+    bad = out_of_plane_indices(idx, shape[2], shape[3])
+    go = torch.randn(idx.shape, dtype=dtype, device=device)
+    go = go.contiguous(memory_format=torch.channels_last) if channels_last else go
+    for indices in (bad, bad.contiguous()):  # channels_last indices, and NCHW ones made channels_last by the op
+        gi = torch.ops.dlkern.max_pool2d_backward(go, x, indices, *op_args)
+        assert_close(gi.cpu(), reference_backward(go, indices, shape), dtype=dtype)
+
+    # the backward's derivatives: reverse mode (C++ autograd), torch.func (Python), forward mode
+    v = torch.randn_like(x)
+    gor = go.clone().requires_grad_()
+    gi = torch.ops.dlkern.max_pool2d_backward(gor, x, bad, *op_args)
+    (ggo,) = torch.autograd.grad(gi, gor, v)
+    assert torch.equal(ggo.cpu().double(), reference_gather(v, bad))
+    from dlkern.ops.max_pool import max_pool2d_backward
+
+    _, pullback = torch.func.vjp(lambda g: max_pool2d_backward(g, x, bad, *op_args), go)
+    assert torch.equal(pullback(v)[0].cpu().double(), reference_gather(v, bad))
+    _, tangent = torch.func.jvp(lambda g: max_pool2d_backward(g, x, bad, *op_args), (go,), (go,))
+    assert_close(tangent.cpu(), reference_backward(go, bad, shape), dtype=dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def _vm_flags(address):
     """The VmFlags of the mapping of this process that holds `address` (Linux /proc/self/smaps)."""
     flags = None

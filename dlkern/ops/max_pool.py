@@ -125,8 +125,12 @@ def _pool_args(ctx):
 
 def gather_at_argmax(t, indices):
     """t (shaped like the input) read at each window's argmax: the forward-mode derivative of max pooling, and the
-    gradient of its backward (which is linear in grad_output)."""
-    return t.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
+    gradient of its backward (which is linear in grad_output). An index outside the (H, W) plane -- ATen's index for
+    a window that lies wholly in the padding, or any index a caller passes -- reads nothing and gives 0, as the
+    backward skips it (its output is -inf whatever the input; torch.gather would raise, or assert on a GPU)."""
+    flat = indices.flatten(-2)
+    safe = flat.clamp(0, t.shape[-2] * t.shape[-1] - 1)
+    return t.flatten(-2).gather(-1, safe).masked_fill(safe != flat, 0).view(indices.shape)
 
 
 def _setup_context(ctx, inputs, output):
