@@ -445,6 +445,73 @@ def test_double_backward_matches_torch():
     assert torch.equal(g, ref_g) and torch.equal(gg, ref_gg)
 
 
+# A vmap inside a jvp or a grad: torch.func.hessian is jacfwd(jacrev), vmap(jvp(vmap(vjp))), so the pooling's
+# backward runs under a vmap under a jvp. 2x2, 3x3 stride 2 with padding, dilation 2, channels_last, a 3-D input,
+# and batches of 2 examples x 3 channels.
+SECOND_ORDER_CASES = [
+    ((1, 1, 4, 4), False, dict(kernel_size=2)),
+    ((2, 3, 6, 5), False, dict(kernel_size=3, stride=2, padding=1)),
+    ((2, 3, 7, 7), False, dict(kernel_size=2, stride=1, dilation=2)),
+    ((2, 3, 6, 5), True, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ((3, 5, 6), False, dict(kernel_size=(2, 3), stride=1, padding=(1, 0))),
+]
+
+
+@pytest.mark.parametrize("shape, channels_last, args", SECOND_ORDER_CASES,
+                         ids=["2x2", "3x3_s2_p1", "dilation2", "channels_last", "3d"])
+def test_hessian_and_forward_over_reverse_match_torch(shape, channels_last, args):
+    """hessian, jvp(jacrev) and vmap(jvp(jacrev)) (forward over reverse, nested in a vmap), as PyTorch's in
+    float64."""
+    func = torch.func
+    x = ad_input(shape, channels_last)
+    t = torch.randn_like(x)
+    w = torch.randn(TF.max_pool2d(x, **args).shape, dtype=x.dtype)
+
+    def loss(pool):
+        return lambda a: (pool(a, **args) ** 3 * w).sum()
+
+    ours, theirs = loss(F.max_pool2d), loss(TF.max_pool2d)
+    # PyTorch's own transforms fail on channels_last under a vmap ("NYI: querying is_contiguous inside of vmap"):
+    # the same values in NCHW give the reference
+    ref_x, ref_t = x.contiguous(), t.contiguous()
+    hessian = func.hessian(ours)(x)
+    assert hessian.shape == x.shape + x.shape and hessian.abs().sum() > 0
+    assert torch.equal(hessian, func.hessian(theirs)(ref_x))
+    out, out_t = func.jvp(func.jacrev(ours), (x,), (t,))
+    ref_out, ref_out_t = func.jvp(func.jacrev(theirs), (ref_x,), (ref_t,))
+    assert torch.equal(out, ref_out) and torch.equal(out_t, ref_out_t)
+    torch.testing.assert_close(out_t, (hessian.flatten(x.dim()) @ t.flatten()).view(x.shape))  # H t
+
+    batch, tangents = torch.stack([x, x.flip(-1) * 2]), torch.stack([t, -t])
+    fwd_over_rev = lambda f: lambda a, b: func.jvp(func.jacrev(f), (a,), (b,))[1]  # noqa: E731
+    hvps = torch.vmap(fwd_over_rev(ours))(batch, tangents)
+    assert torch.equal(hvps, torch.vmap(fwd_over_rev(theirs))(batch.contiguous(), tangents.contiguous()))
+    assert torch.equal(hvps[0], out_t)
+
+
+def test_transforms_over_vmap_match_torch():
+    """A jvp or grad over a vmap of the pooling, and of its backward; and the vmap rule generated for the
+    Function torch.compile traces, under a grad."""
+    from dlkern.ops.max_pool import _MaxPool2d
+
+    func = torch.func
+    x = ad_input((3, 2, 6, 7), False)
+    t = torch.randn_like(x)
+    args = dict(kernel_size=3, stride=2, padding=1)
+    per_example = lambda pool: lambda b: pool(b, **args)  # noqa: E731
+    over_vmap = lambda pool: lambda a: (torch.vmap(per_example(pool))(a) ** 3).sum()  # noqa: E731
+
+    out, out_t = func.jvp(torch.vmap(per_example(F.max_pool2d)), (x,), (t,))
+    ref_out, ref_out_t = func.jvp(torch.vmap(per_example(TF.max_pool2d)), (x,), (t,))
+    assert torch.equal(out, ref_out) and torch.equal(out_t, ref_out_t)
+    assert torch.equal(func.grad(over_vmap(F.max_pool2d))(x), func.grad(over_vmap(TF.max_pool2d))(x))
+    assert torch.equal(func.jvp(func.grad(over_vmap(F.max_pool2d)), (x,), (t,))[1],
+                       func.jvp(func.grad(over_vmap(TF.max_pool2d)), (x,), (t,))[1])
+
+    traced = lambda b, **kw: _MaxPool2d.apply(b, [3], [2], [1], [1], False)[0]  # noqa: E731
+    assert torch.equal(func.grad(over_vmap(traced))(x), func.grad(over_vmap(TF.max_pool2d))(x))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Argument types: what PyTorch's argument parser accepts and refuses, with its messages
 # ---------------------------------------------------------------------------------------------------------------
