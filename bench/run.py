@@ -98,8 +98,9 @@ def build_parser():
                    help="activations to time (default all; --quick 4): names of dlkern's activation catalog, which "
                         "the host and activations suites time; the activations suite alone also takes its variants "
                         "(swish_channel)")
-    p.add_argument("--compile-modes", type=_list(_choice(COMPILE_MODES)), default=None,
-                   help=f"torch.compile modes for the conv blocks and the model, from {','.join(COMPILE_MODES)}")
+    p.add_argument("--compile-modes", type=_list(_choice(COMPILE_MODES + ["none"])), default=None,
+                   help=f"torch.compile modes for the conv blocks and the model, from {','.join(COMPILE_MODES)}; "
+                        "none: no torch.compile rows (its compile time dominates a short GPU run)")
     p.add_argument("--threads", type=POSITIVE, default=None,
                    help="CPU threads for torch (torch.set_num_threads). Default on a CPU run: 1 -- timings with "
                         "several threads on a small shared machine stall at every parallel region and do not "
@@ -150,6 +151,10 @@ def check_options(parser, args):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.compile_modes and "none" in args.compile_modes:
+        if args.compile_modes != ["none"]:
+            parser.error("argument --compile-modes: none cannot be combined with a mode")
+        args.compile_modes = []
     check_options(parser, args)
 
     import torch

@@ -432,7 +432,8 @@ def _usage_error(proc, tmp_path, message):
     (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8' (choose from fp32, bf16, fp16, fp64)"),
     (["--dtype", "fp32,float32"], "argument --dtype: invalid choice: 'float32'"),
     (["--compile-modes", "fast"],
-     "argument --compile-modes: invalid choice: 'fast' (choose from default, reduce-overhead, max-autotune)"),
+     "argument --compile-modes: invalid choice: 'fast' (choose from default, reduce-overhead, max-autotune, none)"),
+    (["--compile-modes", "none,default"], "argument --compile-modes: none cannot be combined with a mode"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
 ])
 def test_bad_option_is_a_usage_error(tmp_path, args, message):
