@@ -492,11 +492,7 @@ def _conv_bias_act2d_triton(input, weight, bias, stride, padding, dilation, acti
 
 def _conv_bias_act2d_composite(input, weight, bias, stride, padding, dilation, activation, p0, p1, allow_tf32,
                                save_preact):
-    if bias is not None and bias.dtype != input.dtype:  # a float32 bias (folded BatchNorm) added before rounding
-        z = _torch_conv(input, weight, None, stride, padding, dilation)
-        z = z.to(bias.dtype).add_(bias.view(-1, 1, 1)).to(input.dtype)
-    else:
-        z = _torch_conv(input, weight, bias, stride, padding, dilation)
+    z = _torch_conv(input, weight, bias, stride, padding, dilation)
     out = _torch_act(z, activation, p0, p1)
     if not save_preact:
         return out, z.new_empty(0)
@@ -516,9 +512,8 @@ conv_bias_act2d = define(
     "str activation, float p0, float p1, bool allow_tf32, bool save_preact) -> (Tensor, Tensor)",
     _conv_bias_act2d_triton, _conv_bias_act2d_composite, _conv_bias_act2d_fake, OP,
 )
-"""act(conv(input, weight) + bias) in one kernel (BatchNorm folded into weight and bias by the caller; bias in
-the input's dtype or its compute dtype). Returns (out, z); z, the activation's input, is kept only with
-save_preact (for the backward), else empty."""
+"""act(conv(input, weight) + bias) in one kernel (BatchNorm folded into weight and bias by the caller).
+Returns (out, z); z, the activation's input, is kept only with save_preact (for the backward), else empty."""
 
 
 def _conv_bn_eval_act2d_triton(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, stride,
@@ -1232,9 +1227,7 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
         return None
     # Autograd needed: BatchNorm folded into the conv with differentiable ops (frozen-BatchNorm fine-tuning).
     w, b = fold_bn(conv_weight, conv_bias, running_mean, running_var, bn_weight, bn_bias, eps)
-    # the shift stays in the compute dtype (float32 for 16-bit inputs), as BatchNorm's own arithmetic: the kernel
-    # adds it to its float32 accumulator, and its gradient is a float32 sum
-    w, b = w.to(input.dtype), b.to(compute_dtype(input.dtype))
+    w, b = w.to(input.dtype), b.to(input.dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (input, w, b))  # keeps z for the backward
     out, _ = _eval_apply(input, w, b, stride, padding, dilation, activation, p0, p1, allow_tf32, needs_grad)
     return out
