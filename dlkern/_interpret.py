@@ -2,7 +2,7 @@
 code (``dlkern.ops``) read, so that the kernels import nothing from the op layer.
 
 Triton reads TRITON_INTERPRET once, when it is imported; so does this module (tests/conftest.py sets it first).
-When it is set, the installed interpreter gets the fixes dlkern's kernels need (``dlkern._triton_compat``:
+When it is set, the installed interpreter gets the fixes dlkern's kernels need (``dlkern._compat``:
 Triton 3.6's, under numpy >= 2.4, cannot run a loop with a runtime bound).
 """
 
@@ -11,6 +11,6 @@ import os
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 if INTERPRETING:
-    from dlkern._triton_compat import patch_interpreter
+    from dlkern._compat import patch_interpreter
 
     patch_interpreter()

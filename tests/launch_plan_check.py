@@ -62,12 +62,12 @@ def check(label, fn):
 def main():
     import triton
 
-    from dlkern import _triton_compat
+    from dlkern import _compat
 
     # Plans are off where the installed Triton's launcher call differs from theirs (every check below would fail).
-    assert _triton_compat.planned_launches_supported(), (
-        f"triton {triton.__version__}: JITFunction.run calls the launcher as {_triton_compat.launcher_call()}, "
-        f"not {_triton_compat.LAUNCHER_CALL}: dlkern's launch plans need adapting to it")
+    assert _compat.planned_launches_supported(), (
+        f"triton {triton.__version__}: JITFunction.run calls the launcher as {_compat.launcher_call()}, "
+        f"not {_compat.LAUNCHER_CALL}: dlkern's launch plans need adapting to it")
     torch.manual_seed(0)
     with host_stub.stand_in_gpu():
         x = torch.randn(2, 8, 5, 6, requires_grad=True)

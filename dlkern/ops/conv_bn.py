@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from dlkern import _compat
 from dlkern.catalog import FUSABLE, check_activation  # noqa: F401  (FUSABLE: the fusable names, "none" too)
 from dlkern.kernels import conv_bn as kernels
 from dlkern.ops.activation import composite_backward, composite_forward
@@ -279,7 +280,7 @@ def _check(condition, message):
         return
     if isinstance(condition, torch.Tensor):
         condition = bool(condition)
-    torch._check(condition, lambda: message)
+    _compat.check(condition, message)
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch composite
@@ -1163,10 +1164,8 @@ def _check_batch_norm(dtype, z_shape, training, eps, running_mean, running_var, 
     channels = z_shape[1]
     if training and z_shape[0] * z_shape[2] * z_shape[3] == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(z_shape)}")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if eps <= 0.0 and (message := _compat.batch_norm_eps_error(training, eps)):  # worded per torch release
+        raise ValueError(message)
     if not training:
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if t is None:

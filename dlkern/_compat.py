@@ -1,8 +1,10 @@
-"""What differs between the Triton releases dlkern supports, adapted to in one place.
+"""What differs between the torch and Triton releases dlkern supports, adapted to in one place.
 
 The supported range (README, "Supported versions"; setup.py's requirements): torch 2.11 to 2.14 with the Triton
-each ships with, 3.6.0 to 3.8.x. Each adaptation below is chosen by trying the installed Triton, not by its
+each ships with, 3.6.0 to 3.8.x. Each adaptation below is chosen by trying the installed release, not by its
 version number, so a release that changes (or fixes) one of these things is handled as it behaves.
+
+Triton:
 
 - **The interpreter's int conversion** (TRITON_INTERPRET=1). Triton 3.6's interpreter turns a scalar into a
   Python int with ``int()`` of a one-element numpy array; numpy >= 2.4 refuses that ("only 0-dimensional arrays
@@ -15,6 +17,15 @@ version number, so a release that changes (or fixes) one of these things is hand
   that a release may change. :func:`planned_launches_supported` reads that call in the installed Triton's source;
   where it is not the order the plans use (3.6, 3.7 and 3.8 all pass the same), plans are off and every launch
   takes Triton's own path (correct, ~10 µs slower per launch), with a one-time warning.
+
+torch:
+
+- **Checks under torch.compile.** torch 2.11's Dynamo cannot trace ``torch._check(cond, lambda: f"...{x}")`` (a
+  message closure) even when the condition holds ("Can't extract message from torch._check()"); 2.13's can.
+  :func:`check` is torch._check in a form that also traces on 2.11.
+- **BatchNorm's eps.** torch 2.11 refuses eps <= 0 always ("batch_norm eps must be positive"); later releases
+  allow eps = 0 in eval and word the refusals apart (pytorch/pytorch PR #175508). :func:`batch_norm_eps_error`
+  says what the installed torch says.
 """
 
 import ast
@@ -109,3 +120,46 @@ def patch_interpreter():
     interpreter._patch_lang_tensor = patch_lang_tensor
     _patched = True
     return True
+
+
+# ---------------------------------------------------------------------------------------------------- torch
+
+
+def check(condition, message):
+    """``torch._check(condition, message)``, also traceable by torch 2.11's Dynamo, which cannot trace a message
+    closure. `message`: the text, or a function returning it. A plain bool is decided here -- nothing to do when
+    it holds (and ~1.5 µs saved), RuntimeError(text) as torch._check raises when it does not; a symbolic
+    condition (a SymBool under torch.compile) goes to torch._check, a text as a closure-free function."""
+    if condition is True:
+        return
+    if condition is False:
+        raise RuntimeError(message if isinstance(message, str) else message())
+    import torch
+
+    torch._check(condition, (lambda text=message: text) if isinstance(message, str) else message)
+
+
+def _batch_norm_allows_zero_eps_in_eval():
+    import torch
+
+    try:
+        torch.nn.functional.batch_norm(torch.zeros(2, 1), torch.zeros(1), torch.ones(1), eps=0.0)
+    except ValueError:
+        return False
+    return True
+
+
+# Asked of the installed torch once, at import (never while torch.compile traces an op's checks).
+BATCH_NORM_EPS_ZERO_IN_EVAL = _batch_norm_allows_zero_eps_in_eval()
+
+
+def batch_norm_eps_error(training, eps):
+    """The message of F.batch_norm's ValueError for this eps, as the installed torch words it, or None where it
+    accepts eps (any eps > 0)."""
+    if eps > 0.0:
+        return None
+    if not BATCH_NORM_EPS_ZERO_IN_EVAL:  # torch 2.10, 2.11
+        return f"batch_norm eps must be positive, but got {eps}"
+    if training:
+        return f"batch_norm eps must be positive during training, but got {eps}"
+    return f"batch_norm eps must be non-negative, but got {eps}" if eps < 0.0 else None
