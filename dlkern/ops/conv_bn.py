@@ -95,13 +95,14 @@ def _rows_per_split(M, device, programs_per_split):
 # The GEMMs' tiles: (BLOCK_M, BLOCK_N or BLOCK_CO, BLOCK_K, num_warps, num_stages, 16-bit dtypes only). Only
 # tiles that fit an H200 SM are offered: compiled for sm_90 (tests/gpu_compile_check.py) at the MnistCNN's
 # shapes, each has no register spills and >= 25% theoretical occupancy (<= 128 registers a thread) in every
-# dtype it is offered for. Wider BLOCK_K needs more registers for its gathered addresses than that allows,
-# except in 16 bits at 8 warps. The weight gradient's MMA is (BLOCK_K x BLOCK_M) @ (BLOCK_M x BLOCK_CO):
-# its BLOCK_K is the MMA's M, >= 64 for wgmma.
+# dtype it is offered for, under every supported Triton (3.6, 3.7, 3.8). Wider BLOCK_K needs more registers for
+# its gathered addresses than that allows, except in 16 bits at 8 warps -- not in the input gradient (64x32x64
+# at 8 warps in bf16: 128 registers under Triton 3.7.1, 144 under 3.8). The weight gradient's MMA is
+# (BLOCK_K x BLOCK_M) @ (BLOCK_M x BLOCK_CO): its BLOCK_K is the MMA's M, >= 64 for wgmma.
 _FWD_TILES = [(64, 32, 16, 4, 3, False), (64, 32, 16, 4, 4, False), (64, 32, 16, 8, 3, False),
               (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, True), (64, 32, 64, 8, 3, True)]
 _DGRAD_TILES = [(64, 32, 16, 4, 3, False), (64, 32, 16, 4, 4, True), (64, 32, 16, 8, 3, False),
-                (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, False), (64, 32, 64, 8, 3, True)]
+                (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, False)]
 _WGRAD_TILES = [(32, 32, 64, 8, 3, False), (32, 32, 128, 8, 3, True), (64, 32, 64, 8, 3, True)]
 # DLKERN_AUTOTUNE=1: Triton's autotuner over those tiles, keyed on M rounded up to a power of two (an epoch's
 # ragged last batch reuses the tuned tiles) and cached on disk across processes. Default (0): one fixed tile per
@@ -220,7 +221,7 @@ def _merge_stats(part, stats, running, M, C_out, tile_m, eps, momentum, index_64
         part, stats, mean_buf, var_buf, nbt if nbt is not None else stats, C_out, M, tiles, tile_m, tiles,
         *_hi_lo(eps), *_hi_lo(momentum if momentum is not None else 0.0),
         BLOCK_T=4 if INTERPRETING else 32, BLOCK_C=block_c, FINAL=True, TRACK=running is not None,
-        CUMULATIVE=momentum is None, INDEX_64=index_64,
+        CUMULATIVE=momentum is None, INDEX_64=index_64, num_warps=8,  # 4 warps: 64 registers (Triton 3.6, 3.7)
     )
 
 
@@ -387,7 +388,7 @@ def _conv_bn_act2d_triton(input, weight, bias, bn_weight, bn_bias, running_mean,
         PH, PW = pool_output_size(OH, OW, pool)
         out = _empty_like_format(input, (N, C_out, PH, PW), input.dtype)
         pos = torch.empty_like(out, dtype=torch.uint8)
-        block = 256 if INTERPRETING else 512
+        block = 256  # 2 pooled elements a thread: 48-56 registers under Triton 3.6-3.8 (512: up to 72, < 50%)
         launch(
             kernels.bn_act_pool_fwd_kernel, (cdiv(out.numel(), block),),
             z, out, pos, stats, gamma, beta, num_batches_tracked if count else stats, out.numel(), C_out, PH, PW,
@@ -697,7 +698,9 @@ def _conv_bn_act2d_backward_triton(
         pos, (pkh, pkw), (psh, psw), (pph, ppw) = pool
         pool_args = (pos, *pos.stride(), pos.shape[2], pos.shape[3], psh, psw, pph, ppw)
         pool_flags = dict(POOL=True, PKH=pkh, PKW=pkw)
-    rows_tile = 32 if pool is None else 16  # reading through the pool's argmax takes registers: smaller tiles
+    # Reading through the pool's argmax takes registers: smaller tiles (16 rows took 64-72 registers under some
+    # Triton releases, < 50% occupancy).
+    rows_tile = 32 if pool is None else 8
     if bn:  # per split and channel: sum g_u and sum g_u*x_hat
         launch(
             kernels.bn_act_bwd_reduce_kernel, (splits, cdiv(C_out, block_c)),
