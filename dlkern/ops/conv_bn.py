@@ -698,8 +698,8 @@ def _conv_bn_act2d_backward_triton(
         pos, (pkh, pkw), (psh, psw), (pph, ppw) = pool
         pool_args = (pos, *pos.stride(), pos.shape[2], pos.shape[3], psh, psw, pph, ppw)
         pool_flags = dict(POOL=True, PKH=pkh, PKW=pkw)
-    # Reading through the pool's argmax takes registers: smaller tiles (16 rows took 64-72 registers under some
-    # Triton releases, < 50% occupancy).
+    # Reading through the pool's argmax takes registers: smaller tiles (16 rows: up to 72 registers a thread in
+    # bn_act_bwd_reduce_kernel under Triton 3.6, < 50% occupancy; 8 rows: 40-48 under 3.6-3.8).
     rows_tile = 32 if pool is None else 8
     if bn:  # per split and channel: sum g_u and sum g_u*x_hat
         launch(
@@ -715,7 +715,8 @@ def _conv_bn_act2d_backward_triton(
         grad_out, z, gz, stats if bn else z, gamma, beta, part, grad_gamma if affine else z,
         grad_beta if affine else z, M, C_out, OH, OW, rows, splits, *p, *grad_out.stride(), *z.stride(), *pool_args,
         BN=bn, HAS_AFFINE=affine, ACT=activation, ACC_DTYPE=acc, INDEX_64=index_64, **pool_flags,
-        BLOCK_M=128 if INTERPRETING else rows_tile, BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=block_c,
+        # the split sums 16 splits a step: 64 took 64-72 registers a thread under Triton 3.8 (16: 40-44)
+        BLOCK_M=128 if INTERPRETING else rows_tile, BLOCK_S=4 if INTERPRETING else 16, BLOCK_C=block_c,
     )
     common = dict(PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=acc, DOT_FP32=_dot_fp32(input.dtype),
                   INDEX_64=_index_64(input, z))
