@@ -96,11 +96,12 @@ def _rows_per_split(M, device, programs_per_split):
 # tiles that fit an H200 SM are offered: compiled for sm_90 (tests/gpu_compile_check.py) at the MnistCNN's
 # shapes, each has no register spills and >= 25% theoretical occupancy (<= 128 registers a thread) in every
 # dtype it is offered for, under every supported Triton (3.6, 3.7, 3.8). Wider BLOCK_K needs more registers for
-# its gathered addresses than that allows, except in 16 bits at 8 warps -- not in the input gradient (64x32x64
-# at 8 warps in bf16: 128 registers under Triton 3.7.1, 144 under 3.8). The weight gradient's MMA is
+# its gathered addresses than that allows, except in 16 bits at 8 warps -- and BLOCK_K = 64 not even there in
+# the forward and input gradient (64x32x64, 8 warps: 128 registers under Triton 3.7.1; 135 (fp16) and 144 (bf16)
+# under 3.8). With the pooling epilogue, fewer still (_pool_tile). The weight gradient's MMA is
 # (BLOCK_K x BLOCK_M) @ (BLOCK_M x BLOCK_CO): its BLOCK_K is the MMA's M, >= 64 for wgmma.
 _FWD_TILES = [(64, 32, 16, 4, 3, False), (64, 32, 16, 4, 4, False), (64, 32, 16, 8, 3, False),
-              (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, True), (64, 32, 64, 8, 3, True)]
+              (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, True)]
 _DGRAD_TILES = [(64, 32, 16, 4, 3, False), (64, 32, 16, 4, 4, True), (64, 32, 16, 8, 3, False),
                 (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, False)]
 _WGRAD_TILES = [(32, 32, 64, 8, 3, False), (32, 32, 128, 8, 3, True), (64, 32, 64, 8, 3, True)]
@@ -112,6 +113,13 @@ AUTOTUNE = os.environ.get("DLKERN_AUTOTUNE", "0") not in ("", "0")
 _HALF_ONLY = set()  # ids of the autotuner configs offered for 16-bit dtypes only
 
 
+def _pool_tile(block_m, block_k, warps, wide):
+    """Whether a forward tile is offered with the pooling epilogue, whose window reduction needs registers:
+    BLOCK_K <= 32, 8 warps, 64 rows in 32 bits. (4 warps: 107-113 registers in 16 bits under Triton 3.7.1 and
+    3.8, 132-140 in fp32 under 3.8, < 25%; 64x32x16 at 8 warps: 47-70 under 3.6-3.8.)"""
+    return block_k <= 32 and warps == 8 and not (wide and block_m > 64)
+
+
 def _pruner(n_name, n_dim, k_dims, tensor):
     """Drops configs whose tiles are wider than the problem (e.g. BLOCK_K=64 for the K = 9 first layer) and the
     16-bit-only ones for other dtypes."""
@@ -121,8 +129,8 @@ def _pruner(n_name, n_dim, k_dims, tensor):
         n = named_args[n_dim]
         wide = named_args[tensor].element_size() > 2
         allowed = [c for c in configs if not (wide and id(c) in _HALF_ONLY)]
-        if kwargs.get("POOL"):  # the pooling epilogue's reduction needs registers: these tiles fit with it
-            allowed = [c for c in allowed if c.kwargs["BLOCK_K"] <= 32 and not (wide and c.kwargs["BLOCK_M"] > 64)]
+        if kwargs.get("POOL"):
+            allowed = [c for c in allowed if _pool_tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, wide)]
         kept = [c for c in allowed if c.kwargs["BLOCK_K"] <= _np2(k, hi=128) and c.kwargs[n_name] <= _np2(n, hi=128)]
         return kept or allowed[:1]
 
@@ -152,23 +160,24 @@ _conv_bwd_weight = _tuned(kernels.conv_bwd_weight_kernel, "BLOCK_CO", "C_out", "
                           ["m_bucket", "C_in", "C_out", "KH", "KW"], _WGRAD_TILES)
 
 
-def _heuristic(tiles, n_name, M, N, dtype):
+def _heuristic(tiles, n_name, M, N, dtype, pool=False):
     """The fixed tile for a shape (DLKERN_AUTOTUNE=0): from the offered ones, 128-row tiles once M fills an H200
     several times over (>= 2^17 rows), else 64; BLOCK_N/BLOCK_CO the narrowest that covers N (32 for the MnistCNN),
-    the smallest BLOCK_K, 4 warps when offered. Computed once per (tiles, large M, N, dtype): a few µs a call."""
-    key = (id(tiles), n_name, M >= 1 << 17, N, dtype)
+    the smallest BLOCK_K, 4 warps when offered (with the pooling epilogue, the tiles _pool_tile allows: 64 rows,
+    8 warps). Computed once per (tiles, large M, N, dtype, pool): a few µs a call."""
+    key = (id(tiles), n_name, M >= 1 << 17, N, dtype, pool)
     blocks = _heuristic_tiles.get(key)
     if blocks is None:
-        blocks = _heuristic_tiles[key] = _pick_tile(tiles, n_name, M >= 1 << 17, dtype)
+        blocks = _heuristic_tiles[key] = _pick_tile(tiles, n_name, M >= 1 << 17, dtype, pool)
     return blocks
 
 
 _heuristic_tiles = {}
 
 
-def _pick_tile(tiles, n_name, large, dtype):
+def _pick_tile(tiles, n_name, large, dtype, pool):
     wide = dtype.itemsize > 2
-    offered = [t for t in tiles if not (wide and t[5])]
+    offered = [t for t in tiles if not (wide and t[5]) and (not pool or _pool_tile(t[0], t[2], t[3], wide))]
     bm = 128 if large and any(t[0] == 128 for t in offered) else min(t[0] for t in offered)
     fits = [t for t in offered if t[0] == bm] or offered
     bm, bn, bk, w, s, _ = min(fits, key=lambda t: (t[2], -t[3] if bm == 128 else t[3], t[4]))
@@ -182,7 +191,7 @@ def _gemm(tuned, plain, tiles, n_name, M, N, dtype, pool=False, **interpreter_bl
         return plain, interpreter_blocks
     if AUTOTUNE:
         return tuned, {}
-    return plain, _heuristic(tiles, n_name, 0 if pool else M, N, dtype)
+    return plain, _heuristic(tiles, n_name, 0 if pool else M, N, dtype, pool)
 
 
 # Tensors from this many elements get 64-bit offsets: a margin below int32's 2^31 for the offsets that masked
