@@ -154,6 +154,13 @@ def test_launcher_call_is_the_plans():
     assert _compat.launcher_call() == _compat.LAUNCHER_CALL
 
 
+def test_unknown_launcher_call_turns_plans_off(monkeypatch):
+    """Where JITFunction.run calls the launcher otherwise, plans are off, with one warning naming both calls."""
+    monkeypatch.setattr(_compat, "launcher_call", lambda: ("grid", "stream", "*args"))
+    with pytest.warns(UserWarning, match="takes Triton's own path"):
+        assert _compat.planned_launches_supported.__wrapped__() is False
+
+
 @pytest.mark.skipif(not triton_support.cpu_runs_triton(), reason="needs TRITON_INTERPRET=1 (no GPU visible)")
 def test_interpreter_runs_loops_with_runtime_bounds():
     """A range() over kernel arguments and program ids in the interpreter (Triton 3.6 under numpy >= 2.4 needs
