@@ -202,7 +202,8 @@ setup(
     packages=["dlkern", "dlkern.ops", "dlkern.nn", "dlkern.kernels"],
     package_dir={"dlkern.kernels": "kernels"},
     package_data={"dlkern": ["_build_info.json"]},
-    install_requires=["torch>=2.6", "triton>=3.2", "numpy"],
+    # The supported range (README, "Supported versions"): torch 2.11 to 2.14 and the Triton each ships with.
+    install_requires=["torch>=2.11,<2.15", "triton>=3.6,<3.9", "numpy"],
     extras_require={"train": ["torchvision", "tqdm", "matplotlib"]},
     **extension_setup_kwargs(),
 )

@@ -17,13 +17,14 @@ those of the CPU allocator, not CUDA's caching allocator.
 """
 
 import contextlib
+import gc
 
 import torch
 import triton
 import triton.compiler
 from triton.backends.compiler import GPUTarget
 from triton.runtime import autotuner, driver
-from triton.runtime.jit import _triton_jit_function_registry
+from triton.runtime.jit import JITFunction
 
 
 class _Device:
@@ -83,6 +84,12 @@ def _stand_in_compile(src, target=None, options=None, **kwargs):
     return _Kernel(src)
 
 
+def jit_functions():
+    """Every @triton.jit function alive (dlkern's kernels, their helpers, any other), found through the garbage
+    collector: Triton has no public registry of them (3.7 and 3.8 keep a private one, 3.6 none)."""
+    return [obj for obj in gc.get_objects() if issubclass(type(obj), JITFunction)]  # type(): no __class__ lookups
+
+
 def _no_benchmark(self, *args, config, **meta):
     return [1.0, 1.0, 1.0]
 
@@ -95,15 +102,15 @@ def stand_in_gpu():
     saved_compile, saved_bench, saved_driver = triton.compiler.compile, autotuner.Autotuner._bench, driver._active
     saved_disk_cache = autotuner.Autotuner.check_disk_cache
     # JIT functions bind their compile and backend per device on first launch: start them afresh, and again after.
-    jit_functions = list(_triton_jit_function_registry.values())
-    saved_caches = [(fn, fn.device_caches) for fn in jit_functions]
+    functions = jit_functions()
+    saved_caches = [(fn, fn.device_caches) for fn in functions]
     triton.compiler.compile = _stand_in_compile
     autotuner.Autotuner._bench = _no_benchmark
     # Stand-in timings must never reach the on-disk autotune cache (cache_results=True), where a real run on the
     # same target would read them: tune afresh, store nothing.
     autotuner.Autotuner.check_disk_cache = lambda tuner, key, configs, bench_fn: (bench_fn(), False)[1]
     driver.set_active(_Driver())
-    for fn in jit_functions:
+    for fn in functions:
         fn.device_caches = type(fn.device_caches)(fn.create_binder)
     # Launch plans made under the stand-in hold its do-nothing kernels: none may outlive the block (nor predate it).
     triton_support._plans.clear()

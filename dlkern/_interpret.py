@@ -2,6 +2,8 @@
 code (``dlkern.ops``) read, so that the kernels import nothing from the op layer.
 
 Triton reads TRITON_INTERPRET once, when it is imported; so does this module (tests/conftest.py sets it first).
+When it is set, the installed interpreter gets the fixes dlkern's kernels need (``dlkern._compat``:
+Triton 3.6's, under numpy >= 2.4, cannot run a loop with a runtime bound).
 """
 
 import os
@@ -10,3 +12,8 @@ import os
 # anything else leaves it off. dlkern must agree with it exactly (with "not in ('', '0')", TRITON_INTERPRET=false
 # had dlkern planning for the interpreter while Triton compiled for the GPU).
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y")
+
+if INTERPRETING:
+    from dlkern._compat import patch_interpreter
+
+    patch_interpreter()

@@ -60,6 +60,14 @@ def check(label, fn):
 
 
 def main():
+    import triton
+
+    from dlkern import _compat
+
+    # Plans are off where the installed Triton's launcher call differs from theirs (every check below would fail).
+    assert _compat.planned_launches_supported(), (
+        f"triton {triton.__version__}: JITFunction.run calls the launcher as {_compat.launcher_call()}, "
+        f"not {_compat.LAUNCHER_CALL}: dlkern's launch plans need adapting to it")
     torch.manual_seed(0)
     with host_stub.stand_in_gpu():
         x = torch.randn(2, 8, 5, 6, requires_grad=True)
@@ -140,6 +148,19 @@ def main():
         # 4 (M = 1296), as an epoch's ragged last batch reuses the full batches'.
         assert 1620 not in benchmarked and 1296 in benchmarked, benchmarked
         print("ok   autotuned tiles per key, M bucketed")
+
+        # Under a Triton whose launcher call the plans do not know (dlkern._compat), every launch takes Triton's
+        # own path and no plan is kept.
+        saved = triton_support.planned_launches_supported
+        triton_support.planned_launches_supported = lambda: False
+        try:
+            triton_support._plans.clear()
+            for _ in range(2):
+                launches = record(lambda: torch.autograd.grad(F.gelu(x), x, g))
+                assert len(launches) == 2 and not triton_support._plans, (launches, triton_support._plans)
+        finally:
+            triton_support.planned_launches_supported = saved
+        print("ok   an unknown launcher call: Triton's own path, no plans")
     print("launch plans: all checks passed")
     return 0
 

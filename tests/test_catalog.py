@@ -211,13 +211,15 @@ def test_no_import_circle():
 
 
 def test_layers():
-    """The catalog and the interpreter flag are leaves; kernels/ imports only itself and the flag; the op layer
-    nothing above it."""
+    """The catalog and the version adaptations are leaves, the interpreter flag reads only the latter (it fixes
+    an old interpreter); kernels/ imports only itself and the flag; the op layer nothing above it."""
     graph = _import_graph()
-    assert _reachable(graph, "dlkern.catalog") == set() and _reachable(graph, "dlkern._interpret") == set()
+    assert _reachable(graph, "dlkern.catalog") == set() and _reachable(graph, "dlkern._compat") == set()
+    assert _reachable(graph, "dlkern._interpret") == {"dlkern._compat"}
+    flag = {"dlkern._interpret", "dlkern._compat"}
     for name in graph:
         if name.startswith("dlkern.kernels"):
-            assert _reachable(graph, name) <= {"dlkern._interpret"} | {m for m in graph if m.startswith("dlkern.kernels")}
+            assert _reachable(graph, name) <= flag | {m for m in graph if m.startswith("dlkern.kernels")}
         if name.startswith("dlkern.ops"):
             assert not {m for m in _reachable(graph, name) if m.startswith(("dlkern.nn", "dlkern.functional",
                                                                             "dlkern.convert"))}, name
@@ -235,5 +237,5 @@ def test_leaves_import_alone():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["dlkern", "dlkern._interpret", "dlkern.catalog", "dlkern.kernels",
+    assert out.stdout.split() == ["dlkern", "dlkern._compat", "dlkern._interpret", "dlkern.catalog", "dlkern.kernels",
                                   "dlkern.kernels.activation", "dlkern.kernels.conv_bn"]

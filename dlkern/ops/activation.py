@@ -30,6 +30,7 @@ from dlkern.kernels.activation import (
     channel_sum_kernel,
     channelwise_bwd_kernel,
 )
+from dlkern._compat import check  # torch._check, also traceable by torch 2.11's Dynamo
 from dlkern.ops.autograd_support import batch_first, call_op, function_apply, needs_autograd
 from dlkern.ops.library import define, LIB
 from dlkern.ops.triton_support import cdiv, compute_dtype, INTERPRETING, launch, next_power_of_2, sm_count
@@ -89,7 +90,7 @@ def _check_channelwise(x, weight, act):
         if x.dim() == 0:
             raise RuntimeError("Not allow zero-dim input tensor.")
         channels = x.shape[1] if x.dim() > 1 else 1
-        torch._check(
+        check(
             channels == weight.numel(),
             lambda: f"Mismatch of parameter numbers and input channel size. Found parameter numbers = "
             f"{weight.numel()} and channel size = {channels}.",

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from dlkern import _env
+from dlkern import _compat, _env
 from dlkern.catalog import FUSABLE, check_activation  # noqa: F401  (FUSABLE: the fusable names, "none" too)
 from dlkern.kernels import conv_bn as kernels
 from dlkern.ops.activation import composite_backward, composite_forward
@@ -95,13 +95,15 @@ def _rows_per_split(M, device, programs_per_split):
 # The GEMMs' tiles: (BLOCK_M, BLOCK_N or BLOCK_CO, BLOCK_K, num_warps, num_stages, 16-bit dtypes only). Only
 # tiles that fit an H200 SM are offered: compiled for sm_90 (tests/gpu_compile_check.py) at the MnistCNN's
 # shapes, each has no register spills and >= 25% theoretical occupancy (<= 128 registers a thread) in every
-# dtype it is offered for. Wider BLOCK_K needs more registers for its gathered addresses than that allows,
-# except in 16 bits at 8 warps. The weight gradient's MMA is (BLOCK_K x BLOCK_M) @ (BLOCK_M x BLOCK_CO):
-# its BLOCK_K is the MMA's M, >= 64 for wgmma.
+# dtype it is offered for, under every supported Triton (3.6, 3.7, 3.8). Wider BLOCK_K needs more registers for
+# its gathered addresses than that allows, except in 16 bits at 8 warps -- and BLOCK_K = 64 not even there in
+# the forward and input gradient (64x32x64, 8 warps: 128 registers under Triton 3.7.1; 135 (fp16) and 144 (bf16)
+# under 3.8). With the pooling epilogue, fewer still (_pool_tile). The weight gradient's MMA is
+# (BLOCK_K x BLOCK_M) @ (BLOCK_M x BLOCK_CO): its BLOCK_K is the MMA's M, >= 64 for wgmma.
 _FWD_TILES = [(64, 32, 16, 4, 3, False), (64, 32, 16, 4, 4, False), (64, 32, 16, 8, 3, False),
-              (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, True), (64, 32, 64, 8, 3, True)]
+              (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, True)]
 _DGRAD_TILES = [(64, 32, 16, 4, 3, False), (64, 32, 16, 4, 4, True), (64, 32, 16, 8, 3, False),
-                (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, False), (64, 32, 64, 8, 3, True)]
+                (128, 32, 16, 8, 3, False), (64, 32, 32, 8, 3, False)]
 _WGRAD_TILES = [(32, 32, 64, 8, 3, False), (32, 32, 128, 8, 3, True), (64, 32, 64, 8, 3, True)]
 # DLKERN_AUTOTUNE=1: Triton's autotuner over those tiles, keyed on M rounded up to a power of two (an epoch's
 # ragged last batch reuses the tuned tiles) and cached on disk across processes. Default (0): one fixed tile per
@@ -109,6 +111,13 @@ _WGRAD_TILES = [(32, 32, 64, 8, 3, False), (32, 32, 128, 8, 3, True), (64, 32, 6
 # all of them (tests/gpu_compile_check.py's cold start), and what runs does not depend on timing noise.
 AUTOTUNE = _env.flag("DLKERN_AUTOTUNE")  # 0/1, true/false, yes/no, on/off (any case); anything else raises
 _HALF_ONLY = set()  # ids of the autotuner configs offered for 16-bit dtypes only
+
+
+def _pool_tile(block_m, block_k, warps, wide):
+    """Whether a forward tile is offered with the pooling epilogue, whose window reduction needs registers:
+    BLOCK_K <= 32, 8 warps, 64 rows in 32 bits. (4 warps: 107-113 registers in 16 bits under Triton 3.7.1 and
+    3.8, 132-140 in fp32 under 3.8, < 25%; 64x32x16 at 8 warps: 47-70 under 3.6-3.8.)"""
+    return block_k <= 32 and warps == 8 and not (wide and block_m > 64)
 
 
 def _pruner(n_name, n_dim, k_dims, tensor):
@@ -120,8 +129,8 @@ def _pruner(n_name, n_dim, k_dims, tensor):
         n = named_args[n_dim]
         wide = named_args[tensor].element_size() > 2
         allowed = [c for c in configs if not (wide and id(c) in _HALF_ONLY)]
-        if kwargs.get("POOL"):  # the pooling epilogue's reduction needs registers: these tiles fit with it
-            allowed = [c for c in allowed if c.kwargs["BLOCK_K"] <= 32 and not (wide and c.kwargs["BLOCK_M"] > 64)]
+        if kwargs.get("POOL"):
+            allowed = [c for c in allowed if _pool_tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps, wide)]
         kept = [c for c in allowed if c.kwargs["BLOCK_K"] <= _np2(k, hi=128) and c.kwargs[n_name] <= _np2(n, hi=128)]
         return kept or allowed[:1]
 
@@ -151,23 +160,24 @@ _conv_bwd_weight = _tuned(kernels.conv_bwd_weight_kernel, "BLOCK_CO", "C_out", "
                           ["m_bucket", "C_in", "C_out", "KH", "KW"], _WGRAD_TILES)
 
 
-def _heuristic(tiles, n_name, M, N, dtype):
+def _heuristic(tiles, n_name, M, N, dtype, pool=False):
     """The fixed tile for a shape (DLKERN_AUTOTUNE=0): from the offered ones, 128-row tiles once M fills an H200
     several times over (>= 2^17 rows), else 64; BLOCK_N/BLOCK_CO the narrowest that covers N (32 for the MnistCNN),
-    the smallest BLOCK_K, 4 warps when offered. Computed once per (tiles, large M, N, dtype): a few µs a call."""
-    key = (id(tiles), n_name, M >= 1 << 17, N, dtype)
+    the smallest BLOCK_K, 4 warps when offered (with the pooling epilogue, the tiles _pool_tile allows: 64 rows,
+    8 warps). Computed once per (tiles, large M, N, dtype, pool): a few µs a call."""
+    key = (id(tiles), n_name, M >= 1 << 17, N, dtype, pool)
     blocks = _heuristic_tiles.get(key)
     if blocks is None:
-        blocks = _heuristic_tiles[key] = _pick_tile(tiles, n_name, M >= 1 << 17, dtype)
+        blocks = _heuristic_tiles[key] = _pick_tile(tiles, n_name, M >= 1 << 17, dtype, pool)
     return blocks
 
 
 _heuristic_tiles = {}
 
 
-def _pick_tile(tiles, n_name, large, dtype):
+def _pick_tile(tiles, n_name, large, dtype, pool):
     wide = dtype.itemsize > 2
-    offered = [t for t in tiles if not (wide and t[5])]
+    offered = [t for t in tiles if not (wide and t[5]) and (not pool or _pool_tile(t[0], t[2], t[3], wide))]
     bm = 128 if large and any(t[0] == 128 for t in offered) else min(t[0] for t in offered)
     fits = [t for t in offered if t[0] == bm] or offered
     bm, bn, bk, w, s, _ = min(fits, key=lambda t: (t[2], -t[3] if bm == 128 else t[3], t[4]))
@@ -181,7 +191,7 @@ def _gemm(tuned, plain, tiles, n_name, M, N, dtype, pool=False, **interpreter_bl
         return plain, interpreter_blocks
     if AUTOTUNE:
         return tuned, {}
-    return plain, _heuristic(tiles, n_name, 0 if pool else M, N, dtype)
+    return plain, _heuristic(tiles, n_name, 0 if pool else M, N, dtype, pool)
 
 
 # Tensors from this many elements get 64-bit offsets: a margin below int32's 2^31 for the offsets that masked
@@ -220,7 +230,7 @@ def _merge_stats(part, stats, running, M, C_out, tile_m, eps, momentum, index_64
         part, stats, mean_buf, var_buf, nbt if nbt is not None else stats, C_out, M, tiles, tile_m, tiles,
         *_hi_lo(eps), *_hi_lo(momentum if momentum is not None else 0.0),
         BLOCK_T=4 if INTERPRETING else 32, BLOCK_C=block_c, FINAL=True, TRACK=running is not None,
-        CUMULATIVE=momentum is None, INDEX_64=index_64,
+        CUMULATIVE=momentum is None, INDEX_64=index_64, num_warps=8,  # 4 warps: 64 registers (Triton 3.6, 3.7)
     )
 
 
@@ -280,7 +290,7 @@ def _check(condition, message):
         return
     if isinstance(condition, torch.Tensor):
         condition = bool(condition)
-    torch._check(condition, lambda: message)
+    _compat.check(condition, message)
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch composite
@@ -388,7 +398,7 @@ def _conv_bn_act2d_triton(input, weight, bias, bn_weight, bn_bias, running_mean,
         PH, PW = pool_output_size(OH, OW, pool)
         out = _empty_like_format(input, (N, C_out, PH, PW), input.dtype)
         pos = torch.empty_like(out, dtype=torch.uint8)
-        block = 256 if INTERPRETING else 512
+        block = 256  # 2 pooled elements a thread: 48-56 registers under Triton 3.6-3.8 (512: up to 72, < 50%)
         launch(
             kernels.bn_act_pool_fwd_kernel, (cdiv(out.numel(), block),),
             z, out, pos, stats, gamma, beta, num_batches_tracked if count else stats, out.numel(), C_out, PH, PW,
@@ -701,7 +711,9 @@ def _conv_bn_act2d_backward_triton(
         pos, (pkh, pkw), (psh, psw), (pph, ppw) = pool
         pool_args = (pos, *pos.stride(), pos.shape[2], pos.shape[3], psh, psw, pph, ppw)
         pool_flags = dict(POOL=True, PKH=pkh, PKW=pkw)
-    rows_tile = 32 if pool is None else 16  # reading through the pool's argmax takes registers: smaller tiles
+    # Reading through the pool's argmax takes registers: smaller tiles (16 rows: up to 72 registers a thread in
+    # bn_act_bwd_reduce_kernel under Triton 3.6, < 50% occupancy; 8 rows: 40-48 under 3.6-3.8).
+    rows_tile = 32 if pool is None else 8
     if bn:  # per split and channel: sum g_u and sum g_u*x_hat
         launch(
             kernels.bn_act_bwd_reduce_kernel, (splits, cdiv(C_out, block_c)),
@@ -716,7 +728,8 @@ def _conv_bn_act2d_backward_triton(
         grad_out, z, gz, stats if bn else z, gamma, beta, part, grad_gamma if affine else z,
         grad_beta if affine else z, M, C_out, OH, OW, rows, splits, *p, *grad_out.stride(), *z.stride(), *pool_args,
         BN=bn, HAS_AFFINE=affine, ACT=activation, ACC_DTYPE=acc, INDEX_64=index_64, **pool_flags,
-        BLOCK_M=128 if INTERPRETING else rows_tile, BLOCK_S=4 if INTERPRETING else 64, BLOCK_C=block_c,
+        # the split sums 16 splits a step: 64 took 64-72 registers a thread under Triton 3.8 (16: 40-44)
+        BLOCK_M=128 if INTERPRETING else rows_tile, BLOCK_S=4 if INTERPRETING else 16, BLOCK_C=block_c,
     )
     common = dict(PRECISION=_precision(input.dtype, allow_tf32), ACC_DTYPE=acc, DOT_FP32=_dot_fp32(input.dtype),
                   INDEX_64=_index_64(input, z))
@@ -1136,10 +1149,8 @@ def _check_batch_norm(dtype, z_shape, training, eps, running_mean, running_var, 
     channels = z_shape[1]
     if training and z_shape[0] * z_shape[2] * z_shape[3] == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(z_shape)}")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if eps <= 0.0 and (message := _compat.batch_norm_eps_error(training, eps)):  # worded per torch release
+        raise ValueError(message)
     if not training:
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if t is None:

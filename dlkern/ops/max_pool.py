@@ -13,6 +13,7 @@ from torch.autograd import forward_ad
 from torch._prims_common import suggest_memory_format
 
 import dlkern._extension  # noqa: F401  (registers torch.ops.dlkern.*)
+from dlkern._compat import check  # torch._check, also traceable by torch 2.11's Dynamo
 from dlkern.ops.autograd_support import batch_first, call_op, function_apply, needs_autograd
 
 # The overloads themselves: calling the packet (torch.ops.dlkern.max_pool2d) resolves the overload on every call.
@@ -23,9 +24,9 @@ _MAX_POOL2D_VALUES = torch.ops.dlkern.max_pool2d_values.default
 
 def _pooling_output_size(size, k, pad, stride, dilation, ceil_mode):
     """ATen's pooling_output_shape (aten/src/ATen/native/Pool.h), checks included."""
-    torch._check(stride != 0, lambda: "stride should not be zero")
-    torch._check(pad >= 0, lambda: f"pad must be non-negative, but got pad: {pad}")
-    torch._check(
+    check(stride != 0, lambda: "stride should not be zero")
+    check(pad >= 0, lambda: f"pad must be non-negative, but got pad: {pad}")
+    check(
         pad <= ((k - 1) * dilation + 1) // 2,
         lambda: f"pad should be at most half of effective kernel size, but got pad={pad}, kernel_size={k} "
         f"and dilation={dilation}",
@@ -38,17 +39,17 @@ def _pooling_output_size(size, k, pad, stride, dilation, ceil_mode):
 
 def max_pool2d_output(input, kernel_size, stride, padding, dilation, ceil_mode):
     """Checks the arguments as ATen does; returns the output shape and memory format."""
-    torch._check(
+    check(
         len(kernel_size) in (1, 2), lambda: "max_pool2d: kernel_size must either be a single int, or a tuple of two ints"
     )
-    torch._check(
+    check(
         len(stride) in (0, 1, 2),
         lambda: "max_pool2d: stride must either be omitted, a single int, or a tuple of two ints",
     )
-    torch._check(
+    check(
         len(padding) in (1, 2), lambda: "max_pool2d: padding must either be a single int, or a tuple of two ints"
     )
-    torch._check(
+    check(
         len(dilation) in (1, 2), lambda: "max_pool2d: dilation must be either a single int, or a tuple of two ints"
     )
     kH, kW = kernel_size[0], kernel_size[-1]
@@ -56,37 +57,37 @@ def max_pool2d_output(input, kernel_size, stride, padding, dilation, ceil_mode):
     pH, pW = padding[0], padding[-1]
     dH, dW = dilation[0], dilation[-1]
 
-    torch._check(input.dim() in (3, 4), lambda: "non-empty 3D or 4D (batch mode) tensor expected for input")
+    check(input.dim() in (3, 4), lambda: "non-empty 3D or 4D (batch mode) tensor expected for input")
     channels_last = input.dim() == 4 and suggest_memory_format(input) == torch.channels_last
     C, H, W = input.shape[-3:]
     OH = _pooling_output_size(H, kH, pH, sH, dH, ceil_mode)
     OW = _pooling_output_size(W, kW, pW, sW, dW, ceil_mode)
 
-    torch._check(kW > 0 and kH > 0, lambda: f"kernel size should be greater than zero, but got kH: {kH} kW: {kW}")
-    torch._check(sW > 0 and sH > 0, lambda: f"stride should be greater than zero, but got dH: {sH} dW: {sW}")
-    torch._check(
+    check(kW > 0 and kH > 0, lambda: f"kernel size should be greater than zero, but got kH: {kH} kW: {kW}")
+    check(sW > 0 and sH > 0, lambda: f"stride should be greater than zero, but got dH: {sH} dW: {sW}")
+    check(
         dH > 0 and dW > 0, lambda: f"dilation should be greater than zero, but got dilationH: {dH} dilationW: {dW}"
     )
     valid_dims = input.shape[1] != 0 and input.shape[2] != 0
     if channels_last:
-        torch._check(
+        check(
             valid_dims and input.shape[3] != 0,
             lambda: "Expected 4D (batch mode) tensor expected for input with channels_last layout with optional "
             f"0 dim batch size for input, but got: {list(input.shape)}",
         )
     else:
-        torch._check(
+        check(
             (input.dim() == 3 and input.shape[0] != 0 and valid_dims)
             or (input.dim() == 4 and valid_dims and input.shape[3] != 0),
             lambda: "Expected 3D or 4D (batch mode) tensor with optional 0 dim batch size for input, but got:"
             f"{list(input.shape)}",
         )
-    torch._check(
+    check(
         kW // 2 >= pW and kH // 2 >= pH,
         lambda: f"pad should be smaller than or equal to half of kernel size, but got padW = {pW}, padH = {pH}, "
         f"kW = {kW}, kH = {kH}",
     )
-    torch._check(
+    check(
         OW >= 1 and OH >= 1,
         lambda: f"Given input size: ({C}x{H}x{W}). Calculated output size: ({C}x{OH}x{OW}). Output size is too small",
     )
@@ -111,7 +112,7 @@ def _max_pool2d_values_fake(input, kernel_size, stride, padding, dilation, ceil_
 @torch.library.register_fake("dlkern::max_pool2d_backward")
 def _max_pool2d_backward_fake(grad_output, input, indices, kernel_size, stride, padding, dilation, ceil_mode):
     shape, memory_format = max_pool2d_output(input, kernel_size, stride, padding, dilation, ceil_mode)
-    torch._check(
+    check(
         tuple(grad_output.shape) == tuple(shape) and tuple(indices.shape) == tuple(shape),
         lambda: f"max_pool2d_backward: grad_output {list(grad_output.shape)} and indices {list(indices.shape)} "
         f"must have the pooled output's shape {list(shape)}",
@@ -166,11 +167,10 @@ def _max_pool2d_backward_grad(ctx, grad_grad_input):
     return gather_at_argmax(grad_grad_input, indices), None, None, None, None, None, None, None
 
 
-
 def _batched_max_pool2d(pool, info, in_dims, input, pool_args):
     """A vmap rule: ``pool`` (the op, or the differentiable :func:`max_pool2d`) once over the batch. Pooling works
     plane by plane: the batch dims and an example's own N (and C) flatten into one leading dim."""
-    torch._check(input.dim() - 1 in (3, 4), lambda: "non-empty 3D or 4D (batch mode) tensor expected for input")
+    check(input.dim() - 1 in (3, 4), lambda: "non-empty 3D or 4D (batch mode) tensor expected for input")
     x = batch_first(input, in_dims[0], info.batch_size)
     output, indices = pool(x.flatten(0, -4), *pool_args)
     return (output.unflatten(0, x.shape[:-3]), indices.unflatten(0, x.shape[:-3])), (0, 0)

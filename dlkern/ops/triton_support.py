@@ -22,6 +22,7 @@ from triton import knobs
 from triton.runtime import driver
 
 from dlkern._interpret import INTERPRETING  # a leaf, which kernels/ reads too
+from dlkern._compat import planned_launches_supported
 
 launch_counts = collections.Counter()
 _warned = set()
@@ -230,7 +231,8 @@ def launch(kernel, grid, *args, **kwargs):
 
     The first launch with a key (:func:`_plan_key`) takes Triton's own path (binding, specialization, the
     autotuner, compilation) and keeps what it decided: the compiled kernel, the grid, the trailing arguments.
-    Later launches with that key call the compiled kernel's launcher directly, as ``JITFunction.run`` ends,
+    Later launches with that key call the compiled kernel's launcher directly, as ``JITFunction.run`` ends
+    (where the installed Triton's ``run`` passes what the plans pass: dlkern._compat checks it once),
     with none of that per-call work (~3 µs instead of ~15 µs plain, ~40 µs autotuned). A callable grid is
     evaluated once per key: it may only depend on the arguments and the chosen config, as Triton's does.
     Positional arguments are the kernel's leading parameters; constexprs come as keywords."""
@@ -238,8 +240,11 @@ def launch(kernel, grid, *args, **kwargs):
     if name is None:
         name = _names[id(kernel)] = kernel_name(kernel)
     launch_counts[name] += 1
-    if INTERPRETING or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
-        kernel[grid](*args, **kwargs)  # the interpreter runs Python; launch hooks want Triton's own path
+    if (INTERPRETING or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook)
+            or not planned_launches_supported()):
+        # the interpreter runs Python; launch hooks want Triton's own path; and so does a Triton whose launcher
+        # takes other arguments than the plans pass (dlkern._compat)
+        kernel[grid](*args, **kwargs)
         config = getattr(kernel, "best_config", None)
         return _Unplanned({**(config.kwargs if config is not None and not INTERPRETING else {}), **kwargs})
     gpu = driver.active
