@@ -497,7 +497,10 @@ def test_16bit_training(dtype, bn_dtype, pooled):
     float32 BatchNorm): two training steps and eval against the float64 stock block, output and buffers within
     the dtype's tolerance, gradients within the yardstick of the stock block in the same dtypes."""
     torch.manual_seed(8)
-    block, stock = make_pair(3, 4, dtype, conv_kw=dict(padding=1), pool_kw=dict(kernel_size=2))
+    # A 1x1 window, stride 2: in 16 bits two values of a wider window often round to a tie, and which one is the
+    # maximum then differs from float64's (and between interpreters: Triton 3.7's truncates to bf16, 3.6's rounds),
+    # moving a whole gradient element; the windows' logic is checked in float32/float64 above.
+    block, stock = make_pair(3, 4, dtype, conv_kw=dict(padding=1), pool_kw=dict(kernel_size=1, stride=2))
     if not pooled:
         block, stock = dlkern.nn.ConvBNReLU2d(3, 4, 3, padding=1), stock[:3]
         block.load_state_dict(stock.state_dict())
