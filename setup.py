@@ -65,9 +65,19 @@ def find_cuda_home():
     return None
 
 
+def _env():
+    """dlkern/_env.py, dlkern's reader of its DLKERN_* variables, loaded by path (dlkern is not built yet)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dlkern_setup_env", os.path.join(ROOT, "dlkern", "_env.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def configure_cuda(torch):
     """Decide whether to build CUDA kernels; set CUDA_HOME and the arch list for torch.utils.cpp_extension."""
-    if os.environ.get("DLKERN_CPU_ONLY", "0") not in ("", "0"):
+    if _env().flag("DLKERN_CPU_ONLY"):
         _log("DLKERN_CPU_ONLY is set: building the CPU kernels only")
         return False
     if torch.version.cuda is None:

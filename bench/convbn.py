@@ -80,7 +80,8 @@ def run_suite(run):
                  "Triton's interpreter (far too slow to time) or as dlkern's PyTorch-composite fallback")
         return []
     batches = run.batches or ([64, 8192] if run.quick else [64, 1024, 8192])
-    modes = run.compile_modes or (["default"] if run.quick else ["default", "reduce-overhead", "max-autotune"])
+    modes = run.compile_modes if run.compile_modes is not None else (
+        ["default"] if run.quick else ["default", "reduce-overhead", "max-autotune"])
     impls = ["eager"] + [f"compile-{m}" if m != "default" else "compile" for m in modes] + ["dlkern"]
     rows = []
     for (name, c_in, c_out, size, padding), pool in [(b, p) for p in (False, True) for b in BLOCKS]:

@@ -1,13 +1,33 @@
 #!/usr/bin/env bash
-# On a CUDA machine that already has torch and triton and no network: build dlkern in place, run the full test
-# suite with the CUDA tests enabled, run the benchmark, and leave logs, results.csv, plots and targets in OUT_DIR.
+# dlkern on a CUDA machine that already has torch and triton and no network (a lent GPU: README, "On a lent GPU").
+#
+# The run in steps, each fitting one device command (at most 8 minutes; bench/gpu_plan.py holds the plan):
+#
+#   bash bench/gpu_run.sh --step 1 OUT_DIR [--pack]     # build + CUDA smoke test of every op family + launch plans
+#   bash bench/gpu_run.sh --step 2 OUT_DIR [--pack]     # the benchmark's most informative rows, first-step time
+#   bash bench/gpu_run.sh --step 3 OUT_DIR [--pack]     # the whole test suite, in parallel
+#   bash bench/gpu_run.sh --step 1,2 OUT_DIR [--pack]   # several steps in one command, sharing --budget (540 s)
+#   bash bench/gpu_run.sh --dry-run                     # every step's commands, estimates and files; runs nothing
+#   bash bench/gpu_run.sh --collect FILES_DIR [DEST]    # here: returned files -> bench/results/<date>-<gpu>
+#
+# --pack puts the details into OUT_DIR/details.tar.gz (a lent GPU returns at most 8 files); --only PART,... runs
+# only the named parts (see --dry-run). Python is $PYTHON, else python3.
+#
+# The all-in-one run of before (no --step): build, the whole test suite, then the benchmark, into OUT_DIR:
 #
 #   bash bench/gpu_run.sh [OUT_DIR] [--quick] [--no-build] [--no-tests] [more bench/run.py options]
 #
-# OUT_DIR defaults to bench/results/<UTC date>-<GPU>. --quick is the run meant to finish within 10 minutes on
-# an H200 (benchmark alone: a few minutes); the full benchmark takes longer -- split it with --suite, one OUT_DIR
-# per part, where a command's time is limited. Without a git checkout set DLKERN_COMMIT so rows say what ran.
+# OUT_DIR defaults to bench/results/<UTC date>-<GPU>. It takes longer than one 10-minute device command: on a lent
+# GPU use the steps. Without a git checkout set DLKERN_COMMIT so rows say what ran.
 set -uo pipefail
+
+PY=${PYTHON:-python3}
+for arg in "$@"; do
+  case $arg in
+    --step|--step=*|--dry-run|--collect|--collect=*|--merge|--env|--env=*|-h|--help)
+      exec "$PY" "$(dirname "$0")/gpu_plan.py" "$@" ;;  # paths stay relative to where it was called from
+  esac
+done
 
 out=""
 if [[ $# -gt 0 && $1 != --* ]]; then
@@ -34,21 +54,21 @@ start=$SECONDS
 
 if [[ $build == 1 ]]; then
   echo "=== build" | tee "$out/build.log"
-  python -m pip install --no-build-isolation --no-deps -e . >>"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
+  "$PY" -m pip install --no-build-isolation --no-deps -e . >>"$out/build.log" 2>&1 || { tail -40 "$out/build.log"; exit 1; }
 fi
-python -c "import dlkern, json; print(json.dumps(dlkern.build_info))" | tee -a "$out/build.log"
+"$PY" -c "import dlkern, json; print(json.dumps(dlkern.build_info))" | tee -a "$out/build.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.txt" 2>&1
 echo "=== build done at $((SECONDS - start)) s"
 
 if [[ $tests == 1 ]]; then
   echo "=== tests"
-  python -m pytest -q -rs >"$out/tests.log" 2>&1 || status=1
+  "$PY" -m pytest -q -rs >"$out/tests.log" 2>&1 || status=1
   tail -25 "$out/tests.log"
   echo "=== tests done at $((SECONDS - start)) s"
 fi
 
-echo "=== benchmark: python bench/run.py --device cuda --out $out ${bench_args[*]-}"
-python bench/run.py --device cuda --out "$out" ${bench_args[@]+"${bench_args[@]}"} >"$out/bench.log" 2>&1 || status=1
+echo "=== benchmark: $PY bench/run.py --device cuda --out $out ${bench_args[*]-}"
+"$PY" bench/run.py --device cuda --out "$out" ${bench_args[@]+"${bench_args[@]}"} >"$out/bench.log" 2>&1 || status=1
 cat "$out/bench.log"
 echo "=== done at $((SECONDS - start)) s, status $status"
 exit $status

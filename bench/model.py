@@ -45,8 +45,8 @@ def _impls(run, first_batch):
     """The variants to time at one batch. --quick compiles at the first batch only (compiling takes long)."""
     if not run.cuda:
         return ["eager", "dlkern"]
-    modes = run.compile_modes or (["default", "reduce-overhead"] if run.quick else
-                                  ["default", "reduce-overhead", "max-autotune"])
+    modes = run.compile_modes if run.compile_modes is not None else (
+        ["default", "reduce-overhead"] if run.quick else ["default", "reduce-overhead", "max-autotune"])
     if run.quick and not first_batch:
         modes = []
     return ["eager", "dlkern", "dlkern+graph"] + [f"compile-{m}" if m != "default" else "compile" for m in modes]

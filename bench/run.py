@@ -28,44 +28,80 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import torch  # noqa: E402
-
-from timing import Run, copy_gbps, dtype_name, environment  # noqa: E402
-
+# torch, dlkern and the suites are imported once the options have been checked: a mistyped option fails in a
+# fraction of a second, in argparse's one line and exit status 2, before anything is imported or measured.
 SUITES = ["host", "maxpool", "model", "activations", "convbn", "accuracy", "kernels"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}  # -> torch.<name>
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]
+OPS_SUITES = ["host", "activations"]  # the suites that time activations, each from its own table (_known_ops)
+MIN_SIZE = 14  # --sizes: 2^14 elements, one row of the activations suite's 64 channels x 256
 # The columns every row may have, in the CSV's order (env columns first; anything else a suite adds goes last).
 COLUMNS = ["suite", "case", "pass", "impl", "dtype", "layout", "size", "numel", "batch", "ms", "speedup", "baseline",
            "gbps", "pct_roof", "tflops", "images_per_s", "launches", "peak_mb", "compile_s", "capture_s", "tta_s",
            "train_s", "steps", "epochs", "best_acc", "reached", "kernel", "spread", "wall_ms", "spread_us", "fills", "note"]
 
 
-def _list(kind):
+def _integer(minimum, why):
+    """An option value: an integer of at least `minimum`; `why` says what the option means by it."""
     def parse(text):
-        return [kind(v.strip()) for v in text.split(",") if v.strip()]
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {why}")
+        return value
     return parse
+
+
+def _choice(names):
+    """An option value: one of `names`."""
+    def parse(text):
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(names)})")
+        return text
+    return parse
+
+
+def _list(item):
+    """A comma-separated option: at least one value, each checked by `item` (blanks around commas ignored)."""
+    def parse(text):
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return [item(v) for v in values]
+    return parse
+
+
+POSITIVE = _integer(1, "expected a positive integer")
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", type=_list(str), default=SUITES, help=f"comma-separated, from {','.join(SUITES)}")
+    p.add_argument("--suite", type=_list(_choice(SUITES)), default=SUITES,
+                   help=f"comma-separated, from {','.join(SUITES)}")
     p.add_argument("--quick", action="store_true",
                    help="few sizes, batches, ops and repetitions; torch.compile in default mode only for the conv "
                         "blocks, default and reduce-overhead at the first batch only for the model")
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when a GPU is visible")
     p.add_argument("--out", default=os.path.join(HERE, "out"), help="folder for results.csv, plots and targets")
-    p.add_argument("--dtype", type=_list(str), default=None,
+    p.add_argument("--dtype", type=_list(_choice(list(DTYPES))), default=None,
                    help=f"activations and max pool, from {','.join(DTYPES)} (default fp32,bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--sizes", type=_list(int), default=None,
-                   help="activation sizes as powers of two >= 14 (default 16,18,..,28; --quick 20,26)")
-    p.add_argument("--batches", type=_list(int), default=None,
+    p.add_argument("--sizes", type=_list(_integer(MIN_SIZE, f"sizes are powers of two of at least {MIN_SIZE} "
+                                                  f"(2^{MIN_SIZE} elements: one row of 64 channels x 256)")),
+                   default=None, help=f"activation sizes as powers of two >= {MIN_SIZE} (default 16,18,..,28; "
+                                      "--quick 20,26)")
+    p.add_argument("--batches", type=_list(POSITIVE), default=None,
                    help="batches for max pool, conv blocks and the model (default 64,1024,8192; fewer on CPU "
                         "and with --quick)")
-    p.add_argument("--ops", type=_list(str), default=None, help="activations to time (default all; --quick 4)")
-    p.add_argument("--compile-modes", type=_list(str), default=None,
-                   help=f"torch.compile modes for the conv blocks and the model, from {','.join(COMPILE_MODES)}")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--ops", type=_list(str), default=None,
+                   help="activations to time (default all; --quick 4): names of dlkern's activation catalog, which "
+                        "the host and activations suites time; the activations suite alone also takes its variants "
+                        "(swish_channel)")
+    p.add_argument("--compile-modes", type=_list(_choice(COMPILE_MODES + ["none"])), default=None,
+                   help=f"torch.compile modes for the conv blocks and the model, from {','.join(COMPILE_MODES)}; "
+                        "none: no torch.compile rows (its compile time dominates a short GPU run)")
+    p.add_argument("--threads", type=POSITIVE, default=None,
                    help="CPU threads for torch (torch.set_num_threads). Default on a CPU run: 1 -- timings with "
                         "several threads on a small shared machine stall at every parallel region and do not "
                         "repeat run to run; on a GPU run: torch's default")
@@ -74,33 +110,68 @@ def build_parser():
     return p
 
 
+def _check_ops(parser, ops, suites):
+    """--ops against the table of every selected suite that times activations (of all of OPS_SUITES when none is
+    selected): the host suite's is dlkern's activation catalog, the activations suite's adds variants
+    (swish_channel)."""
+    table = {"host": lambda: importlib.import_module("host").ACTIVATIONS,
+             "activations": lambda: importlib.import_module("activations").ops()}
+    for suite in [s for s in OPS_SUITES if s in suites] or OPS_SUITES:
+        known = list(table[suite]())
+        for name in ops:
+            if name not in known:
+                parser.error(f"argument --ops: invalid choice: {name!r} for the {suite} suite "
+                             f"(choose from {', '.join(known)})")
+
+
+def check_options(parser, args):
+    """What argparse cannot check alone, still before anything is measured: the DLKERN_* variables dlkern reads
+    when imported (dlkern/_env.py), --ops against the selected suites' tables, --device, the --out folder.
+    Exits 2 in argparse's one line, as a mistyped option does."""
+    try:
+        import dlkern  # noqa: F401
+    except ValueError as e:
+        if not str(e).startswith("DLKERN_"):
+            raise
+        parser.error(str(e))
+    if args.ops:
+        _check_ops(parser, args.ops, args.suite)
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda: no CUDA GPU is visible")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"argument --out: {e}")
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name, values, allowed in [("suite", args.suite, SUITES), ("dtype", args.dtype or [], DTYPES),
-                                  ("compile-modes", args.compile_modes or [], COMPILE_MODES)]:
-        unknown = sorted(set(values) - set(allowed))
-        if unknown:
-            parser.error(f"unknown --{name} {unknown}; choose from {list(allowed)}")
-    if args.sizes and min(args.sizes) < 14:
-        parser.error("--sizes are powers of two of at least 14 (2^14 elements: one row of 64 channels x 256)")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is visible")
+    if args.compile_modes and "none" in args.compile_modes:
+        if args.compile_modes != ["none"]:
+            parser.error("argument --compile-modes: none cannot be combined with a mode")
+        args.compile_modes = []
+    check_options(parser, args)
 
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be at least 1")
+    import torch
+
+    from timing import Run, copy_gbps, environment
+
     threads = args.threads or (1 if args.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     run = Run(
         device=args.device, quick=args.quick, data_dir=args.data_dir,
-        dtypes=[DTYPES[d] for d in args.dtype] if args.dtype else None,
+        dtypes=[getattr(torch, DTYPES[d]) for d in args.dtype] if args.dtype else None,
         sizes=[2**k for k in args.sizes] if args.sizes else None, batches=args.batches, ops=args.ops,
         compile_modes=args.compile_modes,
     )
     started = time.perf_counter()
     env = environment(args.device)
-    os.makedirs(args.out, exist_ok=True)
     print("dlkern benchmark: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     if run.cuda:
         torch.backends.cudnn.benchmark = True  # PyTorch's convolutions at their best: cuDNN picks by timing
@@ -154,6 +225,10 @@ def _write_csv(rows, env, path):
 
 
 def _cell(value):
+    import torch
+
+    from timing import dtype_name
+
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, torch.dtype):

@@ -376,8 +376,13 @@ struct Pool2x2Nhwc {
 //
 // grad_output scattered into its argmax: each task owns whole planes (NCHW) or whole images (NHWC), so every
 // grad_input element is summed by one thread in a fixed order (deterministic), in opmath precision: straight into
-// grad_input for float and double, through a buffer of one plane or image for 16-bit types. Indices outside the
-// plane are skipped.
+// grad_input for float and double, through a buffer of one plane or image for 16-bit types.
+//
+// An index outside [0, H*W) of its plane is skipped: it adds nothing anywhere. ATen's forward gives such indices for
+// a window that lies wholly in the padding (dilation and padding together; its value is -inf whatever the input,
+// so no input element has a gradient from it), and a caller of dlkern::max_pool2d_backward may pass any int64.
+// ATen's own CPU backward writes them out of bounds; every path here (the scatters, and the 2x2 channels_last
+// writer, which hands an image with such an index to the scatter) reads and writes only inside its plane.
 
 // Sums the gradients of `count` outputs into `acc` (zeroed first), then stores it in grad_input when it is a buffer.
 template <typename scalar_t>
@@ -459,7 +464,7 @@ struct UnpoolNhwc {
 // 2x2 tiling windows, channels_last: every input element lies in at most one window, so its gradient is written
 // once -- the output gradient where the window's index names it, else zero -- with no fill and no scatter. That
 // holds when each index names a tap of its own window, as the forward's do; an image with any other index is
-// redone by the scatter, which sums into whatever in-plane index it is given, as ATen's.
+// redone by the scatter, which sums into whatever in-plane index it is given, as ATen's, and skips the others.
 template <typename scalar_t>
 struct Unpool2x2Nhwc {
   using acc_t = at::opmath_type<scalar_t>;
@@ -502,12 +507,14 @@ struct Unpool2x2Nhwc {
         for (int64_t j = 0; j < C; ++j) {
           // + 0 as the scatter's zero-filled sum: a -0 gradient lands as +0, bit for bit what ATen writes
           const scalar_t v = static_cast<scalar_t>(static_cast<acc_t>(g[j]) + acc_t(0)), zero = scalar_t(0);
-          const int64_t tap = i[j] - first;
+          // unsigned: a caller's index far outside the plane wraps instead of overflowing, and is foreign
+          const uint64_t tap = static_cast<uint64_t>(i[j]) - static_cast<uint64_t>(first);
+          const uint64_t w = static_cast<uint64_t>(W);
           a[j] = tap == 0 ? v : zero;
           b[j] = tap == 1 ? v : zero;
-          c[j] = tap == W ? v : zero;
-          d[j] = tap == W + 1 ? v : zero;
-          foreign |= (tap != 0) & (tap != 1) & (tap != W) & (tap != W + 1);
+          c[j] = tap == w ? v : zero;
+          d[j] = tap == w + 1 ? v : zero;
+          foreign |= (tap != 0) & (tap != 1) & (tap != w) & (tap != w + 1);
         }
       }
     }

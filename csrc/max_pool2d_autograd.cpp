@@ -53,8 +53,9 @@ at::Tensor call_backward(AutogradContext* ctx, const at::Tensor& grad_output, co
                             ctx->saved_data["dilation"].toIntVector(), ctx->saved_data["ceil_mode"].toBool());
 }
 
-// The backward is linear in grad_output: its own gradient reads grad_grad_input at each window's argmax; the input
-// only selects the argmax (piecewise constant: no gradient).
+// The backward is linear in grad_output: its own gradient reads grad_grad_input at each window's argmax (0 where the
+// index is outside the plane, which the backward skips); the input only selects the argmax (piecewise constant: no
+// gradient).
 class MaxPool2dBackwardFunction : public torch::autograd::Function<MaxPool2dBackwardFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& grad_output, const at::Tensor& input,
@@ -70,8 +71,13 @@ class MaxPool2dBackwardFunction : public torch::autograd::Function<MaxPool2dBack
     const at::Tensor& grad_grad_input = grads[0];
     at::Tensor grad_grad_output;
     if (grad_grad_input.defined()) {
+      // An index outside the plane (a window wholly in the padding, or a caller's) was skipped by the backward:
+      // its gradient is 0, and the gather reads a clamped, in-plane element in its place.
       const at::Tensor indices = ctx->get_saved_variables()[0];
-      grad_grad_output = grad_grad_input.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.sizes());
+      const at::Tensor flat = indices.flatten(-2);
+      const at::Tensor safe = flat.clamp(0, grad_grad_input.size(-2) * grad_grad_input.size(-1) - 1);
+      grad_grad_output =
+          grad_grad_input.flatten(-2).gather(-1, safe).masked_fill(safe.ne(flat), 0).view(indices.sizes());
     }
     return {grad_grad_output, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor()};

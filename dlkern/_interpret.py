@@ -8,7 +8,10 @@ Triton 3.6's, under numpy >= 2.4, cannot run a loop with a runtime bound).
 
 import os
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Triton's own reading of the variable (triton.knobs, getenv_bool): these spellings, in any case, switch it on and
+# anything else leaves it off. dlkern must agree with it exactly (with "not in ('', '0')", TRITON_INTERPRET=false
+# had dlkern planning for the interpreter while Triton compiled for the GPU).
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "yes", "on", "y")
 
 if INTERPRETING:
     from dlkern._compat import patch_interpreter

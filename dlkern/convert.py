@@ -1,16 +1,25 @@
 """``dlkern.convert``: put dlkern's kernels into an existing model without changing its state_dict keys.
 
-Inside every ``nn.Sequential``, each Conv2d -> BatchNorm2d -> activation run becomes one
-:class:`~dlkern.nn.ConvBNReLU2d` (sharing the conv's and BatchNorm's parameters and buffers), or, when an
-``nn.MaxPool2d`` follows it (without ``return_indices``), one :class:`~dlkern.nn.ConvBNActPool2d` holding the pool
-too. The block sits at the conv's index; the indices of the modules it absorbed hold ``nn.Identity``
-placeholders, so integer indexing and every later index are unchanged. Two hooks on that Sequential keep its
-state_dict in the stock layout: the block's entries ``i.0.*``/``i.1.*`` are saved as ``i.*``/``i+1.*`` and loaded
-back from them, so the converted
-and the stock model load each other's state_dicts with ``strict=True``. (Parameter order is unchanged too, so
-optimizer state_dicts cross as well.) Standalone activations and ``nn.MaxPool2d`` become their dlkern twins,
-sharing the original's parameters. Anything else, including subclasses of the stock modules (which may override
-``forward``), is left alone; so is a run with a hook already registered on one of its modules.
+Every Conv2d -> BatchNorm2d site is fused, with the activation after it (module or function) and a max pool after
+that where they can join, wherever the model calls it:
+
+- Inside an ``nn.Sequential`` (its own forward), each run becomes one :class:`~dlkern.nn.ConvBNReLU2d` (sharing
+  the conv's and BatchNorm's parameters and buffers) at the conv's index, or one
+  :class:`~dlkern.nn.ConvBNActPool2d` with the ``nn.MaxPool2d`` (without ``return_indices``) that follows; the
+  indices of the modules it absorbed hold ``nn.Identity`` placeholders, so integer indexing and every later index
+  are unchanged. Two hooks on that Sequential keep its state_dict in the stock layout: the block's entries
+  ``i.0.*``/``i.1.*`` are saved as ``i.*``/``i+1.*`` and loaded back from them, so the converted and the stock
+  model load each other's state_dicts with ``strict=True``.
+- Anywhere else, in the forward of the module calling them: ``dlkern.convert_forward`` traces that forward with
+  torch.fx and gives the module a forward that runs each site (found and rewritten by ``dlkern.convert_graph``) as
+  one fused call on the very same modules (nothing moves: keys, parameter names and order, attributes and hooks
+  stay the stock model's).
+
+Conv2d/BatchNorm2d subclasses that inherit ``forward`` count as the stock ops; a subclass overriding it, a run with
+a hook already registered on one of its modules, groups != 1 or a padding mode other than zeros is left alone,
+reported. A BatchNorm followed by no fusable activation (a residual add, a learnable PReLU, nothing) is fused as
+conv -> BatchNorm, what follows staying stock. Standalone activations and ``nn.MaxPool2d`` become their dlkern
+twins, sharing the original's parameters.
 
 What conversion changes that users can observe is the contract in :func:`convert`'s docstring.
 """
@@ -22,10 +31,12 @@ from dataclasses import dataclass, field
 from torch import nn
 
 import dlkern.nn as dnn
-from dlkern import catalog
+from dlkern.convert_forward import fuse_forward
+from dlkern.convert_graph import ACTIVATION_TYPES as _ACTIVATION_TYPES  # noqa: F401 (tests/test_catalog.py)
+from dlkern.convert_graph import FusedSite, poolable, why_not_activation, why_not_site
 from dlkern.nn.conv import ConvBNActPool2d, ConvBNReLU2d, _ConvBNActBlock, _has_hooks, activation_spec
 
-__all__ = ["convert", "ConversionReport"]
+__all__ = ["convert", "ConversionReport", "FusedSite"]
 
 log = logging.getLogger(__name__)
 
@@ -49,38 +60,44 @@ _TWINS = {
                                           m.ceil_mode),
 }
 _DLKERN_TYPES = {getattr(dnn, name) for name in dnn.__all__}
-# Activations the walk may fuse: the catalog's module types and dlkern's twins of them (activation_spec then
-# decides, e.g. it refuses PReLU's learnable weight).
-_CATALOG_TYPES = tuple(cls for a in catalog.CATALOG.values() for cls in a.module_types())
-_ACTIVATION_TYPES = {t for t in set(_TWINS) | _DLKERN_TYPES if issubclass(t, _CATALOG_TYPES)}
 
 
 @dataclass
 class ConversionReport:
     """What :func:`convert` did, by qualified module name (as in ``named_modules()``).
 
-    ``fused``: (conv, batchnorm, activation) names of each run now computed by one ConvBNReLU2d, (conv,
-    batchnorm, activation, maxpool) names of each one ConvBNActPool2d computes (the block at the conv's name);
-    ``replaced``: (name, stock type, dlkern type); ``skipped``: (name, why it was left as it is).
+    ``fused``: one :class:`FusedSite` per Conv2d -> BatchNorm2d site now fused: a tuple of the names (conv,
+    batchnorm[, activation[, maxpool]]) (an activation function is named by its call, ``relu(inplace=True)``), with
+    ``block`` (the ConvBNReLU2d/ConvBNActPool2d computing it, or the converted forward), ``activation`` and
+    ``note`` (what follows the BatchNorm and stays stock: a residual add, say). A model converted again lists its
+    fused sites again. ``unfused``: (conv, batchnorm, why) for each site left alone. ``replaced``: (name, stock
+    type, dlkern type). ``skipped``: (name, why) for everything left as it was, the unfused convs included.
     """
 
     fused: list = field(default_factory=list)
     replaced: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    unfused: list = field(default_factory=list)
+
+    @property
+    def sites(self):
+        """How many Conv2d -> BatchNorm2d sites the model's forwards call (fused or not)."""
+        return len(self.fused) + len(self.unfused)
 
     def __str__(self):
-        lines = [f"dlkern.convert: fused {len(self.fused)} Conv2d-BatchNorm2d-activation(-MaxPool2d) runs, "
+        lines = [f"dlkern.convert: fused {len(self.fused)} of {self.sites} Conv2d-BatchNorm2d sites, "
                  f"replaced {len(self.replaced)} modules, left {len(self.skipped)} as they were"]
-        lines += [f"  fused    {' + '.join(names)} into {_block_type(names).__name__}" for names in self.fused]
+        lines += [f"  fused    {site}" for site in self.fused]
         lines += [f"  replaced {name}: {old} -> dlkern.nn.{new}" for name, old, new in self.replaced]
         lines += [f"  skipped  {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
 
 
 def convert(module, inplace=False):
-    """``module`` with every stock piece dlkern covers replaced by its dlkern twin: each Conv2d -> BatchNorm2d ->
-    activation run inside an ``nn.Sequential`` fused into one ``ConvBNReLU2d`` (into one ``ConvBNActPool2d`` with
-    the ``nn.MaxPool2d`` that follows it, unless that pool has ``return_indices=True``), standalone activations and
+    """``module`` with every stock piece dlkern covers replaced by its dlkern twin: each Conv2d -> BatchNorm2d
+    site fused with what follows it where that can join (an activation, module or function; then an
+    ``nn.MaxPool2d`` without ``return_indices``): inside an ``nn.Sequential`` into one ``ConvBNReLU2d``
+    (``ConvBNActPool2d``), elsewhere in the forward of the module calling it; standalone activations and
     ``nn.MaxPool2d`` swapped for dlkern's (details in the ``dlkern.convert`` module docstring).
 
     ``inplace=False`` (default) converts a deep copy and leaves ``module`` untouched. The returned model
@@ -92,12 +109,20 @@ def convert(module, inplace=False):
     - The whole model computes the same function as the stock one, in train and eval mode (gradients and
       running statistics included; a conv bias ahead of BatchNorm gets an exact zero gradient, see
       ``ConvBNReLU2d``); ``state_dict``/``load_state_dict`` (strict), ``parameters()`` order, deepcopy and
-      pickling behave as for the stock model.
-    - Structure: ``seq[i]`` is the ConvBNReLU2d (ConvBNActPool2d) where the stock model has the conv;
-      ``seq[i + 1]``, ``seq[i + 2]`` (and ``seq[i + 3]``) are ``nn.Identity`` placeholders where it has the
-      BatchNorm, the activation (and the max pool). The absorbed stock modules are the block's children
+      pickling behave as for the stock model. Converting a converted model changes nothing.
+    - Sites outside a Sequential: nothing moves (``named_parameters()`` names too); the module calling them keeps
+      its class's name and ``isinstance`` (its ``__class__`` is a cached subclass running the traced forward,
+      ``type(m) is Block`` no longer holds). Its forward is torch.fx's trace: it runs only while the module's
+      mode, plain attributes (numbers, flags, None children) and number of arguments are as traced, and the
+      class's own forward (unfused) otherwise; Python side effects of the stock forward (prints, counters) happen
+      at conversion only. A hook registered later on a conv, BatchNorm, activation or pool of a site (or a
+      global module hook), or a module replaced there, makes that site call the modules one by one, as stock.
+    - Structure inside a Sequential: ``seq[i]`` is the ConvBNReLU2d (ConvBNActPool2d) where the stock model has
+      the conv; ``seq[i + 1]``, ``seq[i + 2]`` (and ``seq[i + 3]``) are ``nn.Identity`` placeholders where it has
+      the BatchNorm, the activation (and the max pool). The absorbed stock modules are the block's children
       ``seq[i][0]``, ``seq[i][1]``, ``seq[i][2]`` (``seq[i][3]``), the very objects of an ``inplace=True``
-      conversion.
+      conversion; ``named_parameters()`` names them there (``seq.i.0.weight``) while ``state_dict`` keeps the
+      stock keys (``seq.i.weight``), in the stock order.
     - Slicing: a slice of the converted Sequential that keeps a block computes the block's whole run, even where
       it ends before the activation's (or pool's) index (``seq[:i + 2]`` computes conv -> BN -> activation where
       the stock one computes conv -> BN); a slice starting at a placeholder skips the absorbed modules. Slice the
@@ -115,9 +140,12 @@ def convert(module, inplace=False):
     root = module if inplace else copy.deepcopy(module)
     report = ConversionReport()
     root = _convert(root, "", report, memo={})
+    order = {name: i for i, (name, _) in enumerate(root.named_modules(remove_duplicate=False))}
+    for entries in (report.fused, report.unfused, report.skipped):  # in the model's order, not the walk's
+        entries.sort(key=lambda entry: order.get(entry[0], len(order)))
     root.dlkern_report = report
-    for names in report.fused:
-        log.info("fused %s into %s", " + ".join(names), _block_type(names).__name__)
+    for site in report.fused:
+        log.info("fused %s", site)
     for name, old, new in report.replaced:
         log.info("replaced %s: %s -> dlkern.nn.%s", name or "<root>", old, new)
     for name, why in report.skipped:
@@ -142,19 +170,22 @@ def _convert(module, name, report, memo):
         result = _twin(module)
         report.replaced.append((name, type(module).__name__, type(result).__name__))
     elif type(module) not in _DLKERN_TYPES:  # a dlkern module (ConvBNReLU2d holds stock ones) is done already
-        # Only where forward is Sequential's own (torchvision's Conv2dNormActivation, say) is the call order known.
-        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        # Sequential's own forward (torchvision's Conv2dNormActivation, say) calls its children in order: fused
+        # before converting them, so the absorbed modules stay stock. Any other forward is traced after its
+        # children are converted (a shared activation is the twin there and everywhere).
+        sequential = isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+        if sequential:
             _fuse_runs(module, name, report)
-        else:
-            for child_name, child in module.named_children():
-                if type(child) is nn.Conv2d:
-                    report.skipped.append((_qualify(name, child_name), "not in an nn.Sequential (or in a subclass "
-                                           "with its own forward): the call order is unknown"))
         for child_name, child in list(module._modules.items()):
             if child is not None:
                 new = _convert(child, _qualify(name, child_name), report, memo)
                 if new is not child:
                     module._modules[child_name] = new
+        if not sequential:
+            fused, unfused, skipped = fuse_forward(module, name)
+            report.fused += fused
+            report.unfused += unfused
+            report.skipped += [(conv, why) for conv, _, why in unfused] + skipped
     memo[id(module)] = (module, result)
     return result
 
@@ -170,69 +201,56 @@ def _twin(module):
     return twin.train(module.training)
 
 
-def _why_not_fused(conv, bn, act):
-    """None when conv -> bn -> act can be one ConvBNReLU2d, else the reason it cannot."""
-    if conv.groups != 1:
-        return f"groups={conv.groups} (the fused block needs groups=1)"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r} (the fused block needs 'zeros')"
-    if type(bn) is not nn.BatchNorm2d:
-        return "not followed by an nn.BatchNorm2d"
-    if bn.num_features != conv.out_channels:
-        return f"followed by {bn!r}, which does not match its {conv.out_channels} channels"
-    if type(act) not in _ACTIVATION_TYPES:
-        return "its BatchNorm2d is not followed by an activation"
-    try:
-        activation_spec(act)
-    except NotImplementedError as e:
-        return str(e)
-    if any(_has_hooks(m) for m in (conv, bn, act)):
-        return "a forward or backward hook is registered on the conv, BatchNorm or activation (fusing would skip it)"
-    return None
-
-
-def _block_type(names):
-    """The block a report.fused entry became: ConvBNActPool2d when it absorbed a max pool."""
-    return ConvBNActPool2d if len(names) == 4 else ConvBNReLU2d
-
-
-def _poolable(pool):
-    """Whether the module after a fusable run joins its block: an exact (stock or dlkern) MaxPool2d without hooks
-    whose output is a tensor (return_indices=True gives a tuple: that run stays a ConvBNReLU2d + the pool)."""
-    return type(pool) in (nn.MaxPool2d, dnn.MaxPool2d) and not pool.return_indices and not _has_hooks(pool)
-
-
 def _fuse_runs(seq, name, report):
-    """Replace each fusable Conv2d -> BatchNorm2d -> activation (-> MaxPool2d) run among seq's children, in
-    place."""
+    """Replace each fusable Conv2d -> BatchNorm2d (-> activation (-> MaxPool2d)) run among seq's children, in
+    place. A block an earlier conversion made is listed again."""
     names = list(seq._modules)
     i = 0
     while i < len(names):
         conv = seq._modules[names[i]]
-        if type(conv) is not nn.Conv2d:
+        if isinstance(conv, _ConvBNActBlock) and hasattr(conv, "_dlkern_stock_names"):
+            report.fused.append(FusedSite(tuple(_qualify(name, n) for n in conv._dlkern_stock_names),
+                                          type(conv).__name__, _activation_name(conv[2]),
+                                          getattr(conv, "_dlkern_note", "")))
+        if not isinstance(conv, nn.Conv2d):
             i += 1
             continue
         bn, act, pool = (seq._modules[n] if n is not None else None for n in (names + [None] * 3)[i + 1:i + 4])
-        why = _why_not_fused(conv, bn, act)
+        why = why_not_site(conv, bn) if isinstance(bn, nn.BatchNorm2d) else "not followed by an nn.BatchNorm2d"
         if why is not None:
             report.skipped.append((_qualify(name, names[i]), why))
+            if isinstance(bn, nn.BatchNorm2d):
+                report.unfused.append((_qualify(name, names[i]), _qualify(name, names[i + 1]), why))
             i += 1
             continue
-        if _poolable(pool):
+        act_why = "nothing follows it in the Sequential" if act is None else why_not_activation(act)
+        note = "" if act_why is None else f"conv -> BatchNorm fused; {act_why}"
+        if act_why is not None:
+            block, run = ConvBNReLU2d.fuse(conv, bn, None), names[i:i + 2]
+        elif pool is not None and poolable(pool):
             block, run = ConvBNActPool2d.fuse(conv, bn, act, pool), names[i:i + 4]
         else:
             block, run = ConvBNReLU2d.fuse(conv, bn, act), names[i:i + 3]
         block.training = bn.training  # the block reads each child's own mode; keep its flag consistent
         block._dlkern_stock_names = tuple(run)  # where its children sit in the stock Sequential
+        block._dlkern_note = note
         seq._modules[names[i]] = block
         for n in run[1:]:
             seq._modules[n] = nn.Identity().train(bn.training)
-        report.fused.append(tuple(_qualify(name, n) for n in run))
+        report.fused.append(FusedSite(tuple(_qualify(name, n) for n in run), type(block).__name__,
+                                      _activation_name(block[2]), note))
         i += len(run)
     if _fused_blocks(seq) and not getattr(seq, "_dlkern_key_hooks", False):
         seq.register_state_dict_post_hook(_save_stock_keys)
         seq.register_load_state_dict_pre_hook(_load_stock_keys)
         seq._dlkern_key_hooks = True
+
+
+def _activation_name(module):
+    try:
+        return activation_spec(module)[0]
+    except NotImplementedError:  # replaced in a block after an earlier conversion: the block says so when run
+        return type(module).__name__
 
 
 # The two state_dict hooks. Plain module-level functions that find the fused blocks on the module they are
@@ -264,6 +282,7 @@ def _save_stock_keys(seq, state_dict, prefix, local_metadata):
     metadata = getattr(state_dict, "_metadata", None)
     if metadata is not None:
         dropped = {prefix + n for names in blocks.values() for n in names}
+        dropped |= {f"{prefix}{block}.{j}" for block, names in blocks.items() for j in range(len(names), 4)}
         items = [(stock(k + ".")[:-1], v) for k, v in metadata.items() if k not in dropped]
         metadata.clear()
         metadata.update(items)

@@ -1,13 +1,12 @@
 """dlkern's functional API: the same signatures and semantics as ``torch.nn.functional`` (and ``torch`` for
 ``sigmoid``/``tanh``), running dlkern's kernels. ``import dlkern.functional as F`` can replace PyTorch's."""
 
-import operator
-
 import torch
 import torch.nn.functional as _F
 
 from dlkern import catalog as _catalog
 from dlkern.ops import activation as _act
+from dlkern.ops.arguments import int_list, type_name
 from dlkern.ops import conv_bn as _conv_bn
 from dlkern.ops import max_pool as _max_pool
 from dlkern.ops import pool_block as _pool_block
@@ -20,61 +19,12 @@ __all__ = [
 ]
 
 
-def _type_name(value):
-    """The type's name as PyTorch's argument errors spell it (CPython's tp_name): float, Tensor, numpy.float64."""
-    t = type(value)
-    return t.__name__ if t.__module__ == "builtins" or t.__flags__ & _HEAP_TYPE else f"{t.__module__}.{t.__name__}"
-
-
-_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: classes made by `class` statements, whose tp_name is the bare name
-
-
-def _int_or_none(value):
-    """value read as one int the way PyTorch's argument parser reads it (is_int_or_symint): an int or SymInt, a NumPy
-    integer or other ``__index__`` object, or a one-element integer or bool tensor; None for anything else."""
-    if type(value) is int or isinstance(value, torch.SymInt):
-        return value
-    if isinstance(value, torch.Tensor):
-        return int(value.item()) if value.numel() == 1 and not (value.is_floating_point() or value.is_complex()) else None
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+def _int_list(name, value):
+    """A max_pool2d argument (an int or a sequence of ints) as a list, read and refused as PyTorch's parser does."""
+    return int_list("max_pool2d", name, _MAX_POOL2D_POSITIONS[name], value)
 
 
 _MAX_POOL2D_POSITIONS = {"kernel_size": 2, "stride": 3, "padding": 4, "dilation": 5}
-
-
-def _int_list(name, value):
-    """An int or a sequence of ints, as a list: what torch.nn.functional accepts for pooling arguments, refused with
-    the messages of PyTorch's argument parser."""
-    if type(value) is int:  # the common case, first
-        return [value]
-    where = f"max_pool2d(): argument '{name}'"
-    position = _MAX_POOL2D_POSITIONS[name]
-    if not isinstance(value, (tuple, list)):  # torch.Size is a tuple
-        single = _int_or_none(value)
-        if single is None:
-            raise TypeError(f"{where} (position {position}) must be tuple of ints, not {_type_name(value)}")
-        return [single]
-    ints = []
-    for i, item in enumerate(value):
-        # PyTorch tests only the first element as an int (no bool); it unpacks the others by __index__ (bool passes)
-        n = int(item) if i > 0 and isinstance(item, bool) else _int_or_none(item)
-        if n is None and i == 0:
-            raise TypeError(
-                f"{where} (position {position}) must be tuple of ints, but found element of type {_type_name(item)} "
-                "at pos 0"
-            )
-        if n is None:
-            raise TypeError(
-                f'{where} failed to unpack the object at pos {i + 1} with error "type must be tuple of ints,but got '
-                f'{_type_name(item)}"'
-            )
-        ints.append(n)
-    return ints
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
@@ -85,7 +35,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     forward mode and under the torch.func transforms (vmap included).
     """
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"max_pool2d(): argument 'input' (position 1) must be Tensor, not {_type_name(input)}")
+        raise TypeError(f"max_pool2d(): argument 'input' (position 1) must be Tensor, not {type_name(input)}")
     args = _max_pool2d_args(kernel_size, stride, padding, dilation, ceil_mode)
     output, indices = _max_pool.max_pool2d(input, *args, return_indices)
     return (output, indices) if return_indices else output
@@ -99,7 +49,7 @@ def _max_pool2d_args(kernel_size, stride, padding, dilation, ceil_mode):
     padding = _int_list("padding", padding)
     dilation = _int_list("dilation", dilation)
     if not isinstance(ceil_mode, bool):
-        raise TypeError(f"max_pool2d(): argument 'ceil_mode' (position 6) must be bool, not {_type_name(ceil_mode)}")
+        raise TypeError(f"max_pool2d(): argument 'ceil_mode' (position 6) must be bool, not {type_name(ceil_mode)}")
     return kernel_size, stride, padding, dilation, ceil_mode
 
 

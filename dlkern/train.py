@@ -6,7 +6,21 @@
 
 Adam on cross-entropy; per epoch the train and test loss and accuracy (tqdm bars with live values), and in
 ``--out-dir``: ``metrics.json`` (rewritten every epoch), ``curves.png``, and ``model.pth``, the state_dict of the
-epoch with the best test accuracy so far (seed-compatible keys; loads into either backend).
+epoch with the best test accuracy so far (seed-compatible keys; loads into either backend). An epoch whose test
+loss or accuracy is not finite (a diverged run: NaN weights) is never a best and never saved; ``metrics.json`` is
+strict JSON, with ``null`` for a number that is not finite. Every file is written to a temporary name and renamed
+over the old one, and a checkpoint and the metrics that name it are written with Ctrl-C held back, so an
+interrupt never leaves a truncated file or a ``best_epoch`` that ``model.pth`` does not hold.
+
+Ctrl-C (SIGINT) ends a run with one line on stderr, e.g. ``dlkern.train: interrupted at epoch 2 after 37 of 188
+training steps; metrics in runs/mnist/metrics.json``, and exit status 130, no traceback. ``metrics.json`` then
+holds the completed epochs as usual (``best_epoch`` and ``model.pth`` are the best of those) and an
+``"interrupted"`` record of the epoch under way: ``epoch``, ``phase`` (``"train"``, ``"test"``, or
+``"between epochs"`` with ``epoch`` the last completed one), and for each phase begun in that epoch
+``<phase>_steps`` (counted so far), ``<phase>_steps_total``, ``<phase>_samples``, ``<phase>_loss`` and
+``<phase>_acc`` (``null`` before the first step), and ``seconds``; under torchrun these partial numbers are rank
+0's own (``"rank_0_only": true``), since the other processes may be gone. ``"interrupted"`` is ``null`` in a run
+that finished. Interrupted before the first epoch starts, a run writes nothing.
 
 Under torchrun each process trains on its own shard of every epoch (``--batch-size`` is per process), the
 metrics are summed over processes, and only rank 0 prints, plots and saves. NCCL on CUDA, gloo on CPU.
@@ -25,9 +39,12 @@ evaluates the initial weights.
 import argparse
 import contextlib
 import json
+import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -45,6 +62,17 @@ SYNTHETIC_SIZES = (12000, 2000)  # train, test: about 7 s to draw on one idle CP
 class UsageError(ValueError):
     """An option that cannot work (a size below one, a device that is not here, an output folder that cannot be
     written); the message says which and why, in one line."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during :func:`run`. ``str(e)`` is the one line the command line prints (where the run
+    stopped, and where its metrics went); ``metrics`` is what ``metrics.json`` got (with its ``"interrupted"``
+    record), None when the run was stopped before its first epoch and nothing was written. A KeyboardInterrupt,
+    so code that catches those still does."""
+
+    def __init__(self, message, metrics=None, main_rank=True):
+        super().__init__(message)
+        self.metrics, self.main_rank = metrics, main_rank
 
 
 def build_parser():
@@ -87,13 +115,21 @@ def build_parser():
 
 def main(argv=None):
     """The command line: 0 on success; 2 with a one-line message for a bad option (found before any data is
-    drawn or loaded) or a message saying where the dataset goes when it is missing or unreadable."""
-    args = build_parser().parse_args(argv)
+    drawn or loaded) or a message saying where the dataset goes when it is missing or unreadable; 130 (the
+    shell's code for SIGINT) with a one-line message on Ctrl-C, after writing what was measured."""
     try:
+        args = build_parser().parse_args(argv)
         run(args)
     except (UsageError, DatasetError) as e:
         print(f"dlkern.train: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        if e.main_rank:  # under torchrun every process gets the Ctrl-C; one says so
+            print(f"dlkern.train: {e}", file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:  # before run() took over (parsing, checking the options, joining the process group)
+        print("dlkern.train: interrupted before training started; nothing written", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 
@@ -169,6 +205,9 @@ def _check_device(name):
 
 def _check_out_dir(out_dir):
     """Creates `out_dir` and checks a file can be written in it; else UsageError saying why."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # makedirs would say only "File exists"
+        raise UsageError(f"--out-dir {out_dir} is a file, not a directory" if os.path.isfile(out_dir) else
+                         f"--out-dir {out_dir} exists and is not a directory")
     try:
         os.makedirs(out_dir, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):
@@ -180,16 +219,20 @@ def _check_out_dir(out_dir):
 def run(args):
     """Train as `args` (from :func:`build_parser`) say; returns the metrics written to metrics.json.
 
-    Raises UsageError, before any data is drawn or loaded, for options that cannot work (see :func:`validate`)."""
+    Raises UsageError, before any data is drawn or loaded, for options that cannot work (see :func:`validate`),
+    and TrainingInterrupted on Ctrl-C, after writing what was measured (see the module's docstring)."""
     validate(args)
     rank, world = _init_distributed(args)
+    progress = _Progress()
     try:
-        metrics = _run(args, rank, world)
+        metrics = _run(args, rank, world, progress)
         if world > 1:
             # rank 0 still writes files: the others wait, so that no rank tears gloo down while a peer is busy
             # (one rank aborted once at exit in a loaded test run, "terminate called without an active exception")
             dist.barrier()
         return metrics
+    except KeyboardInterrupt:
+        raise _interrupted(progress, args, rank == 0, world) from None
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -209,7 +252,7 @@ def _init_distributed(args):
     return dist.get_rank(), world
 
 
-def _run(args, rank, world):
+def _run(args, rank, world, progress):
     device = torch.device(args.device)
     main_rank = rank == 0
     torch.manual_seed(args.seed)  # the same initial weights in every process (DDP broadcasts rank 0's anyway)
@@ -239,50 +282,146 @@ def _run(args, rank, world):
 
     batches = _Batches(train_set, test_set, args, device, memory_format, rank, world)
     metrics = {"config": dict(vars(args), world_size=world, preloaded=batches.preloaded), "epochs": [],
-               "best_epoch": None, "best_test_acc": None}
+               "best_epoch": None, "best_test_acc": None, "interrupted": None}
     if args.cuda_graph:
         step = _GraphedStep(step, optimizer)
         metrics["cuda_graph"] = step.counts  # how many steps warmed up, replayed, ran eagerly (updated in place)
     if args.epochs == 0:
-        return _evaluate_only(metrics, eval_model, batches, amp, device, args, main_rank, world)
+        return _evaluate_only(metrics, eval_model, batches, amp, device, args, main_rank, world, progress)
     if main_rank and batches.drops_last:
         print(f"note: each epoch's last batch would hold 1 sample{' per process' if world > 1 else ''}; it is "
               f"left out (BatchNorm trains on a batch's statistics)", flush=True)
     shuffle = torch.Generator().manual_seed(args.seed)  # the same permutation in every process, then sharded
+    progress.metrics = metrics
     for epoch in range(1, args.epochs + 1):
-        start = time.perf_counter()
         steps = batches.train(shuffle)
+        progress.begin_epoch(epoch, len(steps))
         train = _train_epoch(train_model, step, steps, device,
-                             _bar(main_rank, args, len(steps), f"epoch {epoch}/{args.epochs} train"))
+                             _bar(main_rank, args, len(steps), f"epoch {epoch}/{args.epochs} train"), progress)
         _sync_buffers(model, world)
         steps = batches.test()
-        test = _evaluate(eval_model, steps, amp, device, _bar(main_rank, args, len(steps), f"epoch {epoch} test"))
+        test = _evaluate(eval_model, steps, amp, device, _bar(main_rank, args, len(steps), f"epoch {epoch} test"),
+                         progress)
         train, test = _reduce(train, world), _reduce(test, world)
         row = {"epoch": epoch, "train_loss": train[0], "train_acc": train[1], "test_loss": test[0],
                "test_acc": test[1], "train_samples": train[2], "test_samples": test[2],
-               "seconds": time.perf_counter() - start}
-        metrics["epochs"].append(row)
-        better = metrics["best_test_acc"] is None or row["test_acc"] > metrics["best_test_acc"]
-        if better:
-            metrics["best_epoch"], metrics["best_test_acc"] = epoch, row["test_acc"]
-        if main_rank:
-            if better:  # the seed overwrote model.pth every epoch, better or not
-                torch.save(model.state_dict(), os.path.join(args.out_dir, "model.pth"))
-            _write(metrics, args.out_dir)
-            print(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-                  f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} | {row['seconds']:.1f}s"
-                  + (" | best so far, saved model.pth" if better else ""), flush=True)
+               "seconds": time.perf_counter() - progress.start}
+        # Diverged weights (NaN) score a NaN loss, and an accuracy that means nothing: never a best.
+        finite = math.isfinite(row["test_loss"]) and math.isfinite(row["test_acc"])
+        better = finite and (metrics["best_test_acc"] is None or row["test_acc"] > metrics["best_test_acc"])
+        with _sigint_deferred():  # the checkpoint and the metrics naming it: both written, or neither
+            metrics["epochs"].append(row)
+            if better and main_rank:  # the seed overwrote model.pth every epoch, better or not
+                _save_checkpoint(model, args.out_dir)
+            if better:
+                metrics["best_epoch"], metrics["best_test_acc"] = epoch, row["test_acc"]
+            if main_rank:
+                _write(metrics, args.out_dir)
+            progress.phase = "between epochs"
+            if main_rank:
+                kept = (f"model.pth keeps epoch {metrics['best_epoch']}" if metrics["best_epoch"] is not None
+                        else "no model.pth written")
+                verdict = (" | best so far, saved model.pth" if better else
+                           "" if finite else f" | test loss {row['test_loss']:.4f}: not a best, {kept}")
+                print(f"epoch {epoch}/{args.epochs}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+                      f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} | {row['seconds']:.1f}s"
+                      + verdict, flush=True)
     return metrics
 
 
-def _evaluate_only(metrics, model, batches, amp, device, args, main_rank, world):
+class _Progress:
+    """Where a run is, for the record :func:`_interrupted` writes: the epoch under way, its phase ("setup",
+    "train", "test", "between epochs"), when it started, and per phase begun in it a tuple (running sums,
+    samples, steps counted, steps in all). The tuple is replaced whole after each counted step (the sums are
+    never updated in place), so an interrupt between two statements still finds the three in agreement."""
+
+    def __init__(self):
+        self.metrics, self.epoch, self.phase, self.start, self.parts = None, None, "setup", None, {}
+
+    def begin_epoch(self, epoch, train_steps):
+        self.epoch, self.start, self.parts = epoch, time.perf_counter(), {"train": (None, 0, 0, train_steps)}
+        self.phase = "train"
+
+    def begin(self, phase, sums, total):
+        self.parts[phase] = (sums, 0, 0, total)
+        self.phase = phase
+
+
+def _interrupted(progress, args, main_rank, world):
+    """TrainingInterrupted for a Ctrl-C at `progress`, after rank 0 wrote metrics.json with the "interrupted"
+    record (the completed epochs, best_epoch and model.pth stay as the last epoch left them). A second Ctrl-C
+    while this runs is ignored."""
+    with _sigint_ignored():
+        metrics, epoch = progress.metrics, progress.epoch
+        if metrics is None or epoch is None:  # the first epoch has not begun: nothing measured, nothing written
+            where = "while evaluating the initial weights" if progress.phase == "test" else "before training started"
+            return TrainingInterrupted(f"interrupted {where}; nothing written", None, main_rank)
+        record = {"epoch": epoch, "phase": progress.phase}
+        if progress.phase != "between epochs":
+            for phase, (sums, count, done, total) in progress.parts.items():
+                loss_sum, correct = sums.tolist() if count else (None, None)
+                record.update({f"{phase}_steps": done, f"{phase}_steps_total": total, f"{phase}_samples": count,
+                               f"{phase}_loss": loss_sum / count if count else None,
+                               f"{phase}_acc": correct / count if count else None})
+            record["seconds"] = time.perf_counter() - progress.start
+        if world > 1:
+            record["rank_0_only"] = True  # the other processes' partial sums are not gathered: they may be gone
+        metrics["interrupted"] = record
+        path = os.path.join(args.out_dir, "metrics.json")
+        if main_rank:
+            _write(metrics, args.out_dir, plot=False)  # curves.png already shows every completed epoch
+        if progress.phase == "between epochs":
+            where = f"after epoch {epoch}"
+        else:
+            _, _, done, total = progress.parts[progress.phase]
+            where = (f"at epoch {epoch} after {done} of {total} training steps" if progress.phase == "train" else
+                     f"at epoch {epoch} while evaluating, after {done} of {total} test batches")
+        return TrainingInterrupted(f"interrupted {where}; metrics in {path}", metrics, main_rank)
+
+
+def _sigint_handler_is_ours():
+    """Whether this code may swap the SIGINT handler: in the main thread, with a handler Python installed."""
+    return threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not None
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Holds a Ctrl-C (SIGINT) back until the block ends, then delivers it to the handler that was there."""
+    if not _sigint_handler_is_ours():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        signal.raise_signal(signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Ignores Ctrl-C (SIGINT) in the block: a second one while an interrupted run writes its record."""
+    if not _sigint_handler_is_ours():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _evaluate_only(metrics, model, batches, amp, device, args, main_rank, world, progress):
     """--epochs 0: the untrained model's test loss and accuracy, printed and written to metrics.json."""
     steps = batches.test()
-    loss, acc, samples = _reduce(_evaluate(model, steps, amp, device, _bar(main_rank, args, len(steps), "test")),
-                                 world)
+    loss, acc, samples = _reduce(_evaluate(model, steps, amp, device, _bar(main_rank, args, len(steps), "test"),
+                                           progress), world)
     metrics["untrained"] = {"test_loss": loss, "test_acc": acc, "test_samples": samples}
     if main_rank:
-        _write(metrics, args.out_dir)
+        with _sigint_deferred():
+            _write(metrics, args.out_dir)
         print(f"--epochs 0: nothing trained; the initial weights score test loss {loss:.4f} acc {acc:.4f} "
               f"({samples} samples); wrote metrics.json, no model.pth", flush=True)
     return metrics
@@ -474,41 +613,50 @@ class _GraphedStep:
         return self.outputs
 
 
-def _train_epoch(model, step, steps, device, bar):
-    """(summed loss, correct) over the epoch as a float64 tensor on the device, and the sample count."""
+def _train_epoch(model, step, steps, device, bar, progress=None):
+    """(summed loss, correct) over the epoch as a float64 tensor on the device, and the sample count. With a
+    :class:`_Progress`, records the running sums after each step (for a report if Ctrl-C stops the epoch)."""
     model.train()
     sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0
+    if progress is not None:
+        progress.begin("train", sums, len(steps))
     with bar:
-        for x, y in steps:
+        for i, (x, y) in enumerate(steps, 1):
             logits, loss = step(x, y)
-            count = _accumulate(sums, count, logits, y, loss, bar)
+            sums, count = _accumulate(sums, count, logits, y, loss, bar)
+            if progress is not None:
+                progress.parts["train"] = (sums, count, i, len(steps))
     return sums, count
 
 
 @torch.no_grad()
-def _evaluate(model, steps, amp, device, bar):
+def _evaluate(model, steps, amp, device, bar, progress=None):
     model.eval()
     sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0
+    if progress is not None:
+        progress.begin("test", sums, len(steps))
     with bar:
-        for x, y in steps:
+        for i, (x, y) in enumerate(steps, 1):
             with _autocast(device, amp):
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
-            count = _accumulate(sums, count, logits, y, loss, bar)
+            sums, count = _accumulate(sums, count, logits, y, loss, bar)
+            if progress is not None:
+                progress.parts["test"] = (sums, count, i, len(steps))
     return sums, count
 
 
 def _accumulate(sums, count, logits, y, loss, bar):
-    """Adds a batch's summed loss and correct predictions to `sums` on the device (the seed's `mean_loss /=`
-    never added anything), advances the bar, and returns the new sample count."""
-    sums[0] += loss.detach().double() * y.numel()
-    sums[1] += (logits.argmax(1) == y).sum()
-    count += y.numel()
+    """(new sums, new count): a batch's summed loss and correct predictions added to `sums` on the device (the
+    seed's `mean_loss /=` never added anything), and its samples to the count; advances the bar. `sums` is not
+    changed in place, so a reference to it taken earlier keeps its value."""
+    batch = torch.stack((loss.detach().double() * y.numel(), (logits.argmax(1) == y).sum().double()))
+    sums, count = sums + batch, count + y.numel()
     bar.update()
     if not bar.disable and (bar.n % 10 == 0 or bar.n == bar.total):  # reading the sums syncs: not every step
         loss_sum, correct = sums.tolist()
         bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.4f}", refresh=False)
-    return count
+    return sums, count
 
 
 def _reduce(totals, world):
@@ -529,12 +677,45 @@ def _sync_buffers(model, world):
             dist.broadcast(buffer, 0)
 
 
-def _write(metrics, out_dir):
-    path = os.path.join(out_dir, "metrics.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(metrics, f, indent=2)
-    os.replace(path + ".tmp", path)  # a reader never sees half a file
-    if metrics["epochs"]:
+def _replace(path, write):
+    """write(temporary path), then the temporary file renamed over `path`: a reader, or an interrupted or failed
+    write, never leaves or sees half a file (the old one stays whole until the rename)."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _save_checkpoint(model, out_dir):
+    state = model.state_dict()
+    _replace(os.path.join(out_dir, "model.pth"), lambda tmp: torch.save(state, tmp))
+
+
+def _json_numbers(obj):
+    """`obj` with every float that is not finite (a diverged loss, --lr inf) as None: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_numbers(v) for v in obj]
+    return obj
+
+
+def _write(metrics, out_dir, plot=True):
+    """metrics.json (strict JSON) and, with `plot` and a completed epoch, curves.png, each replaced whole."""
+    text = json.dumps(_json_numbers(metrics), indent=2, allow_nan=False)
+
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _replace(os.path.join(out_dir, "metrics.json"), dump)
+    if plot and metrics["epochs"]:
         _plot(metrics["epochs"], _title(metrics), os.path.join(out_dir, "curves.png"))
 
 
@@ -565,7 +746,7 @@ def _plot(rows, title, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title, fontsize="medium")
-    fig.savefig(path, dpi=100)
+    _replace(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 if __name__ == "__main__":

@@ -325,17 +325,20 @@ def bn_stats_finalize_kernel(
         tl.store(out_ptr + 2 * C + offs_c, var, mask=mask_c)
         if TRACK:
             buf_dtype = running_mean_ptr.dtype.element_ty
+            # PyTorch computes (1 - f)*r + f*s in the buffer's dtype, 16-bit buffers (model.half(), .bfloat16())
+            # in float32, rounded once; the interpreter has no bf16 arithmetic either
+            up_dtype = tl.float32 if buf_dtype.primitive_bitwidth < 32 else buf_dtype
             if CUMULATIVE:
                 factor = 1.0 / (tl.load(nbt_ptr) + 1).to(tl.float64)
             else:
                 factor = _scalar(momentum_hi, momentum_lo, tl.float64)
-            f = factor.to(buf_dtype)  # PyTorch computes (1 - f)*r + f*s in the buffer's dtype
+            f = factor.to(up_dtype)
             n = tl.cast(M, tl.float64)
             unbiased = var * (n / (n - 1.0)).to(dtype)
-            rm = tl.load(running_mean_ptr + offs_c, mask=mask_c)
-            rv = tl.load(running_var_ptr + offs_c, mask=mask_c)
-            tl.store(running_mean_ptr + offs_c, (1 - f) * rm + f * mean.to(buf_dtype), mask=mask_c)
-            tl.store(running_var_ptr + offs_c, (1 - f) * rv + f * unbiased.to(buf_dtype), mask=mask_c)
+            rm = tl.load(running_mean_ptr + offs_c, mask=mask_c).to(up_dtype)
+            rv = tl.load(running_var_ptr + offs_c, mask=mask_c).to(up_dtype)
+            tl.store(running_mean_ptr + offs_c, ((1 - f) * rm + f * mean.to(up_dtype)).to(buf_dtype), mask=mask_c)
+            tl.store(running_var_ptr + offs_c, ((1 - f) * rv + f * unbiased.to(up_dtype)).to(buf_dtype), mask=mask_c)
 
 
 @triton.jit
@@ -497,8 +500,10 @@ def grad_z_kernel(
         mean, invstd, gamma, beta = _bn_params(stats_ptr, gamma_ptr, beta_ptr, offs_c, mask_c, C, HAS_AFFINE, dtype)
         if HAS_AFFINE:
             if pid_s == 0:
-                tl.store(grad_gamma_ptr + offs_c, sum_gx.to(grad_gamma_ptr.dtype.element_ty), mask=mask_c)
-                tl.store(grad_beta_ptr + offs_c, sum_g.to(grad_beta_ptr.dtype.element_ty), mask=mask_c)
+                # through the compute dtype: 16-bit parameters (model.bfloat16()) get PyTorch's float32 sums
+                # rounded, and the interpreter casts float64 to bfloat16 wrongly
+                tl.store(grad_gamma_ptr + offs_c, sum_gx.to(dtype).to(grad_gamma_ptr.dtype.element_ty), mask=mask_c)
+                tl.store(grad_beta_ptr + offs_c, sum_g.to(dtype).to(grad_beta_ptr.dtype.element_ty), mask=mask_c)
         coef_a = invstd * gamma
         coef_b = (sum_g / M).to(dtype)[None, :]
         coef_c = (sum_gx / M).to(dtype)[None, :]

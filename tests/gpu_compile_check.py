@@ -14,10 +14,10 @@ keeps (the autotuner's benchmark is replaced by one launch per config: what comp
 are empty CPU tensors: the launchers' shapes, strides and 64-byte aligned pointers are real, nothing computes.
 
 Workloads (WORKLOADS): ``mnist``: MnistCNN's training step (forward, cross-entropy, backward, Adam) and eval
-forward (no_grad), at batch 64 and 8192, fp32 and under bf16 and fp16 autocast; ``coldstart``: what
-``python -m dlkern.train`` compiles in fp32 (training at batch 64 and the epoch's ragged last batch of 32, eval
-at batch 1000); ``breadth``: one forward and backward of every op family, fp64 included (whether everything
-compiles; its resources are reported too).
+forward (no_grad), at batch 64 and 8192, fp32, under bf16 and fp16 autocast, and wholly in bf16 or fp16
+(model.bfloat16(), model.half()); ``coldstart``: what ``python -m dlkern.train`` compiles in fp32 (training at
+batch 64 and the epoch's ragged last batch of 32, eval at batch 1000); ``breadth``: one forward and backward of
+every op family, fp64 included (whether everything compiles; its resources are reported too).
 
 Checks (exit status 1 when one fails): every variant compiles, and no variant of a MnistCNN run needs more
 shared memory than the target's per-block limit (unlaunchable) except those in KNOWN_UNLAUNCHABLE -- and those
@@ -202,8 +202,9 @@ def _config_name(config):
 # --------------------------------------------------------------------------------------------- workloads
 
 
-def _mnist_case(recorder, dtype, batch, passes=("train", "eval")):
-    """One MnistCNN training step and/or eval forward at `batch`, fp32 or under autocast to `dtype`."""
+def _mnist_case(recorder, dtype, batch, passes=("train", "eval"), pure=False):
+    """One MnistCNN training step and/or eval forward at `batch`, fp32 or under autocast to `dtype`, or with
+    ``pure`` the whole model in `dtype` (model.bfloat16(), .half(): BatchNorm's parameters and buffers too)."""
     import torch.nn.functional as TF
 
     from dlkern.models import MnistCNN
@@ -212,18 +213,21 @@ def _mnist_case(recorder, dtype, batch, passes=("train", "eval")):
     model = MnistCNN()
     x = torch.empty(batch, 1, 28, 28)  # never read by a kernel: the stand-in launches nothing
     y = torch.zeros(batch, dtype=torch.long)
-    amp = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    amp = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 and not pure else contextlib.nullcontext()
+    if pure:
+        model, x = model.to(dtype), x.to(dtype)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
     name = TYPES[dtype]
+    case = f"{name}-pure" if pure else name
     if "train" in passes:
-        with recorder.recording(f"train {name} b{batch}", name):
+        with recorder.recording(f"train {case} b{batch}", name):
             with amp:
                 loss = TF.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
     if "eval" in passes:
         model.eval()
-        with recorder.recording(f"eval {name} b{batch}", name), torch.no_grad(), amp:
+        with recorder.recording(f"eval {case} b{batch}", name), torch.no_grad(), amp:
             model(x)
 
 
@@ -247,6 +251,8 @@ def mnist(recorder, batches=(64, 8192), dtypes=(torch.float32, torch.bfloat16, t
             for dtype in dtypes:
                 for batch in batches:
                     _mnist_case(recorder, dtype, batch)
+                    if dtype != torch.float32:
+                        _mnist_case(recorder, dtype, batch, pure=True)
 
 
 def coldstart(recorder):

@@ -386,3 +386,87 @@ def test_byte_model_target_over_rows():
                                          detail="not measured (kernels suite: byte model at batch 8192)")
     # a model, so evaluated on a GPU run as on a CPU run
     assert {r["target"]: r["met"] for r in targets.evaluate(rows, on_cuda=True)}["kernels: byte model"] is True
+
+
+# ------------------------------------------------------------------------------------------ argument checking
+# Every option is checked before anything is measured (most before torch is imported), in argparse's one line
+# and exit status 2: once, --batches 0 exited 0 after reporting a missed target on 0x32 shapes, --batches -4 failed
+# after ~73 s on "negative dimension" and --ops nosuch ended in a bare KeyError.
+
+SUITES = ["host", "maxpool", "model", "activations", "convbn", "accuracy", "kernels"]
+CATALOG_NAMES = ["relu", "leaky_relu", "prelu", "elu", "softplus", "silu", "swish", "gelu", "gelu_tanh", "sigmoid",
+                 "tanh", "hardsigmoid", "hardtanh", "hard_logistic"]
+
+
+def _bench(args, tmp_path, timeout=120, **env):
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("DLKERN_")}, **env}
+    command = [sys.executable, os.path.join(ROOT, "bench", "run.py"), *args, "--out", str(tmp_path / "out")]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+
+
+def _usage_error(proc, tmp_path, message):
+    """Exit 2, argparse's usage and one error line holding `message`, no traceback, nothing measured or written."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("usage: run.py") and lines[-1].startswith("run.py: error: "), proc.stderr
+    assert message in lines[-1], lines[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batches", "0"], "argument --batches: invalid value '0': expected a positive integer"),
+    (["--batches", "-4"], "argument --batches: invalid value '-4': expected a positive integer"),
+    (["--batches", "64,x"], "argument --batches: invalid value 'x'"),
+    (["--batches", "64,2.5"], "argument --batches: invalid value '2.5'"),
+    (["--batches", ","], "argument --batches: expected a comma-separated list"),
+    (["--sizes", "13"], "argument --sizes: invalid value '13': sizes are powers of two of at least 14"),
+    (["--sizes", "20,-2"], "argument --sizes: invalid value '-2'"),
+    (["--sizes", "2^20"], "argument --sizes: invalid value '2^20'"),
+    (["--threads", "0"], "argument --threads: invalid value '0': expected a positive integer"),
+    (["--threads", "two"], "argument --threads: invalid value 'two'"),
+    (["--suite", "nosuch"], f"argument --suite: invalid choice: 'nosuch' (choose from {', '.join(SUITES)})"),
+    (["--suite", "host,nosuch"], "argument --suite: invalid choice: 'nosuch'"),
+    (["--suite", ""], "argument --suite: expected a comma-separated list"),
+    (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8' (choose from fp32, bf16, fp16, fp64)"),
+    (["--dtype", "fp32,float32"], "argument --dtype: invalid choice: 'float32'"),
+    (["--compile-modes", "fast"],
+     "argument --compile-modes: invalid choice: 'fast' (choose from default, reduce-overhead, max-autotune, none)"),
+    (["--compile-modes", "none,default"], "argument --compile-modes: none cannot be combined with a mode"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+])
+def test_bad_option_is_a_usage_error(tmp_path, args, message):
+    _usage_error(_bench(args, tmp_path, timeout=60), tmp_path, message)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ops", "nosuch"], f"argument --ops: invalid choice: 'nosuch' for the host suite "
+                          f"(choose from {', '.join(CATALOG_NAMES)})"),
+    # swish_channel is a variant of the activations suite's own table, which the host suite does not time
+    (["--ops", "relu,swish_channel"], "argument --ops: invalid choice: 'swish_channel' for the host suite"),
+    (["--suite", "activations", "--ops", "relu,nosuch"], "argument --ops: invalid choice: 'nosuch' for the "
+                                                         "activations suite (choose from relu, "),
+])
+def test_bad_ops_is_a_usage_error(tmp_path, args, message):
+    """--ops is checked against the tables of the selected suites that time activations (dlkern's catalog for
+    the host suite), once dlkern is imported."""
+    _usage_error(_bench(args, tmp_path), tmp_path, message)
+
+
+def test_bad_dlkern_variable_is_a_usage_error(tmp_path):
+    """dlkern reads DLKERN_AUTOTUNE when imported: run.py imports it up front, so a bad spelling is said once, in
+    one line, instead of failing every suite."""
+    proc = _bench(["--suite", "activations", "--device", "cpu"], tmp_path, DLKERN_AUTOTUNE="garbage")
+    _usage_error(proc, tmp_path, "DLKERN_AUTOTUNE='garbage': expected one of 1, 0, true, false, yes, no, on, off")
+
+
+def test_edge_options_accepted(tmp_path):
+    """The smallest allowed values and the activations suite's own variant pass the checks (on a CPU that
+    suite then skips itself: nothing here is slow)."""
+    proc = _bench(["--suite", "activations", "--ops", "swish_channel,relu", "--dtype", " fp32, bf16 ", "--sizes", "14",
+                   "--batches", "1", "--compile-modes", "default", "--threads", "1", "--device", "cpu"], tmp_path,
+                  timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "activations: skipped the whole suite" in proc.stdout
+    assert (tmp_path / "out" / "results.csv").exists()

@@ -35,20 +35,20 @@ class VGGish(nn.Module):
 
 
 class Mixed(nn.Module):
-    """What convert must leave alone, or convert only in part."""
+    """What convert must leave alone, or fuse only in part (conv -> BatchNorm, what follows staying stock)."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
             *cbr(2, 4, nn.ReLU6()),                         # fused (ReLU6 is Hardtanh(0, 6))
             nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4), nn.ReLU(),   # groups=2: not fused
-            nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.0), nn.Softplus(beta=2.0),  # no activation after BN
-            *cbr(4, 4, nn.PReLU(4, init=0.1)),              # learnable activation: not fused, PReLU replaced
+            nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.0), nn.Softplus(beta=2.0),  # conv -> BN fused
+            *cbr(4, 4, nn.PReLU(4, init=0.1)),              # conv -> BN fused; learnable PReLU replaced
             nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4), nn.SiLU(),  # not fused
             nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),       # conv without BatchNorm
-            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),   # BatchNorm at the very end
+            nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),   # BatchNorm at the very end: conv -> BN fused
         )
-        self.conv = nn.Conv2d(4, 4, 1)                      # outside a Sequential: call order unknown
+        self.conv = nn.Conv2d(4, 4, 1)                      # outside a Sequential: fused in Mixed.forward
         self.bn = nn.BatchNorm2d(4)
         self.act = nn.Hardtanh(-0.5, 0.5)
 
@@ -130,23 +130,30 @@ def test_mixed_sequential(caplog):
     with caplog.at_level(logging.DEBUG, logger="dlkern.convert"):
         ours = dlkern.convert(stock)
     report = ours.dlkern_report
-    assert report.fused == [("body.0", "body.1", "body.2")]
+    assert report.fused == [("body.0", "body.1", "body.2"), ("body.6", "body.7"), ("body.10", "body.11"),
+                            ("body.18", "body.19"), ("conv", "bn", "act")]
+    assert [(site.block, site.activation) for site in report.fused] == [
+        ("ConvBNReLU2d", "hardtanh"), ("ConvBNReLU2d", "none"), ("ConvBNReLU2d", "none"), ("ConvBNReLU2d", "none"),
+        ("Mixed.forward of the model", "hardtanh")]
+    notes = [site.note for site in report.fused]
+    assert notes[0] == "" and "Dropout" in notes[1] and "learnable" in notes[2] and "nothing follows" in notes[3]
     assert isinstance(ours.body[0], ConvBNReLU2d) and type(ours.body[0][2]) is nn.ReLU6
+    assert type(ours.body[6][2]) is nn.Identity and type(ours.body[8]) is nn.Dropout
     skipped = dict(report.skipped)
+    assert skipped.keys() == {"body.3", "body.13", "body.16"}
     assert "groups=2" in skipped["body.3"]
-    assert "not followed by an activation" in skipped["body.6"]
-    assert "learnable" in skipped["body.10"]
     assert "padding_mode" in skipped["body.13"]
     assert "not followed by an nn.BatchNorm2d" in skipped["body.16"]
-    assert "not followed by an activation" in skipped["body.18"]
-    assert "nn.Sequential" in skipped["conv"]
+    assert [(conv, bn) for conv, bn, _ in report.unfused] == [("body.3", "body.4"), ("body.13", "body.14")]
+    assert report.sites == 7
     replaced = {name: new for name, _, new in report.replaced}
     assert replaced == {"body.5": "ReLU", "body.9": "Softplus", "body.12": "PReLU", "body.15": "SiLU",
                         "body.17": "ReLU", "act": "Hardtanh"}
     assert ours.body[12].weight is not stock.body[12].weight  # a deep copy...
     assert torch.equal(ours.body[12].weight, stock.body[12].weight)  # ...of the same values
     assert ours.body[9].beta == 2.0 and (ours.act.min_val, ours.act.max_val) == (-0.5, 0.5)
-    assert type(ours.body[3]) is nn.Conv2d and type(ours.conv) is nn.Conv2d and type(ours.body[10]) is nn.Conv2d
+    assert type(ours.body[3]) is nn.Conv2d and type(ours.conv) is nn.Conv2d and type(ours.body[10]) is ConvBNReLU2d
+    assert isinstance(ours, Mixed) and type(ours) is not Mixed  # its forward is the converted one
     messages = [r.getMessage() for r in caplog.records]
     assert any("fused body.0 + body.1 + body.2" in m for m in messages)
     assert any(r.levelno == logging.DEBUG and "body.3" in r.getMessage() and "groups=2" in r.getMessage()
@@ -194,8 +201,9 @@ def test_keys_survive_copy_pickle_and_reconversion():
     loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
     assert list(loaded.state_dict()) == keys
     loaded.load_state_dict(stock.state_dict(), strict=True)
-    twice = dlkern.convert(ours)
-    assert list(twice.state_dict()) == keys and twice.dlkern_report.fused == []
+    twice = dlkern.convert(ours)  # changes nothing, and lists the same fused sites
+    assert list(twice.state_dict()) == keys and twice.dlkern_report.fused == ours.dlkern_report.fused
+    assert [type(m) for m in twice.modules()] == [type(m) for m in ours.modules()]
     # A state_dict's metadata (BatchNorm's version) sits under the stock names too.
     assert ours.state_dict()._metadata["features.1"] == stock.state_dict()._metadata["features.1"]
     # Parameters come in the stock order: optimizer state_dicts cross.
@@ -212,11 +220,12 @@ def test_subclasses_and_hooks_are_left_alone():
     stock[8].register_forward_pre_hook(lambda m, i: (i[0] - 1,))
     ours = dlkern.convert(stock)
     report = ours.dlkern_report
-    assert report.fused == [] and report.replaced == [("6", "ReLU", "ReLU"), ("7", "ReLU", "ReLU")]
+    assert report.replaced == [("6", "ReLU", "ReLU"), ("7", "ReLU", "ReLU")]
+    assert report.fused == [("0", "1")] and "MyReLU" in report.fused[0].note  # conv -> BN; MyReLU stays
     skipped = dict(report.skipped)
-    assert "not followed by an activation" in skipped["0"]
     assert "hook" in skipped["4"] and "hook" in skipped["8"]
-    assert [type(m) for m in ours][3:] == [MyReLU, nn.Conv2d, nn.BatchNorm2d, dlkern.nn.ReLU, dlkern.nn.ReLU, nn.ReLU]
+    assert [type(m) for m in ours] == [ConvBNReLU2d, nn.Identity, MyReLU, MyReLU, nn.Conv2d, nn.BatchNorm2d,
+                                       dlkern.nn.ReLU, dlkern.nn.ReLU, nn.ReLU]
 
 
 def test_dlkern_activations_fuse_too():
@@ -224,8 +233,8 @@ def test_dlkern_activations_fuse_too():
     stock = randomize_bn(nn.Sequential(*cbr(2, 3, dlkern.nn.Swish(1.5)), *cbr(3, 3, dlkern.nn.HardLogistic()),
                                        *cbr(3, 2, dlkern.nn.Swish(learnable=True)))).double()
     ours = dlkern.convert(stock)
-    assert ours.dlkern_report.fused == [("0", "1", "2"), ("3", "4", "5")]
-    assert "learnable" in dict(ours.dlkern_report.skipped)["6"]
+    assert ours.dlkern_report.fused == [("0", "1", "2"), ("3", "4", "5"), ("6", "7")]
+    assert "learnable" in ours.dlkern_report.fused[2].note  # conv -> BN fused, the learnable Swish stays
     check_same_function(stock, ours, torch.randn(2, 2, 5, 5, dtype=torch.float64))
     check_state_dicts_cross(stock, ours)
 
@@ -234,7 +243,7 @@ def test_sequential_subclasses():
     class Block(nn.Sequential):  # Sequential's own forward: fused (as torchvision's Conv2dNormActivation)
         pass
 
-    class Reversed(nn.Sequential):  # its own forward: the call order is not the children's order
+    class Reversed(nn.Sequential):  # its own forward, traced: bn, conv, relu
         def forward(self, x):
             for m in reversed(self):
                 x = m(x)
@@ -243,7 +252,7 @@ def test_sequential_subclasses():
     stock = nn.Sequential(Block(*cbr(1, 2, nn.ReLU())), Reversed(nn.ReLU(), *cbr(2, 2, nn.ReLU())[:2]))
     ours = dlkern.convert(stock)
     assert ours.dlkern_report.fused == [("0.0", "0.1", "0.2")]
-    assert "own forward" in dict(ours.dlkern_report.skipped)["1.1"]
+    assert "not followed by an nn.BatchNorm2d" in dict(ours.dlkern_report.skipped)["1.1"]
     assert list(ours.state_dict()) == list(stock.state_dict())
 
 
@@ -314,16 +323,22 @@ def fused_blocks(model):
 
 
 def check_report_matches_model(ours):
-    """dlkern_report counts what the model really holds: each fused run is a ConvBNReLU2d (ConvBNActPool2d when
-    it absorbed a max pool) at the conv's name with placeholders at the others, and each replaced name holds a
-    module of the reported dlkern type."""
+    """dlkern_report counts what the model really holds: each run fused in a Sequential is a ConvBNReLU2d
+    (ConvBNActPool2d when it absorbed a max pool) at the conv's name with placeholders at the others, each site
+    fused in a forward is stock modules in place, and each replaced name holds a module of the reported dlkern
+    type."""
     report = ours.dlkern_report
     modules = dict(ours.named_modules(remove_duplicate=False))
-    assert len(fused_blocks(ours)) == len({id(modules[conv]) for conv, *_ in report.fused})
-    for conv, *absorbed in report.fused:
-        block = modules[conv]
-        assert type(block) is (ConvBNActPool2d if len(absorbed) == 3 else ConvBNReLU2d), conv
-        assert all(type(modules[n]) is nn.Identity for n in absorbed)
+    in_blocks = [site for site in report.fused if site.block in ("ConvBNReLU2d", "ConvBNActPool2d")]
+    assert len(fused_blocks(ours)) == len({id(modules[conv]) for conv, *_ in in_blocks})
+    for site in report.fused:
+        conv, *absorbed = site
+        if site in in_blocks:
+            assert type(modules[conv]).__name__ == site.block, conv
+            assert site.pooled == (type(modules[conv]) is ConvBNActPool2d)
+            assert all(type(modules[n]) is nn.Identity for n in absorbed)
+        else:
+            assert isinstance(modules[conv], nn.Conv2d) and isinstance(modules[absorbed[0]], nn.BatchNorm2d)
     for name, _, new in report.replaced:
         assert type(modules[name]) is getattr(dlkern.nn, new), name
 

@@ -27,9 +27,11 @@ import warnings
 
 import pytest
 
+from dlkern._env import integer
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECK = os.path.join(HERE, "gpu_compile_check.py")
-SAMPLE = os.environ.get("DLKERN_COMPILE_SAMPLE", "24")
+SAMPLE = str(integer("DLKERN_COMPILE_SAMPLE", 24, minimum=0, words=("all",)))  # "all", or how many autotuned ones
 
 sys.path.insert(0, HERE)
 import gpu_compile_check as check  # noqa: E402

@@ -445,6 +445,73 @@ def test_double_backward_matches_torch():
     assert torch.equal(g, ref_g) and torch.equal(gg, ref_gg)
 
 
+# A vmap inside a jvp or a grad: torch.func.hessian is jacfwd(jacrev), vmap(jvp(vmap(vjp))), so the pooling's
+# backward runs under a vmap under a jvp. 2x2, 3x3 stride 2 with padding, dilation 2, channels_last, a 3-D input,
+# and batches of 2 examples x 3 channels.
+SECOND_ORDER_CASES = [
+    ((1, 1, 4, 4), False, dict(kernel_size=2)),
+    ((2, 3, 6, 5), False, dict(kernel_size=3, stride=2, padding=1)),
+    ((2, 3, 7, 7), False, dict(kernel_size=2, stride=1, dilation=2)),
+    ((2, 3, 6, 5), True, dict(kernel_size=3, stride=2, padding=1, ceil_mode=True)),
+    ((3, 5, 6), False, dict(kernel_size=(2, 3), stride=1, padding=(1, 0))),
+]
+
+
+@pytest.mark.parametrize("shape, channels_last, args", SECOND_ORDER_CASES,
+                         ids=["2x2", "3x3_s2_p1", "dilation2", "channels_last", "3d"])
+def test_hessian_and_forward_over_reverse_match_torch(shape, channels_last, args):
+    """hessian, jvp(jacrev) and vmap(jvp(jacrev)) (forward over reverse, nested in a vmap), as PyTorch's in
+    float64."""
+    func = torch.func
+    x = ad_input(shape, channels_last)
+    t = torch.randn_like(x)
+    w = torch.randn(TF.max_pool2d(x, **args).shape, dtype=x.dtype)
+
+    def loss(pool):
+        return lambda a: (pool(a, **args) ** 3 * w).sum()
+
+    ours, theirs = loss(F.max_pool2d), loss(TF.max_pool2d)
+    # PyTorch's own transforms fail on channels_last under a vmap ("NYI: querying is_contiguous inside of vmap"):
+    # the same values in NCHW give the reference
+    ref_x, ref_t = x.contiguous(), t.contiguous()
+    hessian = func.hessian(ours)(x)
+    assert hessian.shape == x.shape + x.shape and hessian.abs().sum() > 0
+    assert torch.equal(hessian, func.hessian(theirs)(ref_x))
+    out, out_t = func.jvp(func.jacrev(ours), (x,), (t,))
+    ref_out, ref_out_t = func.jvp(func.jacrev(theirs), (ref_x,), (ref_t,))
+    assert torch.equal(out, ref_out) and torch.equal(out_t, ref_out_t)
+    torch.testing.assert_close(out_t, (hessian.flatten(x.dim()) @ t.flatten()).view(x.shape))  # H t
+
+    batch, tangents = torch.stack([x, x.flip(-1) * 2]), torch.stack([t, -t])
+    fwd_over_rev = lambda f: lambda a, b: func.jvp(func.jacrev(f), (a,), (b,))[1]  # noqa: E731
+    hvps = torch.vmap(fwd_over_rev(ours))(batch, tangents)
+    assert torch.equal(hvps, torch.vmap(fwd_over_rev(theirs))(batch.contiguous(), tangents.contiguous()))
+    assert torch.equal(hvps[0], out_t)
+
+
+def test_transforms_over_vmap_match_torch():
+    """A jvp or grad over a vmap of the pooling, and of its backward; and the vmap rule generated for the
+    Function torch.compile traces, under a grad."""
+    from dlkern.ops.max_pool import _MaxPool2d
+
+    func = torch.func
+    x = ad_input((3, 2, 6, 7), False)
+    t = torch.randn_like(x)
+    args = dict(kernel_size=3, stride=2, padding=1)
+    per_example = lambda pool: lambda b: pool(b, **args)  # noqa: E731
+    over_vmap = lambda pool: lambda a: (torch.vmap(per_example(pool))(a) ** 3).sum()  # noqa: E731
+
+    out, out_t = func.jvp(torch.vmap(per_example(F.max_pool2d)), (x,), (t,))
+    ref_out, ref_out_t = func.jvp(torch.vmap(per_example(TF.max_pool2d)), (x,), (t,))
+    assert torch.equal(out, ref_out) and torch.equal(out_t, ref_out_t)
+    assert torch.equal(func.grad(over_vmap(F.max_pool2d))(x), func.grad(over_vmap(TF.max_pool2d))(x))
+    assert torch.equal(func.jvp(func.grad(over_vmap(F.max_pool2d)), (x,), (t,))[1],
+                       func.jvp(func.grad(over_vmap(TF.max_pool2d)), (x,), (t,))[1])
+
+    traced = lambda b, **kw: _MaxPool2d.apply(b, [3], [2], [1], [1], False)[0]  # noqa: E731
+    assert torch.equal(func.grad(over_vmap(traced))(x), func.grad(over_vmap(TF.max_pool2d))(x))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Argument types: what PyTorch's argument parser accepts and refuses, with its messages
 # ---------------------------------------------------------------------------------------------------------------
@@ -707,6 +774,136 @@ def test_2x2_backward_odd_sizes_and_foreign_indices(shape, channels_last, dtype)
         one_foreign = idx.clone()
         one_foreign[-1, -1, 0, 0] = shape[2] * shape[3] - 1  # one index of the last image leaves its window
         check(one_foreign, exact=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Indices outside the plane: a window wholly in the padding, or a caller's indices. The backward skips them, the
+# gathers (forward mode, double backward) give 0 there; nothing reads or writes outside its own plane.
+# ---------------------------------------------------------------------------------------------------------------
+
+# Dilation 2 puts both tap rows of every window (rows -1 and 1) outside a 1-row input: each window sees only
+# padding, and ATen's forward returns -inf with indices 8, 10, 13, past the 8 elements of the plane (its own CPU
+# backward then writes out of bounds, so it is never called on these inputs here).
+PADDING_ONLY_ARGS = dict(kernel_size=(2, 3), stride=(4, 3), padding=(1, 1), dilation=(2, 1))
+
+
+def reference_backward(grad_output, indices, input_shape):
+    """grad_input with each grad_output added at its index, in float64 on the CPU; indices outside [0, H*W)
+    skipped. Only in-bounds indices reach scatter_add_."""
+    H, W = input_shape[-2:]
+    idx = indices.cpu().flatten(-2)
+    valid = (idx >= 0) & (idx < H * W)
+    gi = torch.zeros(*input_shape[:-2], H * W, dtype=torch.float64)
+    gi.scatter_add_(-1, idx.where(valid, 0), grad_output.cpu().double().flatten(-2).where(valid, 0))
+    return gi.view(input_shape)
+
+
+def reference_gather(t, indices):
+    """t read at each index, in float64 on the CPU; 0 where the index is outside [0, H*W)."""
+    H, W = t.shape[-2:]
+    idx = indices.cpu().flatten(-2)
+    valid = (idx >= 0) & (idx < H * W)
+    return t.cpu().double().flatten(-2).gather(-1, idx.where(valid, 0)).where(valid, 0).view(indices.shape)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, channels_last", [((1, 1, 1, 8), False), ((2, 3, 1, 8), False),
+                                                  ((2, 3, 1, 8), True)], ids=["issue", "nchw", "channels_last"])
+def test_window_wholly_in_padding(device, dtype, shape, channels_last):
+    """ATen's values and out-of-plane indices; every derivative is 0 (the output is -inf whatever the input): the
+    backward writes zeros, and forward mode, double backward and the torch.func transforms, which read at the
+    indices, give zeros instead of failing (torch.gather raises on these indices; on a GPU it asserts)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = make_input(shape, dtype, device, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    args = PADDING_ONLY_ARGS
+    pool = lambda a: F.max_pool2d(a, **args)  # noqa: E731
+    out, idx = F.max_pool2d(x, **args, return_indices=True)
+    ref_out, ref_idx = TF.max_pool2d(x, **args, return_indices=True)  # ATen's forward is safe
+    assert torch.equal(out, ref_out) and torch.equal(idx, ref_idx)
+    assert torch.equal(idx.cpu(), torch.tensor([8, 10, 13]).expand(idx.shape)) and out.isneginf().all()
+
+    # reverse mode (the op's C++ autograd)
+    xg = x.clone().requires_grad_()
+    y = pool(xg)
+    go = torch.randn(y.shape, dtype=dtype, device=device).contiguous(memory_format=fmt).requires_grad_()
+    (g,) = torch.autograd.grad(y, xg, go, create_graph=True)
+    assert torch.equal(g, torch.zeros_like(x)) and g.is_contiguous(memory_format=fmt)
+    # double backward: the gradient of the backward with respect to grad_output reads at the indices
+    (gg,) = torch.autograd.grad(g, go, torch.randn_like(g))
+    assert torch.equal(gg, torch.zeros_like(go))
+
+    # forward mode, eager and torch.func
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(pool(fwAD.make_dual(x, t))).tangent
+    assert torch.equal(tangent, torch.zeros_like(out))
+    primal, tangent = torch.func.jvp(pool, (x,), (t,))
+    assert torch.equal(primal, ref_out) and torch.equal(tangent, torch.zeros_like(out))
+    assert torch.equal(torch.func.jacfwd(pool)(x), torch.zeros(out.shape + x.shape, dtype=dtype, device=device))
+    # second order through the Python autograd.Functions (torch.func): Hessian and Hessian-vector product
+    grad = torch.func.grad(lambda a: (pool(a) * go.detach()).sum())
+    assert torch.equal(torch.func.jacrev(grad)(x), torch.zeros(x.shape + x.shape, dtype=dtype, device=device))
+    assert torch.equal(torch.func.jvp(grad, (x,), (t,))[1], torch.zeros_like(x))
+    if device == "cuda":
+        torch.cuda.synchronize()  # a device-side assert would surface here
+
+
+def out_of_plane_indices(indices, H, W):
+    """The forward's indices with some moved just outside their plane (one past the end, one before the start),
+    far outside it, and to the int64 extremes, in the first, a middle and the last plane."""
+    plane = H * W
+    bad = indices.clone()
+    bad[0, 0, 0, 0] = plane  # the next plane's (NCHW) or image's (channels_last) first element
+    bad[0, 0, -1, -1] = plane + W + 1
+    bad[-1, -1, 0, 0] = -1  # the previous plane's last element
+    bad[-1, -1, 0, 1] = -plane
+    bad[-1, -1, -1, -1] = plane  # past the end of the whole tensor
+    bad[1, 1, 1, 1] = 2**40
+    bad[1, 1, 1, 2] = -(2**40)
+    bad[1, 2, 0, 0] = torch.iinfo(torch.int64).max
+    bad[1, 2, 0, 1] = torch.iinfo(torch.int64).min
+    return bad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("pool", [([3], [1], [1]), ([2], [], [0])], ids=["3x3", "2x2_tiling"])
+def test_backward_skips_indices_outside_the_plane(device, dtype, channels_last, pool):
+    """dlkern::max_pool2d_backward given indices outside [0, H*W) skips them: every plane's gradient, the planes
+    next to the bad indices' included, is the sum of its in-plane indices' gradients alone (a write past a plane
+    would land in its neighbour; one far outside, or past the tensor, would crash). Every kernel: the NCHW and
+    channels_last scatters, the channels_last 2x2 writer (whose images with such an index go to the scatter),
+    16-bit types through their float buffer. The op's own derivatives read 0 at those indices."""
+    kernel_size, stride, padding = pool
+    op_args = (kernel_size, stride, padding, [1], False)
+    shape = (4, 4, 6, 8)  # image 2 has no bad index: the channels_last 2x2 writer keeps it
+    x = make_input(shape, dtype, device, channels_last)
+    _, idx = torch.ops.dlkern.max_pool2d(x, *op_args)
+    bad = out_of_plane_indices(idx, shape[2], shape[3])
+    go = torch.randn(idx.shape, dtype=dtype, device=device)
+    go = go.contiguous(memory_format=torch.channels_last) if channels_last else go
+    for indices in (bad, bad.contiguous()):  # channels_last indices, and NCHW ones made channels_last by the op
+        gi = torch.ops.dlkern.max_pool2d_backward(go, x, indices, *op_args)
+        assert_close(gi.cpu(), reference_backward(go, indices, shape), dtype=dtype)
+
+    # the backward's derivatives: reverse mode (C++ autograd), torch.func (Python), forward mode
+    v = torch.randn_like(x)
+    gor = go.clone().requires_grad_()
+    gi = torch.ops.dlkern.max_pool2d_backward(gor, x, bad, *op_args)
+    (ggo,) = torch.autograd.grad(gi, gor, v)
+    assert torch.equal(ggo.cpu().double(), reference_gather(v, bad))
+    from dlkern.ops.max_pool import max_pool2d_backward
+
+    _, pullback = torch.func.vjp(lambda g: max_pool2d_backward(g, x, bad, *op_args), go)
+    assert torch.equal(pullback(v)[0].cpu().double(), reference_gather(v, bad))
+    _, tangent = torch.func.jvp(lambda g: max_pool2d_backward(g, x, bad, *op_args), (go,), (go,))
+    assert_close(tangent.cpu(), reference_backward(go, bad, shape), dtype=dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _vm_flags(address):

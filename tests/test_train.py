@@ -7,6 +7,8 @@ import copy
 import gzip
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -442,3 +444,217 @@ def test_cuda_graph_run(tmp_path, backend):
         assert row["test_loss"] == pytest.approx(ref["test_loss"], rel=2e-2)
         for key in ("train_acc", "test_acc"):  # a prediction or two may flip on a near tie
             assert row[key] == pytest.approx(ref[key], abs=2 / 40), key
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C, NaN
+
+
+def _strict_json(path):
+    """metrics.json parsed as strict JSON (no NaN or Infinity)."""
+    def refuse(name):
+        raise ValueError(f"{name} in {path}: not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _scores(state, test_size):
+    """The test accuracy of a checkpoint on the run's synthetic test set (seed 0: the test digits' seed is 1)."""
+    model = MnistCNN(backend="torch")
+    model.load_state_dict(state, strict=True)
+    images, labels = synthetic_digits(test_size, seed=1)
+    with torch.no_grad():
+        return (model.eval()((images.unsqueeze(1).float() / 255 - MNIST_MEAN) / MNIST_STD).argmax(1) == labels
+                ).float().mean().item()
+
+
+def _main(argv):
+    """dlkern.train.main in-process; a KeyboardInterrupt escaping it fails the test (and spares the session)."""
+    try:
+        return train_module.main(argv)
+    except KeyboardInterrupt as e:
+        pytest.fail(f"KeyboardInterrupt escaped main(): {e!r}")
+
+
+def test_ctrl_c_ends_cleanly(tmp_path):
+    """SIGINT to a training process, early in its second epoch: exit status 130, one line on stderr saying where
+    it stopped, no traceback; metrics.json (strict JSON) holds epoch 1 and the partial epoch 2, marked as
+    interrupted; model.pth is the best epoch's, scoring what the metrics say; no temporary file is left."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dlkern.train", *TINY, "--epochs", "50", "--train-size", "800", "--test-size", "32",
+           "--batch-size", "4", "--out-dir", str(out)]
+    # A shell starts a background job with SIGINT ignored, and Python keeps it so: a terminal's Ctrl-C is not.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        lines = []
+        for line in proc.stdout:  # epoch 1's line: printed once its metrics and model.pth are written
+            lines.append(line)
+            if line.startswith("epoch 1/50:"):
+                break
+        assert lines and lines[-1].startswith("epoch 1/50:"), "".join(lines) + proc.stderr.read()
+        # Epoch 2 trains 200 steps (about as long as epoch 1 took); wait a tenth of that to be well inside it.
+        time.sleep(min(0.2, float(re.search(r"\| ([\d.]+)s", lines[-1]).group(1)) / 10))
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and len(stderr.splitlines()) == 1, stderr
+    assert re.fullmatch(rf"dlkern.train: interrupted at epoch 2 after (\d+) of 200 training steps; metrics in "
+                        rf"{re.escape(str(out / 'metrics.json'))}\n", stderr), stderr
+    done = int(re.search(r"after (\d+) of", stderr).group(1))
+    assert "epoch 2/50" not in stdout
+    metrics = _strict_json(out / "metrics.json")
+    assert [r["epoch"] for r in metrics["epochs"]] == [1] and metrics["best_epoch"] == 1
+    record = metrics["interrupted"]
+    assert {k: record[k] for k in ("epoch", "phase", "train_steps", "train_steps_total", "train_samples")} == {
+        "epoch": 2, "phase": "train", "train_steps": done, "train_steps_total": 200, "train_samples": 4 * done}
+    assert "test_steps" not in record and record["seconds"] > 0
+    if done:
+        assert 0 < record["train_loss"] < 10 and 0 <= record["train_acc"] <= 1
+    assert metrics["best_test_acc"] == metrics["epochs"][0]["test_acc"]
+    assert _scores(torch.load(out / "model.pth", weights_only=True), 32) == pytest.approx(metrics["best_test_acc"],
+                                                                                         abs=1e-6)
+    assert sorted(os.listdir(out)) == ["curves.png", "metrics.json", "model.pth"]
+
+
+def _interrupt_at_step(monkeypatch, n):
+    """Every training step counted; the n-th raises KeyboardInterrupt before it runs (as a Ctrl-C there would)."""
+    calls = []
+    make_step = train_module._eager_step
+
+    def eager_step(*args, **kwargs):
+        step = make_step(*args, **kwargs)
+
+        def interrupted_step(x, y):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return step(x, y)
+
+        return interrupted_step
+
+    monkeypatch.setattr(train_module, "_eager_step", eager_step)
+
+
+SMALL = [*TINY, "--train-size", "64", "--test-size", "16", "--batch-size", "16"]  # 4 steps per epoch
+
+
+def test_interrupted_epoch_is_recorded(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C before epoch 2's third step: main() returns 130 and says so in one line; metrics.json has epoch
+    1 complete and epoch 2's two counted steps under "interrupted"; best_epoch and model.pth are epoch 1's."""
+    _interrupt_at_step(monkeypatch, 4 + 3)
+    assert _main([*SMALL, "--epochs", "3", "--out-dir", str(tmp_path)]) == 130
+    out, err = capsys.readouterr()
+    assert err == (f"dlkern.train: interrupted at epoch 2 after 2 of 4 training steps; metrics in "
+                   f"{tmp_path / 'metrics.json'}\n")
+    assert out.count("epoch ") == 1 and out.startswith("epoch 1/3: ")
+    metrics = _strict_json(tmp_path / "metrics.json")
+    assert len(metrics["epochs"]) == 1 and metrics["best_epoch"] == 1
+    record = metrics["interrupted"]
+    assert set(record) == {"epoch", "phase", "train_steps", "train_steps_total", "train_samples", "train_loss",
+                           "train_acc", "seconds"}
+    assert (record["epoch"], record["phase"], record["train_steps"], record["train_steps_total"],
+            record["train_samples"]) == (2, "train", 2, 4, 32)
+    assert 0 < record["train_loss"] < 10 and record["train_acc"] in {i / 32 for i in range(33)}
+    assert _scores(torch.load(tmp_path / "model.pth", weights_only=True), 16) == pytest.approx(
+        metrics["best_test_acc"], abs=1e-6)
+    # run() raises TrainingInterrupted, a KeyboardInterrupt carrying the metrics it wrote.
+    _interrupt_at_step(monkeypatch, 2)
+    with pytest.raises(train_module.TrainingInterrupted, match="at epoch 1 after 1 of 4 training steps") as e:
+        train(tmp_path / "again", *SMALL)
+    assert isinstance(e.value, KeyboardInterrupt) and e.value.metrics["interrupted"]["train_samples"] == 16
+    assert e.value.metrics["epochs"] == [] and e.value.metrics["best_epoch"] is None
+    assert not (tmp_path / "again" / "model.pth").exists()
+
+
+def test_interrupted_before_training(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C while the data is drawn: 130, one line, nothing written."""
+    def drawing(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "synthetic_digits", drawing)
+    assert _main([*SMALL, "--out-dir", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "dlkern.train: interrupted before training started; nothing written\n"
+    assert os.listdir(tmp_path) == []
+
+
+@contextlib.contextmanager
+def _python_sigint_handler():
+    """SIGINT raises KeyboardInterrupt in this block, even in a pytest started with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_waits_for_the_checkpoint_and_its_metrics(tmp_path, monkeypatch, capsys):
+    """A real SIGINT while model.pth is being written: the write finishes, metrics.json names it, the epoch's
+    line is printed, and only then does the run stop ("after epoch 1"), with a consistent record."""
+    save = train_module._save_checkpoint
+
+    def save_during_ctrl_c(*args):
+        signal.raise_signal(signal.SIGINT)
+        save(*args)
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_during_ctrl_c)
+    with _python_sigint_handler():
+        assert _main([*SMALL, "--epochs", "2", "--out-dir", str(tmp_path)]) == 130
+    out, err = capsys.readouterr()
+    assert out.startswith("epoch 1/2: ") and "saved model.pth" in out and "epoch 2/2" not in out
+    assert err == f"dlkern.train: interrupted after epoch 1; metrics in {tmp_path / 'metrics.json'}\n"
+    metrics = _strict_json(tmp_path / "metrics.json")
+    assert metrics["interrupted"] == {"epoch": 1, "phase": "between epochs"} and metrics["best_epoch"] == 1
+    assert _scores(torch.load(tmp_path / "model.pth", weights_only=True), 16) == pytest.approx(
+        metrics["best_test_acc"], abs=1e-6)
+    # the context manager itself: the block runs to its end, then the signal is delivered
+    reached = []
+    with _python_sigint_handler(), pytest.raises(KeyboardInterrupt):
+        with train_module._sigint_deferred():
+            signal.raise_signal(signal.SIGINT)
+            reached.append(1)
+    assert reached == [1]
+
+
+def test_nan_loss_is_never_the_best(tmp_path, capsys):
+    """--lr inf turns the weights to inf/NaN after the first step: the epoch's test loss is NaN, so it is not a
+    best and no model.pth is written; metrics.json stays strict JSON (null for the NaNs)."""
+    metrics = train(tmp_path, *SMALL, "--lr", "inf")
+    row = metrics["epochs"][0]
+    assert torch.tensor(row["test_loss"]).isnan() and metrics["best_epoch"] is None
+    assert metrics["best_test_acc"] is None
+    assert "test loss nan: not a best, no model.pth written" in capsys.readouterr().out
+    assert not (tmp_path / "model.pth").exists()
+    written = _strict_json(tmp_path / "metrics.json")
+    assert written["epochs"][0]["test_loss"] is None and written["best_epoch"] is None
+
+
+def test_nan_after_a_best_keeps_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """Epoch 2 scores a NaN test loss with a perfect accuracy (what diverged weights can score: the argmax of NaN
+    logits): still not a best; model.pth stays epoch 1's, byte for byte."""
+    evaluate, calls, epoch_1_checkpoint = train_module._evaluate, [], []
+
+    def evaluate_nan_at_epoch_2(*args, **kwargs):
+        sums, count = evaluate(*args, **kwargs)
+        calls.append(1)
+        if len(calls) < 2:
+            return sums, count
+        epoch_1_checkpoint.append((tmp_path / "model.pth").read_bytes())
+        return torch.tensor([float("nan"), count], dtype=torch.float64), count
+
+    monkeypatch.setattr(train_module, "_evaluate", evaluate_nan_at_epoch_2)
+    metrics = train(tmp_path, *SMALL, "--epochs", "2")
+    assert metrics["best_epoch"] == 1 and metrics["epochs"][1]["test_acc"] == 1.0
+    assert "test loss nan: not a best, model.pth keeps epoch 1" in capsys.readouterr().out
+    assert (tmp_path / "model.pth").read_bytes() == epoch_1_checkpoint[0]
+    assert _strict_json(tmp_path / "metrics.json")["best_epoch"] == 1
+
+
+def test_out_dir_is_a_file(tmp_path, capsys):
+    path = tmp_path / "results"
+    path.write_text("not a folder")
+    assert _main([*SMALL, "--out-dir", str(path)]) == 2
+    assert capsys.readouterr().err == f"dlkern.train: error: --out-dir {path} is a file, not a directory\n"
+    assert path.read_text() == "not a folder"

@@ -3,7 +3,10 @@
 //
 // Forward: one thread per output element, NCHW (w fastest) or NHWC (c fastest, coalesced across channels).
 // Backward: one thread per input element gathers the outputs whose window can contain it and whose index points at
-// it, in a fixed order: deterministic, no atomics (as ATen's CUDA backward). All offsets are 64-bit.
+// it, in a fixed order: deterministic, no atomics (as ATen's CUDA backward). All offsets are 64-bit. An index
+// outside [0, H*W) of its plane (ATen's index for a window wholly in the padding, or any int64 a caller passes)
+// equals no input element's, so it is skipped, as on the CPU: the backward writes each grad_input element once,
+// reads only its own plane's outputs, and indexes nothing by the indices' values.
 #include <ATen/Dispatch.h>
 #include <ATen/NumericUtils.h>  // at::_isnan
 #include <ATen/OpMathType.h>

@@ -88,18 +88,36 @@ class _ConvBNActBlock(NotScriptable, nn.Sequential):
         """The conv block's arguments of dlkern.ops.conv_bn.forward (and pool_block.forward), read from the
         children as they are now."""
         owner = type(self).__name__
-        _check_conv(conv.groups, conv.padding_mode, owner)
-        name, p0, p1 = activation_spec(activation, owner)
-        # As BatchNorm2d: batch statistics in training, or in eval without running buffers; the buffers are
-        # updated only in training with track_running_stats.
-        training = bn.training or (bn.running_mean is None and bn.running_var is None)
-        use_buffers = not bn.training or bn.track_running_stats
-        return (
-            conv.weight, conv.bias,
-            bn.running_mean if use_buffers else None, bn.running_var if use_buffers else None,
-            bn.weight, bn.bias, bn.num_batches_tracked if bn.training and bn.track_running_stats else None,
-            training, bn.momentum, bn.eps, conv.stride, conv.padding, conv.dilation, name, (p0, p1),
-        )
+        return block_args(conv, bn, activation_spec(activation, owner), owner)
+
+
+def block_args(conv, bn, spec, owner):
+    """dlkern.ops.conv_bn.forward's arguments after the input for stock ``conv`` -> ``bn`` -> the activation
+    ``spec`` = (name, p0, p1), read from the modules as they are now (as BatchNorm2d reads its own)."""
+    _check_conv(conv.groups, conv.padding_mode, owner)
+    name, p0, p1 = spec
+    # As BatchNorm2d: batch statistics in training, or in eval without running buffers; the buffers are
+    # updated only in training with track_running_stats.
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_buffers = not bn.training or bn.track_running_stats
+    return (
+        conv.weight, conv.bias,
+        bn.running_mean if use_buffers else None, bn.running_var if use_buffers else None,
+        bn.weight, bn.bias, bn.num_batches_tracked if bn.training and bn.track_running_stats else None,
+        training, bn.momentum, bn.eps, conv.stride, conv.padding, conv.dilation, name, (p0, p1),
+    )
+
+
+def fused_forward(input, conv, bn, spec, pool=None, owner="dlkern.convert"):
+    """What ConvBNReLU2d.forward (ConvBNActPool2d.forward with ``pool``) computes unhooked, for modules held
+    anywhere: ``pool(activation(bn(conv(input))))`` in one fused op, ``spec`` = (name, p0, p1) the activation.
+    A converted forward (dlkern.convert_graph.fused_conv_bn) calls it; it checks no hooks."""
+    args = block_args(conv, bn, spec, owner)
+    if pool is None:
+        return _ops.forward(input, *args)
+    _check_pool(pool)
+    pool_args = _max_pool2d_args(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    return _pool_block.forward(input, *args, *pool_args)
 
 
 class ConvBNReLU2d(_ConvBNActBlock):

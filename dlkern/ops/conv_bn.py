@@ -13,7 +13,6 @@ CPU tensors an equivalent PyTorch composite (warned once). No launcher reads dev
 """
 
 import functools
-import os
 import struct
 
 import torch
@@ -23,10 +22,11 @@ import triton.language as tl
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from dlkern import _compat
+from dlkern import _compat, _env
 from dlkern.catalog import FUSABLE, check_activation  # noqa: F401  (FUSABLE: the fusable names, "none" too)
 from dlkern.kernels import conv_bn as kernels
 from dlkern.ops.activation import composite_backward, composite_forward
+from dlkern.ops.arguments import SCALAR_NAMES, check_conv2d, conv2d_args, is_plain
 from dlkern.ops.autograd_support import call_op, function_apply, needs_autograd
 from dlkern.ops.library import define, LIB
 from dlkern.ops.max_pool import _MAX_POOL2D, _MAX_POOL2D_VALUES, _pooling_output_size
@@ -109,7 +109,7 @@ _WGRAD_TILES = [(32, 32, 64, 8, 3, False), (32, 32, 128, 8, 3, True), (64, 32, 6
 # ragged last batch reuses the tuned tiles) and cached on disk across processes. Default (0): one fixed tile per
 # shape from _heuristic, no benchmarking -- a first run compiles one variant per kernel and shape instead of
 # all of them (tests/gpu_compile_check.py's cold start), and what runs does not depend on timing noise.
-AUTOTUNE = os.environ.get("DLKERN_AUTOTUNE", "0") not in ("", "0")
+AUTOTUNE = _env.flag("DLKERN_AUTOTUNE")  # 0/1, true/false, yes/no, on/off (any case); anything else raises
 _HALF_ONLY = set()  # ids of the autotuner configs offered for 16-bit dtypes only
 
 
@@ -317,7 +317,8 @@ def _torch_conv(input, weight, bias, stride, padding, dilation):
 
 
 def _torch_conv_backward(gz, input, weight, stride, padding, dilation, input_grad, weight_grad, empty):
-    """(dx, dw) of _torch_conv by ATen's convolution_backward (empty where not asked for)."""
+    """(dx, dw) of _torch_conv by ATen's convolution_backward (empty where not asked for); dw in the compute dtype,
+    as the Triton backward's."""
     pad = _symmetric(padding)
     x = input if pad is not None else F.pad(input, (padding[2], padding[3], padding[0], padding[1]))
     dx, dw, _ = torch.ops.aten.convolution_backward(
@@ -327,7 +328,7 @@ def _torch_conv_backward(gz, input, weight, stride, padding, dilation, input_gra
         if pad is None:
             dx = dx[:, :, padding[0]:padding[0] + input.shape[2], padding[2]:padding[2] + input.shape[3]]
         dx = dx.contiguous(memory_format=_memory_format(input))
-    return dx if input_grad else empty(), dw.contiguous() if weight_grad else empty()
+    return dx if input_grad else empty(), dw.to(compute_dtype(dw.dtype)).contiguous() if weight_grad else empty()
 
 
 def _vector(t, dtype):
@@ -475,7 +476,7 @@ def _train_backward(ctx, grad_out, _grad_z, _grad_stats):
     input, weight, z, stats, bn_weight, bn_bias = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dw, db, dgamma, dbeta = _block_backward(
-        grad_out, input, weight, z, stats, bn_weight, bn_bias, ctx.stride, ctx.padding, ctx.dilation, ctx.act,
+        conv_bn_act2d_backward, grad_out, input, weight, z, stats, bn_weight, bn_bias, ctx.stride, ctx.padding, ctx.dilation, ctx.act,
         ctx.p0, ctx.p1, ctx.allow_tf32, need[0], need[1] or need[2],
     )
     return (
@@ -623,7 +624,7 @@ def _eval_backward(ctx, grad_out, _grad_z):
     torch._check(z.numel() > 0, lambda: "dlkern::conv_bias_act2d: backward needs save_preact=True")
     need = ctx.needs_input_grad
     dx, dw, db, _, _ = _block_backward(
-        grad_out, input, weight, z, None, None, None, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0,
+        conv_bn_act2d_backward, grad_out, input, weight, z, None, None, None, ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0,
         ctx.p1, ctx.allow_tf32, need[0], need[1] or need[2],
     )
     return dx if need[0] else None, dw if need[1] else None, db if need[2] and ctx.has_bias else None, *([None] * 8)
@@ -675,7 +676,10 @@ def _conv_bn_act2d_backward_composite(
     else:
         gz = _torch_act_vjp(z, grad_out, activation, p0, p1)
     dx, dw = _torch_conv_backward(gz, input, weight, stride, padding, dilation, input_grad, weight_grad, empty)
-    db = (torch.zeros_like(gz[0, :, 0, 0]) if bn else gz.sum((0, 2, 3))) if weight_grad else empty()
+    db = empty()
+    if weight_grad:
+        db_dtype = compute_dtype(weight.dtype)
+        db = gz.new_zeros(gz.shape[1], dtype=db_dtype) if bn else gz.sum((0, 2, 3), dtype=db_dtype)
     return dx, dw, db, grad_gamma, grad_beta
 
 
@@ -757,8 +761,10 @@ def _conv_bn_act2d_backward_triton(
             M, rows, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], next_power_of_2(M),
             KH=KH, KW=KW, BIAS_GRAD=not bn, **common, **blocks,
         )
-        dw = torch.empty_like(weight)
-        db = torch.empty(C_out, dtype=weight.dtype, device=device)
+        # in the compute dtype, as the sums are: autograd rounds them to a 16-bit parameter's dtype, once; a
+        # folded BatchNorm's float32 parameters get them unrounded
+        dw = torch.empty(weight.shape, dtype=compute_dtype(weight.dtype), device=device)
+        db = torch.empty(C_out, dtype=compute_dtype(weight.dtype), device=device)
         block_l = 1024 if INTERPRETING else 512  # (16 x 1024 tiles took 78 registers a thread, or spilled)
         launch(
             kernels.sum_splits_kernel, (cdiv(C_out * K + C_out, block_l),),
@@ -773,8 +779,8 @@ def _conv_bn_act2d_backward_fake(grad_out, input, weight, z, stats, bn_weight, b
     affine = bn_weight is not None and stats is not None
     check_bn_sizes(weight.shape[0], bn_weight=bn_weight, bn_bias=bn_bias)
     dx = torch.empty_like(input, memory_format=suggest_memory_format(input)) if input_grad else input.new_empty(0)
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else input.new_empty(0)
-    db = weight.new_empty(weight.shape[0]) if weight_grad else input.new_empty(0)
+    dw = weight.new_empty(weight.shape, dtype=compute_dtype(weight.dtype)) if weight_grad else input.new_empty(0)
+    db = weight.new_empty(weight.shape[0], dtype=compute_dtype(weight.dtype)) if weight_grad else input.new_empty(0)
     return (dx, dw, db, *_bn_grads(bn_weight, bn_bias, affine, lambda: input.new_empty(0)))
 
 
@@ -831,12 +837,12 @@ class _NoDoubleBackward(torch.autograd.Function):
         raise RuntimeError(_NO_DOUBLE_BACKWARD)
 
 
-def _block_backward(grad_out, input, weight, z, stats, bn_weight, bn_bias, *args):
-    """conv_bn_act2d_backward, which has no autograd formula of its own: when autograd records the backward,
-    its results go through _NoDoubleBackward."""
+def _block_backward(op, grad_out, input, weight, z, stats, bn_weight, bn_bias, *args):
+    """A block's backward op (conv_bn_act2d_backward, conv_bn_act_pool2d_backward), which has no autograd formula
+    of its own: when autograd records the backward (create_graph=True), its results go through
+    _NoDoubleBackward, so that differentiating them raises instead of silently giving no gradient."""
     with torch.no_grad():
-        grads = call_op(conv_bn_act2d_backward, grad_out, input, weight, z, stats, bn_weight,
-                        bn_bias, *args)
+        grads = call_op(op, grad_out, input, weight, z, stats, bn_weight, bn_bias, *args)
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
     sources = [t for t in (grad_out, input, weight, bn_weight, bn_bias) if t is not None and t.requires_grad]
@@ -1034,12 +1040,10 @@ def _pool_backward(ctx, grad_out, _grad_z, _grad_stats, _grad_pos):
         return (None,) * 21
     input, weight, z, stats, bn_weight, bn_bias, pos = ctx.saved_tensors
     need = ctx.needs_input_grad
-    with torch.no_grad():
-        dx, dw, db, dgamma, dbeta = call_op(
-            conv_bn_act_pool2d_backward, grad_out, input, weight, z, stats, bn_weight, bn_bias, pos,
-            ctx.stride, ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, ctx.allow_tf32, need[0],
-            need[1] or need[2], *ctx.pool,
-        )
+    dx, dw, db, dgamma, dbeta = _block_backward(
+        conv_bn_act_pool2d_backward, grad_out, input, weight, z, stats, bn_weight, bn_bias, pos, ctx.stride,
+        ctx.padding, ctx.dilation, ctx.act, ctx.p0, ctx.p1, ctx.allow_tf32, need[0], need[1] or need[2], *ctx.pool,
+    )
     return (
         dx if need[0] else None, dw if need[1] else None, db if need[2] and ctx.has_bias else None,
         dgamma if need[3] else None, dbeta if need[4] else None, *([None] * 16),
@@ -1067,75 +1071,45 @@ LIB.impl("conv_bn_act_pool2d", _pool_autograd, "Autograd")
 
 
 _block_args_cache = {}
+_CONV_POSITIONS = (11, 12, 13)  # stride, padding, dilation in conv_bn_act2d(input, weight, bias, ...)
 
 
-def _block_args(weight, stride, padding, dilation, activation, activation_params):
-    """conv_args and check_activation, remembered per argument values."""
-    return remembered(
-        _block_args_cache, (weight.shape[2:], stride, padding, dilation, activation, activation_params),
-        lambda: (*conv_args(weight, stride, padding, dilation), *check_activation(activation, activation_params)),
-    )
+def _block_args(stride, padding, dilation, activation, activation_params):
+    """conv2d_args and check_activation, remembered per argument values and types (a float stride must not reuse
+    an int one's acceptance: 1.0 == 1); arguments of other types (NumPy ints, tensors) are read afresh."""
+
+    def compute():
+        return (*conv2d_args(OP, _CONV_POSITIONS, stride, padding, dilation),
+                *check_activation(activation, activation_params))
+
+    if not (is_plain(stride) and is_plain(padding) and is_plain(dilation) and type(activation) in (str, type(None))
+            and type(activation_params) is tuple):
+        return compute()
+    key = (_hashable(stride), _hashable(padding), _hashable(dilation), activation,
+           tuple((type(p), p) for p in activation_params))
+    return remembered(_block_args_cache, key, compute)
 
 
-def _pair(name, value):
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value, value]
-    if isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(isinstance(v, int) for v in value):
-        return [value[0], value[-1]]
-    raise TypeError(f"conv_bn_act2d(): argument '{name}' must be an int or a tuple of two ints, not {value!r}")
+def _hashable(value):
+    return tuple(value) if type(value) is list else value
 
 
-def conv_args(weight, stride, padding, dilation):
-    """Checked (stride, padding as (top, bottom, left, right), dilation) lists; padding may be 'same'/'valid'."""
-    stride, dilation = _pair("stride", stride), _pair("dilation", dilation)
-    if min(stride) <= 0:
-        raise ValueError(f"conv_bn_act2d(): non-positive stride is not supported, got stride={stride}")
-    if min(dilation) <= 0:
-        raise ValueError(f"conv_bn_act2d(): dilation should be greater than zero, got dilation={dilation}")
-    if isinstance(padding, str):
-        if padding == "valid":
-            return stride, [0, 0, 0, 0], dilation
-        if padding != "same":
-            raise ValueError(f"Invalid padding string {padding!r}, should be one of {{'valid', 'same'}}")
-        if stride != [1, 1]:
-            raise ValueError("padding='same' is not supported for strided convolutions")
-        pads = []
-        for d, k in zip(dilation, weight.shape[2:]):
-            total = d * (k - 1)  # as PyTorch: the odd extra row/column goes to the bottom/right
-            pads += [total // 2, total - total // 2]
-        return stride, pads, dilation
-    ph, pw = _pair("padding", padding)
-    if min(ph, pw) < 0:
-        raise ValueError(f"conv_bn_act2d(): negative padding is not supported, got padding={[ph, pw]}")
-    return stride, [ph, ph, pw, pw], dilation
+def conv_geometry(input, weight, stride, padding, dilation):
+    """geometry() of the block's conv, its arguments read and checked as F.conv2d does (raising as it does)."""
+    stride, padding, dilation = conv2d_args(OP, _CONV_POSITIONS, stride, padding, dilation)
+    return geometry(input, weight, stride, check_conv2d(input, weight, None, stride, padding, dilation), dilation)
 
 
 def _check_input(input, weight, bias, stride, padding, dilation):
-    """The conv's checks, on the operands as the conv sees them (after autocast's cast)."""
-    if input.dim() != 4:
-        raise ValueError(f"conv_bn_act2d(): expected 4D input (got {input.dim()}D input)")
-    if weight.dim() != 4:
-        raise ValueError(f"conv_bn_act2d(): expected a 4D weight (C_out, C_in, kH, kW), got {list(weight.shape)}")
-    if input.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"conv_bn_act2d(): weight of size {list(weight.shape)}, expected input{list(input.shape)} to have "
-            f"{weight.shape[1]} channels, but got {input.shape[1]} channels instead (only groups=1 is supported)"
-        )
-    if not input.is_floating_point() or input.dtype != weight.dtype or (bias is not None and bias.dtype != input.dtype):
-        raise TypeError(
-            f"conv_bn_act2d(): input ({input.dtype}), weight ({weight.dtype}) and bias "
-            f"({None if bias is None else bias.dtype}) must be floating point of one dtype"
-        )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"conv_bn_act2d(): bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+    """F.conv2d's checks on the operands as the conv sees them (after autocast's cast), then what the BatchNorm
+    after it refuses. Returns (rows, z's shape, padding as (top, bottom, left, right))."""
+    padding = check_conv2d(input, weight, bias, stride, padding, dilation)
+    if input.dim() != 4:  # a 3-D input convolves as one image; BatchNorm2d then refuses it
+        raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{SCALAR_NAMES.get(input.dtype, input.dtype)}\'')
     N, C_in, H, W, C_out, KH, KW, OH, OW = geometry(input, weight, stride, padding, dilation)
-    if OH < 1 or OW < 1:
-        raise ValueError(
-            f"conv_bn_act2d(): calculated padded input size per channel: ({H + padding[0] + padding[1]} x "
-            f"{W + padding[2] + padding[3]}). Kernel size: ({dilation[0] * (KH - 1) + 1} x "
-            f"{dilation[1] * (KW - 1) + 1}). Kernel size can't be greater than actual input size"
-        )
-    return N * OH * OW, (N, C_out, OH, OW)
+    return N * OH * OW, (N, C_out, OH, OW), padding
 
 
 def _autocast(input, weight, bias):
@@ -1152,7 +1126,8 @@ def _autocast(input, weight, bias):
 
 def fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
     """BatchNorm (eval) folded into the conv: W' = W*s, b' = (b - mean)*s + beta with s = gamma/sqrt(var + eps),
-    computed in the statistics' dtype (float32 at least). Differentiable."""
+    both computed (and returned) in the statistics' dtype (float32 at least), so that their gradients are too.
+    Differentiable."""
     dtype = torch.promote_types(running_var.dtype, torch.float32)
 
     def vector(t):  # BatchNorm takes any shape of C elements
@@ -1165,10 +1140,7 @@ def fold_bn(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps):
     shift = shift * scale
     if bn_bias is not None:
         shift = shift + vector(bn_bias)
-    return weight * scale.to(weight.dtype)[:, None, None, None], shift
-
-
-_SCALAR_NAMES = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+    return weight.to(dtype) * scale[:, None, None, None], shift
 
 
 def _check_batch_norm(dtype, z_shape, training, eps, running_mean, running_var, bn_weight, bn_bias):
@@ -1190,7 +1162,7 @@ def _check_batch_norm(dtype, z_shape, training, eps, running_mean, running_var, 
                "mixed dtype (CPU): expect parameter to have scalar type of Float")
         _check(dtype in (torch.float16, torch.bfloat16), "mixed dtype (CPU): all inputs must share same datatype.")
     for d in dtypes:
-        expected, found = _SCALAR_NAMES.get(dtypes[0]), _SCALAR_NAMES.get(d)
+        expected, found = SCALAR_NAMES.get(dtypes[0]), SCALAR_NAMES.get(d)
         _check(d == dtypes[0], f"expected scalar type {expected} but found {found}")
 
 
@@ -1219,11 +1191,11 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
     fused: in training returns (pooled out, window taps); in inference (eval without autograd) (pooled out, None),
     one kernel; None where it is not fused (eval with autograd, an empty batch, > 64 taps in inference): the
     caller pools the block's output then."""
-    stride, padding, dilation, activation, p0, p1 = _block_args(weight, stride, padding, dilation, activation,
+    stride, padding, dilation, activation, p0, p1 = _block_args(stride, padding, dilation, activation,
                                                                 activation_params)
     conv_weight, conv_bias = weight, bias  # eval folds these, not autocast's 16-bit copies
     input, weight, bias = _autocast(input, weight, bias)
-    count, z_shape = _check_input(input, weight, bias, stride, padding, dilation)
+    count, z_shape, padding = _check_input(input, weight, bias, stride, padding, dilation)
     channels = weight.shape[0]
     _check_batch_norm(input.dtype, z_shape, training, eps, running_mean, running_var, bn_weight, bn_bias)
     allow_tf32 = torch.backends.cudnn.allow_tf32

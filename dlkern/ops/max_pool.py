@@ -126,8 +126,12 @@ def _pool_args(ctx):
 
 def gather_at_argmax(t, indices):
     """t (shaped like the input) read at each window's argmax: the forward-mode derivative of max pooling, and the
-    gradient of its backward (which is linear in grad_output)."""
-    return t.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
+    gradient of its backward (which is linear in grad_output). An index outside the (H, W) plane -- ATen's index for
+    a window that lies wholly in the padding, or any index a caller passes -- reads nothing and gives 0, as the
+    backward skips it (its output is -inf whatever the input; torch.gather would raise, or assert on a GPU)."""
+    flat = indices.flatten(-2)
+    safe = flat.clamp(0, t.shape[-2] * t.shape[-1] - 1)
+    return t.flatten(-2).gather(-1, safe).masked_fill(safe != flat, 0).view(indices.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -137,7 +141,10 @@ def _setup_context(ctx, inputs, output):
     # The indices never get a gradient: without this autograd would fill a zero tensor for them every backward.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(input, indices)
-    ctx.save_for_forward(indices)
+    # The same tensors as for the backward: generate_vmap_rule=True records one set of saved tensors' batch dims
+    # per ctx, whichever of the two calls came last, and the backward of the vmapped Function reads its saved
+    # tensors against them (grad of a vmap would pair (input, indices) with indices' dim alone and fail).
+    ctx.save_for_forward(input, indices)
 
 
 def _max_pool2d_grad(ctx, grad_output, _grad_indices):
@@ -161,22 +168,29 @@ def _max_pool2d_backward_grad(ctx, grad_grad_input):
 
 
 
-def _max_pool2d_vmap(info, in_dims, input, kernel_size, stride, padding, dilation, ceil_mode):
-    # Pooling works plane by plane: the batch dims and an example's own N (and C) flatten into one leading dim.
+def _batched_max_pool2d(pool, info, in_dims, input, pool_args):
+    """A vmap rule: ``pool`` (the op, or the differentiable :func:`max_pool2d`) once over the batch. Pooling works
+    plane by plane: the batch dims and an example's own N (and C) flatten into one leading dim."""
     check(input.dim() - 1 in (3, 4), lambda: "non-empty 3D or 4D (batch mode) tensor expected for input")
     x = batch_first(input, in_dims[0], info.batch_size)
-    output, indices = _MAX_POOL2D(
-        x.flatten(0, -4), kernel_size, stride, padding, dilation, ceil_mode
-    )
+    output, indices = pool(x.flatten(0, -4), *pool_args)
     return (output.unflatten(0, x.shape[:-3]), indices.unflatten(0, x.shape[:-3])), (0, 0)
 
 
-def _max_pool2d_backward_vmap(info, in_dims, grad_output, input, indices, *pool_args):
+def _batched_max_pool2d_backward(pool_backward, info, in_dims, grad_output, input, indices, pool_args):
+    """A vmap rule: ``pool_backward`` (the op, or the differentiable :func:`max_pool2d_backward`) once over the
+    batch; an unbatched argument (the input and indices under jacrev) is broadcast over it."""
     go, x, idx = (batch_first(t, d, info.batch_size) for t, d in zip((grad_output, input, indices), in_dims))
-    grad_input = _MAX_POOL2D_BACKWARD(
-        go.flatten(0, -4), x.flatten(0, -4), idx.flatten(0, -4), *pool_args
-    )
+    grad_input = pool_backward(go.flatten(0, -4), x.flatten(0, -4), idx.flatten(0, -4), *pool_args)
     return grad_input.unflatten(0, x.shape[:-3]), 0
+
+
+def _max_pool2d_vmap(info, in_dims, input, *pool_args):
+    return _batched_max_pool2d(_MAX_POOL2D, info, in_dims, input, pool_args)
+
+
+def _max_pool2d_backward_vmap(info, in_dims, grad_output, input, indices, *pool_args):
+    return _batched_max_pool2d_backward(_MAX_POOL2D_BACKWARD, info, in_dims, grad_output, input, indices, pool_args)
 
 
 torch.library.register_vmap("dlkern::max_pool2d", _max_pool2d_vmap)
@@ -197,13 +211,30 @@ class _MaxPool2d(torch.autograd.Function):
     backward = staticmethod(_max_pool2d_grad)
 
 
+# The Functions with a jvp take a vmap staticmethod, not generate_vmap_rule=True. The generated rule's jvp (used when
+# a vmap runs inside a jvp: hessian = jacfwd(jacrev), jvp(jacrev), jvp(vmap)) pairs each input's batch dims with
+# its tangent leaf by leaf, after flattening both as pytrees (torch/_functorch/autograd_function.py,
+# get_tangents_in_dims): a list argument flattens into one batch dim per element (kernel_size [2, 2]: two, stride
+# []: none) but its tangent into a single None, so the pairs shift and the tangents' in_dims no longer match their
+# structure ("flat_bdims must not be None", or a treespec length error). The vmap staticmethods below instead run
+# the pooling once over the flattened batch through the differentiable entry points, one transform level lower:
+# a grad or jvp level under the vmap records the Function there, as for any op (and the ops' C++ autograd or no
+# autograd at all serves a call that needs no more).
+
+
 class _MaxPool2dWithJvp(_MaxPool2d):
     """_MaxPool2d with forward-mode AD, for eager: the output tangent is the input tangent at the argmax."""
 
+    generate_vmap_rule = False
+
     @staticmethod
     def jvp(ctx, input_tangent, *_):
-        (indices,) = ctx.saved_tensors
+        _, indices = ctx.saved_tensors
         return gather_at_argmax(input_tangent, indices), None
+
+    @staticmethod
+    def vmap(info, in_dims, input, *pool_args):
+        return _batched_max_pool2d(max_pool2d, info, in_dims, input, pool_args)
 
 
 class _MaxPool2dBackward(torch.autograd.Function):
@@ -221,6 +252,8 @@ class _MaxPool2dBackward(torch.autograd.Function):
 
 
 class _MaxPool2dBackwardWithJvp(_MaxPool2dBackward):
+    generate_vmap_rule = False
+
     @staticmethod
     def jvp(ctx, grad_output_tangent, *_):
         # linear in grad_output; the input only selects the argmax (a piecewise-constant choice: no derivative)
@@ -228,6 +261,11 @@ class _MaxPool2dBackwardWithJvp(_MaxPool2dBackward):
         if grad_output_tangent is None:
             return torch.zeros_like(input)
         return max_pool2d_backward(grad_output_tangent, input, indices, *_pool_args(ctx))
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, input, indices, *pool_args):
+        return _batched_max_pool2d_backward(max_pool2d_backward, info, in_dims, grad_output, input, indices,
+                                            pool_args)
 
 
 _max_pool2d_apply = function_apply(_MaxPool2dWithJvp, _MaxPool2d)

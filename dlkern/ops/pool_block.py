@@ -11,6 +11,7 @@ import torch
 
 from dlkern.ops import conv_bn as _conv_bn
 from dlkern.ops import max_pool as _max_pool
+from dlkern.ops.arguments import is_plain
 from dlkern.ops.triton_support import cpu_runs_triton, remembered
 
 
@@ -39,7 +40,7 @@ def forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, 
             out, taps = fused
             if not return_indices:
                 return out
-            width = _conv_bn.geometry(input, weight, *_conv_bn.conv_args(weight, stride, padding, dilation))[-1]
+            width = _conv_bn.conv_geometry(input, weight, stride, padding, dilation)[-1]
             indices = _conv_bn.window_indices(taps, width, *pool[:3])  # pool: (kernel, stride, padding, ceil)
             return out, indices.contiguous(memory_format=_conv_bn._memory_format(taps))
     out = _conv_bn.forward(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked,
@@ -58,10 +59,16 @@ def _fused_pool(input, weight, stride, padding, dilation, kernel_size, pool_stri
     surely valid (so that every refusal keeps coming from max_pool2d, with ATen's message): windows that do not
     overlap, dilation 1, padding at most half the kernel, a non-empty output. Else None. Remembered per shapes
     and arguments (its checks cost ~10 us)."""
-    key = (input.shape, weight.shape, stride, padding, dilation, tuple(kernel_size), tuple(pool_stride),
-           tuple(pool_padding), tuple(pool_dilation), ceil_mode)
-    return remembered(_fused_pool_cache, key, lambda: _check_pool(
-        input, weight, stride, padding, dilation, kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode))
+    def check():
+        return _check_pool(input, weight, stride, padding, dilation, kernel_size, pool_stride, pool_padding,
+                           pool_dilation, ceil_mode)
+
+    if not (is_plain(stride) and is_plain(padding) and is_plain(dilation)):  # keys must not confuse 1.0 with 1
+        return check()
+    key = (input.shape, weight.shape, tuple(stride) if type(stride) is list else stride,
+           tuple(padding) if type(padding) is list else padding, tuple(dilation) if type(dilation) is list else dilation,
+           tuple(kernel_size), tuple(pool_stride), tuple(pool_padding), tuple(pool_dilation), ceil_mode)
+    return remembered(_fused_pool_cache, key, check)
 
 
 def _check_pool(input, weight, stride, padding, dilation, kernel_size, pool_stride, pool_padding, pool_dilation,
@@ -77,8 +84,7 @@ def _check_pool(input, weight, stride, padding, dilation, kernel_size, pool_stri
             return None
         if not _conv_bn.pool_fusable(kernel, pstride, pdil) or input.dim() != 4 or weight.dim() != 4:
             return None
-        conv_stride, conv_padding, conv_dilation = _conv_bn.conv_args(weight, stride, padding, dilation)
-        OH, OW = _conv_bn.geometry(input, weight, conv_stride, conv_padding, conv_dilation)[-2:]
+        OH, OW = _conv_bn.conv_geometry(input, weight, stride, padding, dilation)[-2:]
         if min(OH, OW) < 1:
             return None
         pool = (kernel, pstride, ppad, bool(ceil_mode))

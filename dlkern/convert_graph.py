@@ -1,0 +1,328 @@
+"""The sites of ``dlkern.convert``'s graph pass: Conv2d -> BatchNorm2d (-> activation (-> MaxPool2d)) calls in a
+torch.fx graph of one module's forward (``dlkern.convert_forward`` traces it and gives the module the rewritten
+forward), and :func:`fused_conv_bn`, what a rewritten forward calls for each.
+
+On the graph a site is a conv call whose only user is a BatchNorm2d call; then, when the BatchNorm's only user is a
+fusable activation (a module, a function or a tensor method, mapped to dlkern's catalog), that too, and when the
+activation's only user is a fusable ``nn.MaxPool2d``, that too. Each site becomes one call of
+:func:`fused_conv_bn` on the very modules (read through ``get_attr``: nothing moves). A BatchNorm followed by
+anything else (a residual add, say) is fused as conv -> BatchNorm and what follows stays stock, with a note saying
+so. The same checks serve the Sequential pass (``dlkern.convert``): :func:`why_not_site`,
+:func:`why_not_activation`, :func:`poolable`.
+"""
+
+import operator
+from typing import NamedTuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules import module as _module_globals
+
+import dlkern.nn as dnn
+from dlkern import catalog
+from dlkern.nn.conv import _has_hooks, activation_spec, fused_forward
+
+__all__ = ["FusedSite", "fused_conv_bn"]
+
+# Activations a site may absorb: the catalog's module types and dlkern's twins of them (exact types: a subclass may
+# compute something else; activation_spec then refuses learnable ones, PReLU say).
+_CATALOG_TYPES = tuple(cls for a in catalog.CATALOG.values() for cls in a.module_types())
+ACTIVATION_TYPES = frozenset(t for t in (*_CATALOG_TYPES, *(getattr(dnn, n) for n in dnn.__all__))
+                             if isinstance(t, type) and issubclass(t, _CATALOG_TYPES))
+
+
+class FusedSite(tuple):
+    """One fused conv -> BatchNorm site of a :class:`~dlkern.convert.ConversionReport`: the qualified names
+    (conv, batchnorm[, activation[, maxpool]]) as a tuple, and how: ``block`` (the dlkern block computing it, or
+    the module whose converted forward does), ``activation`` (the catalog's name; "none" for none), ``note``
+    (why less than what follows was fused, e.g. a residual add)."""
+
+    def __new__(cls, names, block, activation, note=""):
+        site = super().__new__(cls, names)
+        site.block, site.activation, site.note = block, activation, note
+        return site
+
+    def __reduce__(self):
+        return FusedSite, (tuple(self), self.block, self.activation, self.note)
+
+    @property
+    def pooled(self):
+        return len(self) == 4
+
+    def __str__(self):
+        note = f"; {self.note}" if self.note else ""
+        return f"{' + '.join(self)} into {self.block} ({self.activation}{', pooled' if self.pooled else ''}){note}"
+
+
+def stock_conv(module):
+    """Whether `module` computes nn.Conv2d's function: a Conv2d whose class inherits forward and _conv_forward
+    (a subclass changing only defaults or initialization, or a parametrized one)."""
+    cls = type(module)
+    return (isinstance(module, nn.Conv2d) and cls.forward is nn.Conv2d.forward
+            and cls._conv_forward is nn.Conv2d._conv_forward)
+
+
+def stock_bn(module):
+    """Whether `module` computes nn.BatchNorm2d's function: a BatchNorm2d whose class inherits forward."""
+    return isinstance(module, nn.BatchNorm2d) and type(module).forward is nn.BatchNorm2d.forward
+
+
+def poolable(pool):
+    """Whether a max pool after a fused activation joins its site: an exact (stock or dlkern) MaxPool2d without
+    hooks whose output is a tensor (return_indices=True gives a tuple)."""
+    return type(pool) in (nn.MaxPool2d, dnn.MaxPool2d) and not pool.return_indices and not _has_hooks(pool)
+
+
+def why_not_site(conv, bn):
+    """None when conv -> bn can be fused (whatever follows), else the reason it cannot."""
+    if not stock_conv(conv):
+        return f"{type(conv).__name__} overrides Conv2d.forward (or _conv_forward): it may compute something else"
+    if not stock_bn(bn):
+        return f"{type(bn).__name__} overrides BatchNorm2d.forward: it may compute something else"
+    if conv.groups != 1:
+        return f"groups={conv.groups} (the fused block needs groups=1)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (the fused block needs 'zeros')"
+    if bn.num_features != conv.out_channels:
+        return f"followed by {bn!r}, which does not match its {conv.out_channels} channels"
+    if _has_hooks(conv) or _has_hooks(bn):
+        return "a forward or backward hook is registered on the conv or BatchNorm (fusing would skip it)"
+    return None
+
+
+def why_not_activation(act):
+    """None when the module `act` after a BatchNorm can join its site, else why not."""
+    if type(act) not in ACTIVATION_TYPES:
+        return f"followed by {type(act).__name__}, not an activation dlkern fuses"
+    try:
+        activation_spec(act, "dlkern.convert")
+    except NotImplementedError:
+        return f"followed by {act!r}: activations with learnable parameters are not fused"
+    if _has_hooks(act):
+        return "a forward or backward hook is registered on the activation (fusing would skip it)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------- activations as calls
+
+_F = torch.nn.functional
+# Functions and tensor methods computing a catalog activation: key -> (callable, catalog name, the names of the
+# arguments after the input, in order). "relu6" is hardtanh(0, 6); "gelu" picks gelu/gelu_tanh by `approximate`.
+_FUNCTIONS = {
+    "torch.nn.functional.relu": (_F.relu, "relu", ("inplace",)),
+    "torch.relu": (torch.relu, "relu", ()),
+    "torch.relu_": (torch.relu_, "relu", ()),
+    "torch.nn.functional.leaky_relu": (_F.leaky_relu, "leaky_relu", ("negative_slope", "inplace")),
+    "torch.nn.functional.leaky_relu_": (_F.leaky_relu_, "leaky_relu", ("negative_slope",)),
+    "torch.nn.functional.elu": (_F.elu, "elu", ("alpha", "inplace")),
+    "torch.nn.functional.elu_": (_F.elu_, "elu", ("alpha",)),
+    "torch.nn.functional.softplus": (_F.softplus, "softplus", ("beta", "threshold")),
+    "torch.nn.functional.silu": (_F.silu, "silu", ("inplace",)),
+    "torch.nn.functional.gelu": (_F.gelu, "gelu", ("approximate",)),
+    "torch.sigmoid": (torch.sigmoid, "sigmoid", ()),
+    "torch.sigmoid_": (torch.sigmoid_, "sigmoid", ()),
+    "torch.tanh": (torch.tanh, "tanh", ()),
+    "torch.tanh_": (torch.tanh_, "tanh", ()),
+    "torch.nn.functional.hardsigmoid": (_F.hardsigmoid, "hardsigmoid", ("inplace",)),
+    "torch.nn.functional.hardtanh": (_F.hardtanh, "hardtanh", ("min_val", "max_val", "inplace")),
+    "torch.nn.functional.hardtanh_": (_F.hardtanh_, "hardtanh", ("min_val", "max_val")),
+    "torch.nn.functional.relu6": (_F.relu6, "relu6", ("inplace",)),
+    **{f"Tensor.{m}": (getattr(torch.Tensor, m), m.rstrip("_"), ())
+       for m in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_")},
+}
+_KEY_OF_FUNCTION = {fn: key for key, (fn, _, _) in _FUNCTIONS.items() if not key.startswith("Tensor.")}
+_RESIDUAL = {operator.add, operator.iadd, torch.add}
+
+
+def _call_spec(key, args, kwargs):
+    """(name, p0, p1) of the activation call `key`(input, *args, **kwargs), or a str saying why it is not fused."""
+    _, entry, names = _FUNCTIONS[key]
+    if len(args) > len(names) or set(kwargs) - set(names):
+        return f"{key} is called with arguments dlkern does not read"
+    bound = {**dict(zip(names, args)), **kwargs}
+    if any(isinstance(v, fx.Node) for v in bound.values()):
+        return f"{key} takes an argument computed in forward"
+    bound.pop("inplace", None)  # the BatchNorm's output has no other user: in place or not is the same
+    if entry == "relu6":
+        return catalog.check_activation("hardtanh", (0.0, 6.0))
+    if entry == "gelu":
+        approximate = bound.pop("approximate", "none")
+        if approximate not in ("none", "tanh"):
+            return f"gelu(approximate={approximate!r})"
+        entry = "gelu" if approximate == "none" else "gelu_tanh"
+    params = tuple(bound.get(p.name, p.default) for p in catalog.CATALOG[entry].params)
+    try:
+        return catalog.check_activation(entry, params)
+    except (TypeError, ValueError) as e:
+        return str(e)
+
+
+def _describe(node):
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+# ------------------------------------------------------------------------------------------------ the runtime
+
+
+@fx.wrap
+def fused_conv_bn(input, conv, bn, activation, pool):
+    """``pool(activation(bn(conv(input))))`` as dlkern's fused op, from the modules as they are now: a converted
+    forward's call for one site. ``activation``: None (none), an activation module, or a constant describing a
+    function or method call (name, p0, p1, key in _FUNCTIONS, args, kwargs items); ``pool``: None or a MaxPool2d.
+    While any of them has a hook (or a global module hook is registered), or a module there no longer computes the
+    stock op (replaced after conversion), it calls them one by one as the stock forward does."""
+    spec = _spec_now(conv, bn, activation, pool)
+    if spec is None:
+        out = bn(conv(input))
+        if isinstance(activation, tuple):
+            out = _FUNCTIONS[activation[3]][0](out, *activation[4], **dict(activation[5]))
+        elif activation is not None:
+            out = activation(out)
+        return out if pool is None else pool(out)
+    return fused_forward(input, conv, bn, spec, pool, "dlkern.convert")
+
+
+def _spec_now(conv, bn, activation, pool):
+    if (_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
+            or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks):
+        return None
+    if why_not_site(conv, bn) is not None or (pool is not None and not poolable(pool)):
+        return None
+    if activation is None:
+        return "none", 0.0, 0.0
+    if isinstance(activation, tuple):
+        return activation[:3]
+    if why_not_activation(activation) is not None:
+        return None
+    return activation_spec(activation)
+
+
+# ------------------------------------------------------------------------------------------------- the sites
+
+
+class _Site(NamedTuple):
+    conv: fx.Node
+    bn: fx.Node
+    act: object  # None, or the activation's node
+    act_arg: object  # what fused_conv_bn takes for it: None, a module target (str) or a call constant (tuple)
+    pool: object  # None or the pool's node
+    names: tuple
+    activation: str
+    note: str
+
+
+def _module_at(root, node, kind):
+    if node.op != "call_module":
+        return None
+    module = root.get_submodule(node.target)
+    return module if isinstance(module, kind) else None
+
+
+def _find_sites(graph, root, name):
+    """(sites, unfused (conv, bn, why), skipped (conv, why)) among the call_module nodes of `graph`, names
+    qualified by `name`."""
+    sites, unfused, skipped = [], [], []
+    q = lambda target: f"{name}.{target}" if name else target  # noqa: E731
+    for node in graph.nodes:
+        conv = _module_at(root, node, nn.Conv2d)
+        if conv is None:
+            continue
+        users = list(node.users)
+        bn_nodes = [u for u in users if _module_at(root, u, nn.BatchNorm2d) is not None]
+        if not bn_nodes:
+            after = users[0] if len(users) == 1 else None
+            bn_after = [u for u in after.users if _module_at(root, u, nn.BatchNorm2d) is not None] if after else []
+            if bn_after and (_module_at(root, after, nn.MaxPool2d) is not None
+                             or getattr(after.target, "__name__", "") in ("max_pool2d", "_max_pool2d")):
+                unfused.append((q(node.target), q(bn_after[0].target), "a max pool sits between the conv and its "
+                                "BatchNorm2d: not fusable yet (no pre-BatchNorm pool epilogue)"))
+            else:
+                skipped.append((q(node.target), "not followed by an nn.BatchNorm2d"))
+            continue
+        for bn_node in bn_nodes:
+            bn = root.get_submodule(bn_node.target)
+            why = why_not_site(conv, bn)
+            if why is None and len(users) > 1:
+                why = f"the conv's output is used {len(users)} times (fusing needs the BatchNorm2d its only user)"
+            if why is None and (len(node.args) != 1 or node.kwargs or bn_node.args != (node,) or bn_node.kwargs):
+                why = "the conv or BatchNorm2d is called with more arguments than its input"
+            if why is not None:
+                unfused.append((q(node.target), q(bn_node.target), why))
+                continue
+            sites.append(_site(root, node, bn_node, q))
+    return sites, unfused, skipped
+
+
+def _site(root, conv, bn, q):
+    """The site from conv -> bn: what follows the BatchNorm joins it where it can, else a note says why not."""
+    nxt = list(bn.users)
+    act, arg, spec, note = None, None, None, ""
+    if len(nxt) != 1:
+        note = f"conv -> BatchNorm fused; the BatchNorm2d's output is used {len(nxt)} times"
+    else:
+        act, arg, spec, note = _activation(root, nxt[0], bn)
+    names = (q(conv.target), q(bn.target))
+    if act is None:
+        return _Site(conv, bn, None, None, None, names, "none", note)
+    names += (q(act.target) if act.op == "call_module" else _call_name(act),)
+    pool, after = None, list(act.users)
+    if len(after) == 1 and after[0].args == (act,) and not after[0].kwargs:
+        module = _module_at(root, after[0], nn.Module)
+        if module is not None and poolable(module):
+            pool = after[0]
+            names += (q(pool.target),)
+    return _Site(conv, bn, act, arg, pool, names, spec[0], "")
+
+
+def _call_name(node):
+    args = [repr(a) for a in node.args[1:]] + [f"{k}={v!r}" for k, v in node.kwargs.items()]
+    return f"{_describe(node)}({', '.join(args)})"
+
+
+def _activation(root, node, bn):
+    """(node, fused_conv_bn's argument, (name, p0, p1), "") when `node` is a fusable activation of the
+    BatchNorm's output, else (None, None, None, why it is not)."""
+    key = None
+    if node.op == "call_function":
+        key = _KEY_OF_FUNCTION.get(node.target)
+    elif node.op == "call_method":
+        key = f"Tensor.{node.target}"
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        why = why_not_activation(module)
+        if why is None and (node.args != (bn,) or node.kwargs):
+            why = f"{node.target} is called with more arguments than its input"
+        if why is None:
+            return node, node.target, activation_spec(module), ""
+    elif node.op == "output":
+        why = "the forward returns it"
+    elif node.target in _RESIDUAL or (node.op == "call_method" and node.target in ("add", "add_")):
+        why = "residual add stays stock (no residual epilogue yet)"
+    elif key in _FUNCTIONS and node.args[:1] == (bn,):
+        spec = _call_spec(key, node.args[1:], node.kwargs)
+        if isinstance(spec, tuple):
+            return node, (*spec, key, tuple(node.args[1:]), tuple(node.kwargs.items())), spec, ""
+        why = spec
+    else:
+        why = f"followed by {_describe(node)}, not an activation dlkern fuses"
+    return None, None, None, f"conv -> BatchNorm fused; {why}"
+
+
+def _rewrite(graph, site):
+    """One fused_conv_bn call in place of the site's nodes."""
+    last = site.pool or site.act or site.bn
+    with graph.inserting_before(last):
+        act = graph.get_attr(site.act_arg) if isinstance(site.act_arg, str) else site.act_arg
+        pool = graph.get_attr(site.pool.target) if site.pool is not None else None
+        fused = graph.call_function(fused_conv_bn, (site.conv.args[0], graph.get_attr(site.conv.target),
+                                                    graph.get_attr(site.bn.target), act, pool))
+    fused.meta["is_wrapped"] = True  # the generated code registers it with torch.fx.wrap: re-tracing keeps the call
+    last.replace_all_uses_with(fused)
+    for node in (site.pool, site.act, site.bn, site.conv):
+        if node is not None:
+            graph.erase_node(node)
