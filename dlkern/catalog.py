@@ -83,6 +83,8 @@ CATALOG = {a.name: a for a in (
     _A("sigmoid", "sigmoid", torch.sigmoid, modules=(nn.Sigmoid,), saves="output", inplace_from_output=True),
     _A("tanh", "tanh", torch.tanh, modules=(nn.Tanh,), saves="output", inplace_from_output=True),
     _A("hardsigmoid", "hardsigmoid", TF.hardsigmoid, modules=(nn.Hardsigmoid,)),
+    # ATen's hardswish_ saves a copy of its input (HardswishBackward0's self), as hardsigmoid_ and silu_ do.
+    _A("hardswish", "hardswish", TF.hardswish, modules=(nn.Hardswish,)),
     # ReLU6 is Hardtanh(0, 6) (a subclass keeping min_val/max_val): it maps to ("hardtanh", 0.0, 6.0).
     _A("hardtanh", "hardtanh", TF.hardtanh, (Param("min_val", -1.0), Param("max_val", 1.0)),
        modules=(nn.Hardtanh, nn.ReLU6)),

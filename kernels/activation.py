@@ -124,8 +124,8 @@ def act_fwd(x, ACT: tl.constexpr, p0, p1):
 
     ACT and its parameters (unused ones are ignored):
       relu | leaky_relu p0=negative_slope | prelu p0=weight | elu p0=alpha | softplus p0=beta, p1=threshold |
-      silu | swish p0=beta | gelu | gelu_tanh | sigmoid | tanh | hardsigmoid | hardtanh p0=min_val, p1=max_val |
-      hard_logistic.
+      silu | swish p0=beta | gelu | gelu_tanh | sigmoid | tanh | hardsigmoid | hardswish |
+      hardtanh p0=min_val, p1=max_val | hard_logistic.
     Pass p0/p1 in x's dtype (they are cast to it, but a bare Python float is rounded to fp32 first); prelu's
     weight and swish's beta may be blocks broadcastable to x.
     """
@@ -162,6 +162,11 @@ def act_fwd(x, ACT: tl.constexpr, p0, p1):
         y = _tanh(x)
     elif ACT == "hardsigmoid":
         y = tl.where(x <= -3.0, 0.0, tl.where(x >= 3.0, 1.0, x / 6.0 + 0.5))
+    elif ACT == "hardswish":
+        # ATen's x * relu6(x + 3) / 6, by branch: -0.0 for x <= -3 (ATen's x * 0, with x clamped to -3 so that -inf
+        # gives it too, the limit, where ATen's is NaN; a -0.0 constant comes out +0.0, in the interpreter at least),
+        # x for x >= 3 (ATen's x * 6 / 6 overflows beyond max/6), x * (x + 3) / 6 between.
+        y = tl.where(x <= -3.0, tl.maximum(x, -3.0) * 0.0, tl.where(x >= 3.0, x, x * (x + 3.0) / 6.0))
     elif ACT == "hardtanh":
         y = tl.where(x < p0, p0, tl.where(x > p1, p1, x))
         y = tl.where((p0 != p0) | (p1 != p1), p0 + p1, y)  # a NaN bound gives NaN everywhere, as ATen's clamp
@@ -216,6 +221,10 @@ def act_grad(x, ACT: tl.constexpr, p0, p1):
         d = 4.0 * e / ((1.0 + e) * (1.0 + e))
     elif ACT == "hardsigmoid":
         d = tl.where((x > -3.0) & (x < 3.0), _full_like(x, 1.0 / 6.0), zero)
+    elif ACT == "hardswish":
+        # ATen's hardswish_backward: 0 for x <= -3, 1 for x >= 3, x/3 + 1/2 (= (2x + 3)/6) strictly inside, so -0.5
+        # and 1.5 are never taken. NaN gives NaN (ATen's vectorized CPU kernel; its scalar and CUDA ones pass g).
+        d = tl.where(x <= -3.0, zero, tl.where(x >= 3.0, one, x / 3.0 + 0.5))
     elif ACT == "hardtanh":
         # 1 strictly inside (min, max), so 0 for NaN: ATen's vectorized CPU kernel; its scalar and CUDA ones
         # (x <= min || x >= max ? 0 : g) pass NaN's gradient, so PyTorch itself differs by position and device.
@@ -230,10 +239,12 @@ def act_grad(x, ACT: tl.constexpr, p0, p1):
 @triton.jit
 def times_grad(g, d, ACT: tl.constexpr):
     """g * d for d = f'(x) from act_grad/act_grad_from_output. On a flat branch (relu, hardtanh, hardsigmoid,
-    hard_logistic where d is 0) ATen's backward selects 0 (threshold_backward, hardtanh_backward), so a NaN or inf
-    g gives 0 there, not NaN."""
+    hardswish, hard_logistic where d is 0) ATen's backward selects 0 (threshold_backward, hardtanh_backward,
+    hardswish_backward), so a NaN or inf g gives 0 there, not NaN. (hardswish's d is also 0 at x = -1.5 exactly,
+    where ATen's g * 0 keeps a NaN or inf g's NaN; d alone cannot tell the two apart.)"""
     gd = g * d
-    if (ACT == "relu") | (ACT == "hardtanh") | (ACT == "hardsigmoid") | (ACT == "hard_logistic"):
+    if ((ACT == "relu") | (ACT == "hardtanh") | (ACT == "hardsigmoid") | (ACT == "hardswish")
+            | (ACT == "hard_logistic")):
         gd = tl.where(d == 0, 0.0, gd)
     return gd
 

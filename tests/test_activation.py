@@ -5,8 +5,10 @@ that runs a Triton op checks the launch counter, so a silent fallback to PyTorch
 on CPU the kernels run in Triton's interpreter.
 
 Where dlkern deliberately differs from PyTorch the reference says so: hardsigmoid's gradient is exactly 1/6
-(ATen's CPU kernel uses 1/6 rounded to float32, also for float64), and silu/swish/gelu return their limits at
-+-inf (and gelu_tanh's gradient at huge |x|) where ATen's formulas give inf*0 = NaN.
+(ATen's CPU kernel uses 1/6 rounded to float32, also for float64), silu/swish/gelu return their limits at
++-inf (and gelu_tanh's gradient at huge |x|) where ATen's formulas give inf*0 = NaN, and hardswish returns -0.0
+at -inf (ATen: NaN), x beyond max/6 (ATen's x * 6 / 6: inf) and a NaN gradient at NaN on every device (see
+_hardswish).
 """
 
 import contextlib
@@ -43,6 +45,19 @@ def _exact_hardsigmoid(x):
     return torch.where((x > -3) & (x < 3), x / 6 + 0.5, TF.hardsigmoid(x.detach()))
 
 
+def _hardswish(x):
+    # ATen's hardswish and hardswish_backward, the same on every device and at every position: -0.0 for x <= -3 (ATen's
+    # x * 0; at -inf too, the limit, where ATen's is NaN), x for x >= 3, x(x + 3)/6 = ((x + 1.5)^2 - 2.25)/6 between,
+    # with an exact 1/6 (ATen's CUDA kernel takes 1/6 rounded to float32, in float64 too) and with x once, so that
+    # the gradient is g times one factor, (x + 1.5)/3, as ATen's g * (x/3 + 1/2): a NaN or inf g gives what ATen's
+    # gives. NaN takes the inner branch: NaN value and gradient (ATen's vectorized CPU loop; its scalar tail and its
+    # CUDA kernel pass g). Absolute error ~1e-16. test_hardswish_is_atens holds it (and dlkern's) to ATen.
+    inner = ~((x <= -3) | (x >= 3))
+    xi = torch.where(inner, x, 0.0)  # else the branch not taken would add 0 * (its slope at +-inf) = NaN
+    parabola = ((xi + 1.5) ** 2 - 2.25) / 6
+    return torch.where(inner, parabola, torch.where(x >= 3, x, x.new_full((), -0.0)))
+
+
 def _hard_logistic(x):
     # Slope 1/4 strictly inside (-2, 2) by x itself: 0.25x + 0.5 rounds to 1 just below x = 2.
     return torch.where((x > -2) & (x < 2), 0.25 * x + 0.5, TF.hardtanh(0.25 * x + 0.5, 0.0, 1.0))
@@ -77,6 +92,7 @@ CASES = [
     Case("gelu_tanh", lambda x, w: F.gelu(x, approximate="tanh"), lambda x, w: TF.gelu(x, approximate="tanh"),
          limits=True),
     Case("hardsigmoid", lambda x, w: F.hardsigmoid(x), lambda x, w: _exact_hardsigmoid(x), (-3.0, 3.0)),
+    Case("hardswish", lambda x, w: F.hardswish(x), lambda x, w: _hardswish(x), (-3.0, 3.0)),
     Case("hardtanh", lambda x, w: F.hardtanh(x, -0.5, 2.0), lambda x, w: TF.hardtanh(x, -0.5, 2.0), (-0.5, 2.0)),
     Case("swish", lambda x, w: F.swish(x, 1.7), lambda x, w: x * torch.sigmoid(1.7 * x), limits=True),
     Case("swish_channel", lambda x, w: F.swish(x, w), lambda x, w: x * torch.sigmoid(_channel(w, x) * x),
@@ -278,6 +294,39 @@ def test_gradcheck(case, device):
         assert torch.autograd.gradcheck(lambda *a: case.ours(a[0], a[1] if len(a) > 1 else None), inputs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_hardswish_is_atens(dtype):
+    """dlkern's hardswish and the tests' reference _hardswish against ATen's (CPU), at the breakpoints -3 and 3 and
+    their neighbours, at -1.5 (slope 0) and between: ATen's gradient is 0 for x <= -3 and 1 for x >= 3 (so the inner
+    slope's -1/2 and 3/2 there are never taken). Where ATen depends on the device or the position, or gives NaN,
+    dlkern is fixed: -0.0 at -inf (ATen: NaN), a NaN gradient at NaN (ATen: NaN or the incoming gradient)."""
+    t = torch.tensor([-3.0, 3.0], dtype=dtype)
+    x = torch.cat([torch.tensor([-1e30, -5.0, -1.5, -0.5, -0.0, 0.0, 1e-20, 0.5, 2.0, 5.0, 1e30, math.inf],
+                                dtype=dtype), t, torch.nextafter(t, t - 1), torch.nextafter(t, t + 1)])
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(12), dtype=dtype)
+    xa = x.clone().requires_grad_()
+    ya = TF.hardswish(xa)
+    (dxa,) = torch.autograd.grad(ya, xa, g)
+    assert torch.equal(dxa[-6:-4], torch.stack([torch.zeros_like(g[-6]), g[-5]]))  # at -3: 0, at 3: g
+    for fn in (F.hardswish, _hardswish):
+        xo = x.clone().requires_grad_()
+        with launches(FWD, BWD) if fn is F.hardswish else contextlib.nullcontext():
+            y = fn(xo)
+            (dx,) = torch.autograd.grad(y, xo, g)
+        assert_close(y, ya.detach())
+        assert_close(dx, dxa)
+        if fn is F.hardswish:
+            assert torch.equal(y.signbit(), ya.signbit())  # -0.0 for x <= -3 and for -0.0, as ATen's
+    special = torch.tensor([-math.inf, math.nan], dtype=dtype)
+    assert TF.hardswish(special)[0].isnan()  # ATen: -inf * relu6(-inf) = -inf * 0
+    for fn in (F.hardswish, _hardswish):
+        xs = special.clone().requires_grad_()
+        y = fn(xs)
+        assert y[0] == 0 and y[0].signbit() and y[1].isnan()
+        (dx,) = torch.autograd.grad(y, xs, torch.ones_like(y))
+        assert dx[0] == 0 and dx[1].isnan()
+
+
 def test_swish_beta_one_is_silu():
     x = _layout("contiguous", torch.float32, "cpu")
     torch.testing.assert_close(F.swish(x), F.silu(x), rtol=0, atol=0)
@@ -292,6 +341,7 @@ INPLACE = [
     ("elu", lambda x, inplace: F.elu(x, 1.3, inplace), lambda x: TF.elu(x, 1.3)),
     ("silu", lambda x, inplace: F.silu(x, inplace), lambda x: TF.silu(x)),
     ("hardsigmoid", lambda x, inplace: F.hardsigmoid(x, inplace), _exact_hardsigmoid),
+    ("hardswish", lambda x, inplace: F.hardswish(x, inplace), _hardswish),
     ("hardtanh", lambda x, inplace: F.hardtanh(x, -0.5, 2.0, inplace), lambda x: TF.hardtanh(x, -0.5, 2.0)),
 ]
 
@@ -409,7 +459,8 @@ def test_param_checks():
 MODULES = [
     ("Sigmoid", (), {}), ("Tanh", (), {}), ("ReLU", (), {"inplace": True}), ("LeakyReLU", (0.2,), {}),
     ("PReLU", (C,), {"init": 0.1}), ("ELU", (), {"alpha": 0.7}), ("Softplus", (2.0, 5.0), {}), ("SiLU", (), {}),
-    ("GELU", (), {"approximate": "tanh"}), ("Hardsigmoid", (), {}), ("Hardtanh", (-0.5, 2.0), {}),
+    ("GELU", (), {"approximate": "tanh"}), ("Hardsigmoid", (), {}), ("Hardswish", (), {"inplace": True}),
+    ("Hardtanh", (-0.5, 2.0), {}),
 ]
 
 
@@ -456,6 +507,7 @@ def test_activation_spec():
         nn.ELU(0.5): ("elu", 0.5, 0.0), nn.Softplus(2, 10): ("softplus", 2.0, 10.0), nn.SiLU(): ("silu", 0.0, 0.0),
         nn.GELU(): ("gelu", 0.0, 0.0), dnn.GELU("tanh"): ("gelu_tanh", 0.0, 0.0), nn.Sigmoid(): ("sigmoid", 0.0, 0.0),
         nn.Tanh(): ("tanh", 0.0, 0.0), nn.Hardsigmoid(): ("hardsigmoid", 0.0, 0.0),
+        nn.Hardswish(): ("hardswish", 0.0, 0.0), nn.Hardswish(inplace=True): ("hardswish", 0.0, 0.0),
         nn.Hardtanh(-2, 3): ("hardtanh", -2.0, 3.0), nn.ReLU6(): ("hardtanh", 0.0, 6.0),
         dnn.Swish(0.5): ("swish", 0.5, 0.0), swish: ("swish", swish.beta, 0.0),
         dnn.HardLogistic(): ("hard_logistic", 0.0, 0.0),
@@ -497,13 +549,14 @@ def test_opcheck(name, op, args):
 def _all_activations(x, w):
     y = F.relu(x) + F.leaky_relu(x, 0.2) + F.elu(x, 1.3) + F.softplus(x, 2.0, 5.0) + F.silu(x) + F.gelu(x)
     y = y + F.gelu(x, approximate="tanh") + F.sigmoid(x) + F.tanh(x) + F.hardsigmoid(x) + F.hardtanh(x, -0.5, 2.0)
-    return y + F.swish(x, 1.7) + F.hard_logistic(x) + F.prelu(x, w) + F.swish(x, w)
+    return y + F.hardswish(x) + F.swish(x, 1.7) + F.hard_logistic(x) + F.prelu(x, w) + F.swish(x, w)
 
 
 def _all_inplace(x):
     # Each on its own intermediate: an in-place op must not overwrite what an earlier one saved (PyTorch's rule).
     y = F.relu(x * 1, inplace=True) + F.leaky_relu(x * 1, 0.2, inplace=True) + F.elu(x * 1, 1.3, inplace=True)
-    return y + F.silu(x * 1, inplace=True) + F.hardsigmoid(x * 1, inplace=True) + F.hardtanh(x * 1, -0.5, 2.0, True)
+    y = y + F.silu(x * 1, inplace=True) + F.hardsigmoid(x * 1, inplace=True) + F.hardtanh(x * 1, -0.5, 2.0, True)
+    return y + F.hardswish(x * 1, inplace=True)
 
 
 def test_compile_fullgraph():
@@ -717,11 +770,12 @@ def test_vmap_inplace_no_grad(name, ours, ref):
 @pytest.mark.parametrize("name,ours,ref", INPLACE, ids=[i[0] for i in INPLACE])
 def test_inplace_then_inplace(name, ours, ref):
     """An in-place activation followed by another in-place op on its output: dlkern backpropagates where PyTorch
-    does (hardtanh_, silu_, hardsigmoid_ keep a copy of their input) and raises where PyTorch raises (relu_,
+    does (hardtanh_, silu_, hardsigmoid_, hardswish_ keep a copy of their input) and raises where PyTorch raises (relu_,
     leaky_relu_, elu_ save their output)."""
     torch_inplace = {"relu": lambda t: TF.relu(t, True), "leaky_relu": lambda t: TF.leaky_relu(t, 0.2, True),
                      "leaky_relu_0": lambda t: TF.leaky_relu(t, 0.0, True), "elu": lambda t: TF.elu(t, 1.3, True),
                      "silu": lambda t: TF.silu(t, True), "hardsigmoid": lambda t: TF.hardsigmoid(t, True),
+                     "hardswish": lambda t: TF.hardswish(t, True),
                      "hardtanh": lambda t: TF.hardtanh(t, -0.5, 2.0, True)}[name]
     results = []
     for fn in (lambda t: ours(t, True), torch_inplace):
@@ -825,6 +879,8 @@ def _aten_table():
         "softplus": (F.softplus, TF.softplus), "silu": (F.silu, TF.silu),
         "gelu": (F.gelu, TF.gelu), "gelu_tanh": (lambda t: F.gelu(t, "tanh"), lambda t: TF.gelu(t, approximate="tanh")),
         "hardsigmoid": (F.hardsigmoid, TF.hardsigmoid),
+        "hardswish": (F.hardswish, TF.hardswish), "hardswish_": (lambda t: F.hardswish(t, True),
+                                                                 lambda t: TF.hardswish(t, True)),
         "hardtanh": (F.hardtanh, TF.hardtanh), "hardtanh_": (lambda t: F.hardtanh(t, inplace=True),
                                                              lambda t: TF.hardtanh(t, inplace=True)),
         "relu6": (lambda t: F.hardtanh(t, 0.0, 6.0), TF.relu6),

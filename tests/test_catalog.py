@@ -105,7 +105,7 @@ def test_views():
     """The sets the layers read are the table's columns (spelled out: a change here is a change of behaviour)."""
     assert catalog.ACTIVATIONS == (
         "relu", "leaky_relu", "prelu", "elu", "softplus", "silu", "swish", "gelu", "gelu_tanh", "sigmoid", "tanh",
-        "hardsigmoid", "hardtanh", "hard_logistic",
+        "hardsigmoid", "hardswish", "hardtanh", "hard_logistic",
     )
     assert catalog.SAVE_OUTPUT == {"sigmoid", "tanh", "relu"}
     assert catalog.INPLACE_FROM_OUTPUT == {"sigmoid", "tanh", "relu", "leaky_relu", "elu"}
@@ -116,17 +116,17 @@ def test_views():
         "none": (0.0, 0.0), "relu": (0.0, 0.0), "leaky_relu": (0.01, 0.0), "elu": (1.0, 0.0),
         "softplus": (1.0, 20.0), "silu": (0.0, 0.0), "swish": (1.0, 0.0), "gelu": (0.0, 0.0),
         "gelu_tanh": (0.0, 0.0), "sigmoid": (0.0, 0.0), "tanh": (0.0, 0.0), "hardsigmoid": (0.0, 0.0),
-        "hardtanh": (-1.0, 1.0), "hard_logistic": (0.0, 0.0),
+        "hardswish": (0.0, 0.0), "hardtanh": (-1.0, 1.0), "hard_logistic": (0.0, 0.0),
     }
     assert catalog.check_activation(None) == ("none", 0.0, 0.0)
     assert catalog.check_activation("softplus", (2,)) == ("softplus", 2.0, 20.0)
     with pytest.raises(ValueError, match=r"unknown activation 'prelu'; fusable: \['elu', "):
         catalog.check_activation("prelu")
     # The layers read these very objects.
-    from dlkern.ops import activation as ops, conv_bn
+    from dlkern.ops import activation as ops, conv_block
 
     assert ops.ACTIVATIONS is catalog.ACTIVATIONS and ops.SAVE_OUTPUT is catalog.SAVE_OUTPUT
-    assert ops.activation_spec is catalog.activation_spec and conv_bn.FUSABLE is catalog.FUSABLE
+    assert ops.activation_spec is catalog.activation_spec and conv_block.check_activation is catalog.check_activation
 
 
 def test_kernels_and_tests_cover_every_name():

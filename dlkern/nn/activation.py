@@ -8,8 +8,8 @@ from dlkern import functional as F
 from dlkern.nn._jit import NotScriptable
 
 __all__ = [
-    "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softplus", "SiLU", "GELU", "Hardsigmoid", "Hardtanh",
-    "Swish", "HardLogistic",
+    "Sigmoid", "Tanh", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softplus", "SiLU", "GELU", "Hardsigmoid", "Hardswish",
+    "Hardtanh", "Swish", "HardLogistic",
 ]
 
 
@@ -81,6 +81,13 @@ class Hardsigmoid(NotScriptable, torch.nn.Hardsigmoid):
 
     def forward(self, input):
         return F.hardsigmoid(input, self.inplace)
+
+
+class Hardswish(NotScriptable, torch.nn.Hardswish):
+    """``torch.nn.Hardswish`` computed by dlkern's kernels."""
+
+    def forward(self, input):
+        return F.hardswish(input, self.inplace)
 
 
 class Hardtanh(NotScriptable, torch.nn.Hardtanh):
