@@ -1,7 +1,7 @@
 """dlkern's environment variables, read one way: a spelling outside the allowed ones raises, naming the variable
 and what it accepts, instead of silently meaning something (``DLKERN_AUTOTUNE=off`` once switched autotuning on).
 
-The variables: ``DLKERN_AUTOTUNE`` (dlkern.ops.conv_bn, read at import), ``DLKERN_CPU_ONLY`` (setup.py),
+The variables: ``DLKERN_AUTOTUNE`` (dlkern.ops.conv_tiles, read at import), ``DLKERN_CPU_ONLY`` (setup.py),
 ``DLKERN_COMPILE_SAMPLE`` (tests/test_gpu_compile.py); ``DLKERN_COMMIT`` (bench/timing.py, bench/gpu_plan.py)
 is free text.
 

@@ -3,11 +3,12 @@ torch.fx graph of one module's forward (``dlkern.convert_forward`` traces it and
 forward), and :func:`fused_conv_bn`, what a rewritten forward calls for each.
 
 On the graph a site is a conv call whose only user is a BatchNorm2d call; then, when the BatchNorm's only user is a
-fusable activation (a module, a function or a tensor method, mapped to dlkern's catalog), that too, and when the
-activation's only user is a fusable ``nn.MaxPool2d``, that too. Each site becomes one call of
-:func:`fused_conv_bn` on the very modules (read through ``get_attr``: nothing moves). A BatchNorm followed by
-anything else (a residual add, say) is fused as conv -> BatchNorm and what follows stays stock, with a note saying
-so. The same checks serve the Sequential pass (``dlkern.convert``): :func:`why_not_site`,
+residual add (``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_`` of another tensor, on either side, ResNet's
+blocks), that too; then, when the only user is a fusable activation (a module, a function or a tensor method,
+mapped to dlkern's catalog), that too (and a residual add after it, when none came before); and when the
+activation's only user is a fusable ``nn.MaxPool2d``, that too (sites without a residual). Each site becomes one
+call of :func:`fused_conv_bn` on the very modules (read through ``get_attr``: nothing moves). A BatchNorm followed
+by anything else is fused as far as it can be and what follows stays stock, with a note saying so. The same checks serve the Sequential pass (``dlkern.convert``): :func:`why_not_site`,
 :func:`why_not_activation`, :func:`poolable`.
 """
 
@@ -18,10 +19,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules import module as _module_globals
+from torch.nn.modules.utils import _pair
 
 import dlkern.nn as dnn
 from dlkern import catalog
 from dlkern.nn.conv import _has_hooks, activation_spec, fused_forward
+from dlkern.ops.conv_epilogue import pool_fusable
 
 __all__ = ["FusedSite", "fused_conv_bn"]
 
@@ -34,25 +37,31 @@ ACTIVATION_TYPES = frozenset(t for t in (*_CATALOG_TYPES, *(getattr(dnn, n) for 
 
 class FusedSite(tuple):
     """One fused conv -> BatchNorm site of a :class:`~dlkern.convert.ConversionReport`: the qualified names
-    (conv, batchnorm[, activation[, maxpool]]) as a tuple, and how: ``block`` (the dlkern block computing it, or
-    the module whose converted forward does), ``activation`` (the catalog's name; "none" for none), ``note``
-    (why less than what follows was fused, e.g. a residual add)."""
+    (conv, batchnorm[, activation[, maxpool]]) as a tuple ((conv, maxpool, batchnorm[, activation]) for a pool
+    before BatchNorm, ``pool_before_bn``), and how: ``block`` (the dlkern block computing it, or
+    the module whose converted forward does), ``activation`` (the catalog's name; "none" for none), ``residual``
+    ("none", or where a residual add joined the site: "before_act", "after_act"), ``note`` (why less than what
+    follows was fused)."""
 
-    def __new__(cls, names, block, activation, note=""):
+    def __new__(cls, names, block, activation, note="", residual="none", pool_before_bn=False):
         site = super().__new__(cls, names)
-        site.block, site.activation, site.note = block, activation, note
+        site.block, site.activation, site.note, site.residual = block, activation, note, residual
+        site.pool_before_bn = pool_before_bn
         return site
 
     def __reduce__(self):
-        return FusedSite, (tuple(self), self.block, self.activation, self.note)
+        return FusedSite, (tuple(self), self.block, self.activation, self.note, self.residual, self.pool_before_bn)
 
     @property
     def pooled(self):
-        return len(self) == 4
+        return self.pool_before_bn or len(self) == 4
 
     def __str__(self):
         note = f"; {self.note}" if self.note else ""
-        return f"{' + '.join(self)} into {self.block} ({self.activation}{', pooled' if self.pooled else ''}){note}"
+        pooled = ["pooled before BatchNorm" if self.pool_before_bn else "pooled"] if self.pooled else []
+        how = [self.activation] + pooled + \
+            ([f"residual add {self.residual.replace('_', ' ')}"] if self.residual != "none" else [])
+        return f"{' + '.join(self)} into {self.block} ({', '.join(how)}){note}"
 
 
 def stock_conv(module):
@@ -125,6 +134,7 @@ _FUNCTIONS = {
     "torch.tanh": (torch.tanh, "tanh", ()),
     "torch.tanh_": (torch.tanh_, "tanh", ()),
     "torch.nn.functional.hardsigmoid": (_F.hardsigmoid, "hardsigmoid", ("inplace",)),
+    "torch.nn.functional.hardswish": (_F.hardswish, "hardswish", ("inplace",)),
     "torch.nn.functional.hardtanh": (_F.hardtanh, "hardtanh", ("min_val", "max_val", "inplace")),
     "torch.nn.functional.hardtanh_": (_F.hardtanh_, "hardtanh", ("min_val", "max_val")),
     "torch.nn.functional.relu6": (_F.relu6, "relu6", ("inplace",)),
@@ -132,7 +142,8 @@ _FUNCTIONS = {
        for m in ("relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_")},
 }
 _KEY_OF_FUNCTION = {fn: key for key, (fn, _, _) in _FUNCTIONS.items() if not key.startswith("Tensor.")}
-_RESIDUAL = {operator.add, operator.iadd, torch.add}
+_ADDS = {operator.add, operator.iadd, torch.add}
+_IN_PLACE_ADDS = {operator.iadd, "add_"}  # they write their first operand: only the site's own output may be it
 
 
 def _call_spec(key, args, kwargs):
@@ -170,21 +181,29 @@ def _describe(node):
 
 
 @fx.wrap
-def fused_conv_bn(input, conv, bn, activation, pool):
+def fused_conv_bn(input, conv, bn, activation, pool, residual=None, residual_at="none", pool_before_bn=False):
     """``pool(activation(bn(conv(input))))`` as dlkern's fused op, from the modules as they are now: a converted
     forward's call for one site. ``activation``: None (none), an activation module, or a constant describing a
-    function or method call (name, p0, p1, key in _FUNCTIONS, args, kwargs items); ``pool``: None or a MaxPool2d.
-    While any of them has a hook (or a global module hook is registered), or a module there no longer computes the
-    stock op (replaced after conversion), it calls them one by one as the stock forward does."""
+    function or method call (name, p0, p1, key in _FUNCTIONS, args, kwargs items); ``pool``: None or a MaxPool2d;
+    ``residual``: a tensor added to the BatchNorm's output (``residual_at="before_act"``) or to the activation's
+    (``"after_act"``); ``pool_before_bn``: the pool sits between the conv and BatchNorm. While any of the modules has a hook (or a global module hook is registered), or a module
+    there no longer computes the stock op (replaced after conversion), it calls them one by one as the stock
+    forward does."""
     spec = _spec_now(conv, bn, activation, pool)
     if spec is None:
-        out = bn(conv(input))
+        out = bn(pool(conv(input))) if pool_before_bn else bn(conv(input))
+        if residual_at == "before_act":
+            out = out + residual
         if isinstance(activation, tuple):
             out = _FUNCTIONS[activation[3]][0](out, *activation[4], **dict(activation[5]))
         elif activation is not None:
             out = activation(out)
-        return out if pool is None else pool(out)
-    return fused_forward(input, conv, bn, spec, pool, "dlkern.convert")
+        if residual_at == "after_act":
+            out = out + residual
+        return out if pool is None or pool_before_bn else pool(out)
+    if residual is None and not pool_before_bn:
+        return fused_forward(input, conv, bn, spec, pool, "dlkern.convert")
+    return fused_forward(input, conv, bn, spec, pool, "dlkern.convert", residual, residual_at, pool_before_bn)
 
 
 def _spec_now(conv, bn, activation, pool):
@@ -214,6 +233,14 @@ class _Site(NamedTuple):
     names: tuple
     activation: str
     note: str
+    add: object = None  # None or the residual add's node
+    residual: object = None  # the residual: the add's other operand
+    residual_at: str = "none"  # "before_act" or "after_act" with an add
+    pool_before_bn: bool = False  # the pool node sits between the conv and the BatchNorm
+
+    def fused(self, block):
+        """The report's FusedSite of this site, computed by `block`."""
+        return FusedSite(self.names, block, self.activation, self.note, self.residual_at, self.pool_before_bn)
 
 
 def _module_at(root, node, kind):
@@ -239,8 +266,13 @@ def _find_sites(graph, root, name):
             bn_after = [u for u in after.users if _module_at(root, u, nn.BatchNorm2d) is not None] if after else []
             if bn_after and (_module_at(root, after, nn.MaxPool2d) is not None
                              or getattr(after.target, "__name__", "") in ("max_pool2d", "_max_pool2d")):
-                unfused.append((q(node.target), q(bn_after[0].target), "a max pool sits between the conv and its "
-                                "BatchNorm2d: not fusable yet (no pre-BatchNorm pool epilogue)"))
+                bn_node = bn_after[0]  # Conv -> MaxPool -> BatchNorm (fast CIFAR-10 nets)
+                why = why_not_site(conv, root.get_submodule(bn_node.target)) or _why_not_pool_before_bn(
+                    root, node, after, bn_node)
+                if why is not None:
+                    unfused.append((q(node.target), q(bn_node.target), why))
+                else:
+                    sites.append(_site(root, node, bn_node, q, pre_pool=after))
             else:
                 skipped.append((q(node.target), "not followed by an nn.BatchNorm2d"))
             continue
@@ -258,25 +290,80 @@ def _find_sites(graph, root, name):
     return sites, unfused, skipped
 
 
-def _site(root, conv, bn, q):
-    """The site from conv -> bn: what follows the BatchNorm joins it where it can, else a note says why not."""
-    nxt = list(bn.users)
-    act, arg, spec, note = None, None, None, ""
-    if len(nxt) != 1:
-        note = f"conv -> BatchNorm fused; the BatchNorm2d's output is used {len(nxt)} times"
-    else:
-        act, arg, spec, note = _activation(root, nxt[0], bn)
+def _why_not_pool_before_bn(root, conv, pool, bn):
+    """None when the max pool `pool` between `conv` and `bn` joins the site, else why not."""
+    module = _module_at(root, pool, nn.Module)
+    if module is None or not poolable(module):
+        return ("the max pool between the conv and its BatchNorm2d is not an nn.MaxPool2d dlkern fuses (a function "
+                "call, return_indices, a hook)")
+    kernel, stride = _pair(module.kernel_size), _pair(module.stride if module.stride else module.kernel_size)
+    if not pool_fusable(kernel, stride, _pair(module.dilation)):
+        return f"the max pool between the conv and its BatchNorm2d has overlapping windows or dilation: {module!r}"
+    if len(pool.users) != 1 or len(bn.users) < 1:
+        return f"the max pool's output is used {len(pool.users)} times"
+    if len(conv.args) != 1 or conv.kwargs or pool.args != (conv,) or pool.kwargs or bn.args != (pool,) or bn.kwargs:
+        return "the conv, max pool or BatchNorm2d is called with more arguments than its input"
+    return None
+
+
+def _only_user(node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _residual_add(node, source):
+    """(the add node, the residual) when `node` adds another tensor to `source` (source + r, r + source, in place
+    only into source), else None."""
+    if node is None or node.kwargs.get("alpha", 1) != 1 or set(node.kwargs) - {"alpha"}:
+        return None
+    if not ((node.op == "call_function" and node.target in _ADDS)
+            or (node.op == "call_method" and node.target in ("add", "add_"))):
+        return None
+    if len(node.args) != 2 or source not in node.args:
+        return None
+    other = node.args[1] if node.args[0] is source else node.args[0]
+    if not isinstance(other, fx.Node) or other is source:
+        return None
+    in_place = node.target in _IN_PLACE_ADDS
+    return None if in_place and node.args[0] is not source else (node, other)
+
+
+def _site(root, conv, bn, q, pre_pool=None):
+    """The site from conv -> bn (conv -> pre_pool -> bn): what follows the BatchNorm joins it where it can, else a
+    note says why not."""
+    if pre_pool is not None:  # with the pool inside the conv's epilogue: the activation joins, nothing after it
+        names = (q(conv.target), q(pre_pool.target), q(bn.target))
+        act, arg, spec, note = _activation(root, _only_user(bn), bn) if _only_user(bn) else (None, None, None, "")
+        if act is not None:
+            names += (q(act.target) if act.op == "call_module" else _call_name(act),)
+        return _Site(conv, bn, act, arg, pre_pool, names, spec[0] if act else "none", note, pool_before_bn=True)
     names = (q(conv.target), q(bn.target))
-    if act is None:
+    nxt = _only_user(bn)
+    if nxt is None:
+        note = f"conv -> BatchNorm fused; the BatchNorm2d's output is used {len(bn.users)} times"
         return _Site(conv, bn, None, None, None, names, "none", note)
+    add, residual, residual_at, last = None, None, "none", bn
+    found = _residual_add(nxt, bn)
+    if found is not None:  # ResNet's order: BatchNorm, the residual add, the activation
+        (add, residual), residual_at, last = found, "before_act", found[0]
+        nxt = _only_user(add)
+        if nxt is None:
+            return _Site(conv, bn, None, None, None, names, "none", "", add, residual, residual_at)
+    act, arg, spec, note = _activation(root, nxt, last)
+    if act is None:
+        return _Site(conv, bn, None, None, None, names, "none", "" if add is not None else note, add, residual,
+                     residual_at)
     names += (q(act.target) if act.op == "call_module" else _call_name(act),)
-    pool, after = None, list(act.users)
-    if len(after) == 1 and after[0].args == (act,) and not after[0].kwargs:
-        module = _module_at(root, after[0], nn.Module)
+    after = _only_user(act)
+    if add is None and (found := _residual_add(after, act)) is not None:  # act(bn(conv(x))) + r
+        return _Site(conv, bn, act, arg, None, names, spec[0], "", *found, "after_act")
+    pool = None
+    if add is None and after is not None and after.args == (act,) and not after.kwargs:
+        module = _module_at(root, after, nn.Module)
         if module is not None and poolable(module):
-            pool = after[0]
+            pool = after
             names += (q(pool.target),)
-    return _Site(conv, bn, act, arg, pool, names, spec[0], "")
+    return _Site(conv, bn, act, arg, pool, names, spec[0], "", add, residual, residual_at)
 
 
 def _call_name(node):
@@ -285,8 +372,8 @@ def _call_name(node):
 
 
 def _activation(root, node, bn):
-    """(node, fused_conv_bn's argument, (name, p0, p1), "") when `node` is a fusable activation of the
-    BatchNorm's output, else (None, None, None, why it is not)."""
+    """(node, fused_conv_bn's argument, (name, p0, p1), "") when `node` is a fusable activation of `bn` (the
+    BatchNorm's output, or the residual add's), else (None, None, None, why it is not)."""
     key = None
     if node.op == "call_function":
         key = _KEY_OF_FUNCTION.get(node.target)
@@ -301,8 +388,8 @@ def _activation(root, node, bn):
             return node, node.target, activation_spec(module), ""
     elif node.op == "output":
         why = "the forward returns it"
-    elif node.target in _RESIDUAL or (node.op == "call_method" and node.target in ("add", "add_")):
-        why = "residual add stays stock (no residual epilogue yet)"
+    elif node.target in _ADDS or (node.op == "call_method" and node.target in ("add", "add_")):
+        why = "an add that is not a residual dlkern fuses (a scalar, alpha, or in place into the other operand)"
     elif key in _FUNCTIONS and node.args[:1] == (bn,):
         spec = _call_spec(key, node.args[1:], node.kwargs)
         if isinstance(spec, tuple):
@@ -315,14 +402,21 @@ def _activation(root, node, bn):
 
 def _rewrite(graph, site):
     """One fused_conv_bn call in place of the site's nodes."""
-    last = site.pool or site.act or site.bn
+    if site.pool_before_bn:
+        nodes = [n for n in (site.conv, site.pool, site.bn, site.act) if n is not None]
+    elif site.residual_at == "before_act":
+        nodes = [n for n in (site.conv, site.bn, site.add, site.act) if n is not None]
+    else:
+        nodes = [n for n in (site.conv, site.bn, site.act, site.add, site.pool) if n is not None]
+    last = nodes[-1]
     with graph.inserting_before(last):
         act = graph.get_attr(site.act_arg) if isinstance(site.act_arg, str) else site.act_arg
         pool = graph.get_attr(site.pool.target) if site.pool is not None else None
-        fused = graph.call_function(fused_conv_bn, (site.conv.args[0], graph.get_attr(site.conv.target),
-                                                    graph.get_attr(site.bn.target), act, pool))
+        args = (site.conv.args[0], graph.get_attr(site.conv.target), graph.get_attr(site.bn.target), act, pool)
+        if site.add is not None or site.pool_before_bn:
+            args += (site.residual, site.residual_at, site.pool_before_bn)
+        fused = graph.call_function(fused_conv_bn, args)
     fused.meta["is_wrapped"] = True  # the generated code registers it with torch.fx.wrap: re-tracing keeps the call
     last.replace_all_uses_with(fused)
-    for node in (site.pool, site.act, site.bn, site.conv):
-        if node is not None:
-            graph.erase_node(node)
+    for node in reversed(nodes):
+        graph.erase_node(node)

@@ -7,14 +7,14 @@ import torch.nn.functional as _F
 from dlkern import catalog as _catalog
 from dlkern.ops import activation as _act
 from dlkern.ops.arguments import int_list, type_name
-from dlkern.ops import conv_bn as _conv_bn
+from dlkern.ops import conv_block as _conv_block
 from dlkern.ops import max_pool as _max_pool
 from dlkern.ops import pool_block as _pool_block
 
 __all__ = [
     "max_pool2d",
-    "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "softplus", "silu", "gelu", "hardsigmoid", "hardtanh",
-    "swish", "hard_logistic",
+    "sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "softplus", "silu", "gelu", "hardsigmoid", "hardswish",
+    "hardtanh", "swish", "hard_logistic",
     "conv_bn_act2d", "conv_bn_act_pool2d",
 ]
 
@@ -133,6 +133,13 @@ def hardsigmoid(input, inplace=False):
     return _activation(input, "hardsigmoid", inplace=inplace, aten=lambda: _F.hardsigmoid(input, inplace))
 
 
+def hardswish(input, inplace=False):
+    """``torch.nn.functional.hardswish``: x * relu6(x + 3) / 6; gradient 0 for x <= -3, 1 for x >= 3, (2x + 3) / 6
+    strictly inside (ATen's hardswish_backward). -0.0 at -inf (the limit) where PyTorch gives NaN, and x itself
+    for x >= 3, where PyTorch's x * 6 / 6 overflows past the dtype's max / 6."""
+    return _activation(input, "hardswish", inplace=inplace, aten=lambda: _F.hardswish(input, inplace))
+
+
 def hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
     """``torch.nn.functional.hardtanh``: clamp(x, min_val, max_val); gradient 1 strictly inside (0 everywhere
     with a NaN bound, whose output is NaN everywhere, as PyTorch's)."""
@@ -160,27 +167,31 @@ def hard_logistic(input):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The fused Conv2d -> BatchNorm2d -> activation block (dlkern/ops/conv_bn.py; kernels/conv_bn.py)
+# The fused Conv2d -> BatchNorm2d -> activation block (dlkern/ops/conv_block.py; kernels/conv_bn.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def conv_bn_act2d(input, weight, bias, running_mean, running_var, bn_weight=None, bn_bias=None, training=False,
                   momentum=0.1, eps=1e-5, stride=1, padding=0, dilation=1, activation="relu", activation_params=(),
-                  num_batches_tracked=None):
+                  num_batches_tracked=None, residual=None):
     """``activation(batch_norm(conv2d(input, weight, bias, stride, padding, dilation), running_mean, running_var,
-    bn_weight, bn_bias, training, momentum, eps))`` in dlkern's fused Triton kernels (groups=1, zero padding).
+    bn_weight, bn_bias, training, momentum, eps) + residual)`` in dlkern's fused Triton kernels (groups=1, zero
+    padding); without ``residual`` (None, the default) no add.
 
     Arguments follow ``F.conv2d`` and ``F.batch_norm`` (``padding`` may be ``'same'``/``'valid'``). ``activation``:
     ``'relu'`` (default), ``'leaky_relu'``, ``'elu'``, ``'softplus'``, ``'silu'``, ``'swish'``, ``'gelu'``,
-    ``'gelu_tanh'``, ``'sigmoid'``, ``'tanh'``, ``'hardsigmoid'``, ``'hardtanh'``, ``'hard_logistic'`` or
-    ``None``; ``activation_params`` its (p0, p1) (negative_slope; alpha; beta, threshold; beta; min_val,
-    max_val), PyTorch's defaults where omitted. Training updates ``running_mean``/``running_var`` in place (when
-    given) as BatchNorm2d does; pass ``num_batches_tracked`` to have it incremented, which ``momentum=None``
-    (cumulative average) needs. Eval folds BatchNorm into the conv's weight and bias.
+    ``'gelu_tanh'``, ``'sigmoid'``, ``'tanh'``, ``'hardsigmoid'``, ``'hardswish'``, ``'hardtanh'``,
+    ``'hard_logistic'`` or ``None``; ``activation_params`` its (p0, p1) (negative_slope; alpha; beta, threshold;
+    beta; min_val, max_val), PyTorch's defaults where omitted. Training updates ``running_mean``/``running_var`` in
+    place (when given) as BatchNorm2d does; pass ``num_batches_tracked`` to have it incremented, which
+    ``momentum=None`` (cumulative average) needs. Eval folds BatchNorm into the conv's weight and bias.
+    ``residual`` (ResNet's shortcut) is added between BatchNorm and the activation, in the same pass, and gets its
+    gradient from the pass that computes the conv's; a residual of another shape or dtype than the block's output
+    is added as ``+`` would (broadcast, type-promoted), unfused.
     """
-    return _conv_bn.forward(
+    return _conv_block.conv_bn_block(
         input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked, training,
-        momentum, eps, stride, padding, dilation, activation, tuple(activation_params),
+        momentum, eps, stride, padding, dilation, activation, tuple(activation_params), residual=residual,
     )
 
 
@@ -197,7 +208,7 @@ def conv_bn_act_pool2d(input, weight, bias, running_mean, running_var, bn_weight
     plane of the block's output, as ``F.max_pool2d``'s).
     """
     pool = _max_pool2d_args(pool_kernel_size, pool_stride, pool_padding, pool_dilation, pool_ceil_mode)
-    return _pool_block.forward(
+    return _pool_block.conv_bn_pool_block(
         input, weight, bias, running_mean, running_var, bn_weight, bn_bias, num_batches_tracked, training,
         momentum, eps, stride, padding, dilation, activation, tuple(activation_params), *pool, return_indices,
     )

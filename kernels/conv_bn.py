@@ -43,19 +43,15 @@ def _act_vjp(g, u, ACT: tl.constexpr, p0, p1):
 
 
 @triton.jit
-def _grad_z(g, z, mean, invstd, gamma, beta, coef_a, coef_b, coef_c, BN: tl.constexpr, ACT: tl.constexpr, p0, p1):
-    """dL/dz from dL/dout, z and per-channel vectors (already broadcast to g's shape).
-
-    BN (training): x_hat = (z - mean)*invstd, u = gamma*x_hat + beta, g_u = g*act'(u),
-                   dL/dz = gamma*invstd * (g_u - mean(g_u) - x_hat*mean(g_u*x_hat)) = a*(g_u - b - x_hat*c).
-    otherwise (eval, BatchNorm folded): z is the activation's input, dL/dz = g*act'(z).
-    """
-    if BN:
-        x_hat = (z - mean) * invstd
-        g_u = _act_vjp(g, x_hat * gamma + beta, ACT, p0, p1)
-        return coef_a * (g_u - coef_b - x_hat * coef_c)
-    else:
-        return _act_vjp(g, z, ACT, p0, p1)
+def _grad_u(g, z, r, mean, invstd, gamma, beta, ACT: tl.constexpr, p0, p1, RESIDUAL: tl.constexpr):
+    """(x_hat, g_u): x_hat = (z - mean)*invstd and g_u = dL/du, the gradient at BatchNorm's output
+    u = gamma*x_hat + beta: g*act'(u), or g*act'(u + r) with the residual r added before the activation
+    (RESIDUAL == 1; g_u is then the residual's gradient too)."""
+    x_hat = (z - mean) * invstd
+    u = x_hat * gamma + beta
+    if RESIDUAL == 1:
+        u = u + r
+    return x_hat, _act_vjp(g, u, ACT, p0, p1)
 
 
 @triton.jit
@@ -112,9 +108,10 @@ def _tile_g_z(
     m0, m_end, c, mask_c, OH, OW,
     pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw,
     POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, BLOCK_M: tl.constexpr, DTYPE: tl.constexpr,
+    res_ptr, RESIDUAL: tl.constexpr,
 ):
-    """The backward passes' tile: rows [m0, m0 + BLOCK_M) (below m_end) x channels c of dL/d(out) and z, in DTYPE
-    (0 where masked), with z's offsets and the mask. With POOL, out is the max-pooled activation and g the pooled
+    """The backward passes' tile: rows [m0, m0 + BLOCK_M) (below m_end) x channels c of dL/d(out), z and (with
+    RESIDUAL == 1) the residual, which has z's layout, in DTYPE (0 where masked), with z's offsets and the mask. With POOL, out is the max-pooled activation and g the pooled
     gradient: the full-resolution gradient is g at its window where that window's maximum sat (pos, the tap
     kh*PKW + kw, one byte per pooled element), else 0 -- never materialized. Windows do not overlap (stride >=
     kernel): row oh belongs to window (oh + pad) // stride at most."""
@@ -137,7 +134,40 @@ def _tile_g_z(
         g = tl.load(g_ptr + (n * g_n_stride + oh * g_h_stride + ow * g_w_stride)[:, None] + c[None, :] * g_c_stride,
                     mask=mask, other=0.0)
     z = tl.load(z_ptr + z_offs, mask=mask, other=0.0)
-    return g.to(DTYPE), z.to(DTYPE), z_offs, mask
+    r = 0.0
+    if RESIDUAL == 1:
+        r = tl.load(res_ptr + z_offs, mask=mask, other=0.0).to(DTYPE)
+    return g.to(DTYPE), z.to(DTYPE), r, z_offs, mask
+
+
+@triton.jit
+def _tile_pooled(
+    g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, z_ptr, z_n_stride, z_c_stride, z_h_stride, z_w_stride,
+    gz_n_stride, gz_c_stride, gz_h_stride, gz_w_stride, m0, m_end, c, mask_c, OH, OW,
+    pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw,
+    PKH: tl.constexpr, PKW: tl.constexpr, BLOCK_M: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """The dL/dz tile of a pool before BatchNorm: full-resolution rows [m0, m0 + BLOCK_M) (below m_end) x channels
+    c, with g and z (the pooled conv output) of each row's pooled element, whether the row was its window's
+    maximum (sel), dL/dz's offsets and the mask. Windows do not overlap: row oh belongs to window
+    (oh + pad) // stride at most."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    n, oh, ow = _rows(offs_m, OH, OW)
+    mask = (offs_m < m_end)[:, None] & mask_c[None, :]
+    ph = (oh + pool_ph) // pool_sh
+    pw = (ow + pool_pw) // pool_sw
+    kh = oh + pool_ph - ph * pool_sh
+    kw = ow + pool_pw - pw * pool_sw
+    m = mask & ((kh < PKH) & (kw < PKW) & (ph < PH) & (pw < PW))[:, None]
+    g = tl.load(g_ptr + (n * g_n_stride + ph * g_h_stride + pw * g_w_stride)[:, None] + c[None, :] * g_c_stride,
+                mask=m, other=0.0)
+    z = tl.load(z_ptr + (n * z_n_stride + ph * z_h_stride + pw * z_w_stride)[:, None] + c[None, :] * z_c_stride,
+                mask=m, other=0.0)
+    pos = tl.load(pos_ptr + (n * pos_n_stride + ph * pos_h_stride + pw * pos_w_stride)[:, None]
+                  + c[None, :] * pos_c_stride, mask=m, other=0)
+    sel = m & (pos.to(tl.int32) == (kh * PKW + kw)[:, None])
+    gz_offs = (n * gz_n_stride + oh * gz_h_stride + ow * gz_w_stride)[:, None] + c[None, :] * gz_c_stride
+    return g.to(DTYPE), z.to(DTYPE), sel, gz_offs, mask
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -185,9 +215,46 @@ def _max_pool_combine(a, rank_a, b, rank_b):
     return tl.where(take_b, b, a), tl.where(take_b, rank_b, rank_a)
 
 
+@triton.jit
+def _window_max(v, mask_m, tap, TAPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(maximum, tap) of each pooled window: rows ordered window by window (TAPS rows a window), rows outside the
+    window (mask_m false) -inf, ranked after every in-window one, so a window of -inf keeps its first tap's."""
+    v = tl.where(mask_m[:, None], v, float("-inf"))
+    rank = tl.where(mask_m, tap, TAPS + tap)[:, None] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    return tl.reduce((tl.reshape(v, (BLOCK_M // TAPS, TAPS, BLOCK_N)),
+                      tl.reshape(rank, (BLOCK_M // TAPS, TAPS, BLOCK_N))), 1, _max_pool_combine)
+
+
+@triton.jit
+def _bn_eval(acc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_n, mask_n, eps_hi, eps_lo, HAS_GAMMA: tl.constexpr,
+             HAS_BETA: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """batch_norm in eval on a tile (columns = channels offs_n): (acc - mean) * invstd * gamma + beta, from the
+    running buffers as they are now."""
+    bn_mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
+    var = tl.load(var_ptr + offs_n, mask=mask_n, other=1.0).to(ACC_DTYPE)
+    scale = 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, ACC_DTYPE))
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
+    acc = (acc - bn_mean[None, :]) * scale[None, :]
+    if HAS_BETA:
+        acc += tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
+    return acc
+
+
+@triton.jit
+def _tile_stats(z, mask, count, part_ptr, pid_m, offs_n, mask_n, C_out):
+    """A row tile's (mean, M2) per channel into part[0|1, pid_m, c] (z 0 where masked, count valid rows)."""
+    tile_mean = tl.sum(z, axis=0) / count
+    dev = tl.where(mask, z - tile_mean[None, :], 0.0)
+    num_tiles = tl.num_programs(0)
+    part_offs = pid_m * C_out + offs_n
+    tl.store(part_ptr + part_offs, tile_mean, mask=mask_n)
+    tl.store(part_ptr + num_tiles * C_out + part_offs, tl.sum(dev * dev, axis=0), mask=mask_n)
+
+
 @triton.jit(do_not_specialize=["m_bucket"])
 def conv_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, z_ptr, part_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, z_ptr, part_ptr, mean_ptr, var_ptr, gamma_ptr, beta_ptr, res_ptr, pos_ptr,
     N, C_in, H, W, C_out, OH, OW,
     x_n_stride, x_c_stride, x_h_stride, x_w_stride,
     out_n_stride, out_c_stride, out_h_stride, out_w_stride,
@@ -197,15 +264,21 @@ def conv_fwd_kernel(
     BN_EVAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     ACT: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
     INDEX_64: tl.constexpr, POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, TAPS: tl.constexpr,
+    RESIDUAL: tl.constexpr, POOL_BEFORE_BN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out = act(conv(x, w) + bias), one BLOCK_M row tile per program; with POOL (inference) max-pooled too, the
+    """out = act(conv(x, w) + bias), one BLOCK_M row tile per program; with RESIDUAL a residual (in out's layout)
+    added before the activation (1) or after it (2); with POOL (inference) max-pooled too, the
     rows ordered window by window (PKH x PKW taps in TAPS rows), only the pooled output written. With STATS
     (training) it stores z = conv(x, w) + bias instead and, per row tile and channel, the tile's mean and
     M2 = sum((z - mean)^2) at part[0|1, pid_m, c]. With BN_EVAL, BatchNorm in eval mode (running mean and var;
     gamma, beta when given) is applied to conv + bias in the epilogue, from the buffers as they are now: the
     folding costs no launch and can never be stale. INDEX_64: 64-bit offsets (a tensor of >= 2^30 elements),
-    else 32-bit."""
+    else 32-bit.
+
+    POOL_BEFORE_BN (Conv -> MaxPool -> BatchNorm -> act): the window maximum of conv + bias is taken first; in
+    training (STATS) z is that pooled tensor, pos its window taps (one byte each) and the partials are over the
+    pooled values; in inference BatchNorm and the activation apply to the pooled values."""
     pid_m = _index(tl.program_id(0), INDEX_64)
     pid_n = _index(tl.program_id(1), INDEX_64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -227,39 +300,42 @@ def conv_fwd_kernel(
     )
     out_offs = (n * out_n_stride + oh * out_h_stride + ow * out_w_stride)[:, None] + offs_n[None, :] * out_c_stride
     mask = mask_m[:, None] & mask_n[None, :]
-    if STATS:
+    p0 = _scalar(p0_hi, p0_lo, ACC_DTYPE)
+    p1 = _scalar(p1_hi, p1_lo, ACC_DTYPE)
+    if POOL_BEFORE_BN:  # the window maxima of z (as stored: rounded to its dtype), then the rest on them
+        z_dtype = z_ptr.dtype.element_ty if STATS else out_ptr.dtype.element_ty
+        best, best_tap = _window_max(acc.to(z_dtype).to(ACC_DTYPE), mask_m, tap, TAPS, BLOCK_M, BLOCK_N)
+        g = pid_m * (BLOCK_M // TAPS) + tl.arange(0, BLOCK_M // TAPS)
+        g_n, g_ph, g_pw = _rows(g, PH, PW)
+        pooled_offs = (g_n * out_n_stride + g_ph * out_h_stride + g_pw * out_w_stride)[:, None] \
+            + offs_n[None, :] * out_c_stride
+        g_mask = (g < M // TAPS)[:, None] & mask_n[None, :]
+        if STATS:  # training: pooled z, its taps, the pooled values' partials
+            tl.store(z_ptr + pooled_offs, best.to(z_dtype), mask=g_mask)
+            tl.store(pos_ptr + pooled_offs, best_tap.to(tl.uint8), mask=g_mask)
+            count = tl.minimum(M // TAPS - pid_m * (BLOCK_M // TAPS), BLOCK_M // TAPS).to(ACC_DTYPE)
+            _tile_stats(tl.where(g_mask, best, 0.0), g_mask, count, part_ptr, pid_m, offs_n, mask_n, C_out)
+        else:  # inference: BatchNorm (eval) and the activation on the pooled values (0 past the last window)
+            v = _bn_eval(tl.where(g_mask, best, 0.0), mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_n, mask_n, eps_hi, eps_lo, HAS_GAMMA,
+                         HAS_BETA, ACC_DTYPE)
+            tl.store(out_ptr + pooled_offs, _act(v, ACT, p0, p1).to(out_ptr.dtype.element_ty), mask=g_mask)
+    elif STATS:
         z = acc.to(z_ptr.dtype.element_ty)
         tl.store(z_ptr + out_offs, z, mask=mask)
         # Statistics of z as stored (rounded to its dtype), as BatchNorm would see it after the conv.
-        z = tl.where(mask, z.to(ACC_DTYPE), 0.0)
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(ACC_DTYPE)
-        tile_mean = tl.sum(z, axis=0) / count
-        dev = tl.where(mask, z - tile_mean[None, :], 0.0)
-        num_tiles = tl.num_programs(0)
-        part_offs = pid_m * C_out + offs_n
-        tl.store(part_ptr + part_offs, tile_mean, mask=mask_n)
-        tl.store(part_ptr + num_tiles * C_out + part_offs, tl.sum(dev * dev, axis=0), mask=mask_n)
+        _tile_stats(tl.where(mask, z.to(ACC_DTYPE), 0.0), mask, count, part_ptr, pid_m, offs_n, mask_n, C_out)
     else:
         if BN_EVAL:  # as batch_norm in eval: (z - mean) * invstd * gamma + beta
-            bn_mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
-            var = tl.load(var_ptr + offs_n, mask=mask_n, other=1.0).to(ACC_DTYPE)
-            scale = 1.0 / tl.sqrt(var + _scalar(eps_hi, eps_lo, ACC_DTYPE))
-            if HAS_GAMMA:
-                scale = scale * tl.load(gamma_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)
-            acc = (acc - bn_mean[None, :]) * scale[None, :]
-            if HAS_BETA:
-                acc += tl.load(beta_ptr + offs_n, mask=mask_n, other=0.0).to(ACC_DTYPE)[None, :]
-        if SAVE_Z:
+            acc = _bn_eval(acc, mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_n, mask_n, eps_hi, eps_lo, HAS_GAMMA,
+                           HAS_BETA, ACC_DTYPE)
+        if RESIDUAL == 1:
+            acc += tl.load(res_ptr + out_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        if SAVE_Z:  # the activation's input (the folded block's backward reads it)
             tl.store(z_ptr + out_offs, acc.to(z_ptr.dtype.element_ty), mask=mask)
-        p0 = _scalar(p0_hi, p0_lo, ACC_DTYPE)
-        p1 = _scalar(p1_hi, p1_lo, ACC_DTYPE)
         if POOL:  # inference: max-pool each window's rows here; only the pooled output is written
             v = _act(acc, ACT, p0, p1).to(out_ptr.dtype.element_ty).to(ACC_DTYPE)  # as the stored activation
-            v = tl.where(mask_m[:, None], v, float("-inf"))
-            # Out-of-window rows rank after every in-window one, so a window of -inf keeps its first tap's.
-            rank = tl.where(mask_m, tap, TAPS + tap)[:, None] + tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            best, _ = tl.reduce((tl.reshape(v, (BLOCK_M // TAPS, TAPS, BLOCK_N)),
-                                 tl.reshape(rank, (BLOCK_M // TAPS, TAPS, BLOCK_N))), 1, _max_pool_combine)
+            best, _ = _window_max(v, mask_m, tap, TAPS, BLOCK_M, BLOCK_N)
             g = pid_m * (BLOCK_M // TAPS) + tl.arange(0, BLOCK_M // TAPS)
             g_n, g_ph, g_pw = _rows(g, PH, PW)
             pooled_offs = (g_n * out_n_stride + g_ph * out_h_stride + g_pw * out_w_stride)[:, None] \
@@ -267,7 +343,10 @@ def conv_fwd_kernel(
             tl.store(out_ptr + pooled_offs, best.to(out_ptr.dtype.element_ty),
                      mask=(g < M // TAPS)[:, None] & mask_n[None, :])
         else:
-            tl.store(out_ptr + out_offs, _act(acc, ACT, p0, p1).to(out_ptr.dtype.element_ty), mask=mask)
+            v = _act(acc, ACT, p0, p1)
+            if RESIDUAL == 2:
+                v += tl.load(res_ptr + out_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            tl.store(out_ptr + out_offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -343,11 +422,12 @@ def bn_stats_finalize_kernel(
 
 @triton.jit
 def bn_act_fwd_kernel(
-    z_ptr, out_ptr, stats_ptr, gamma_ptr, beta_ptr, nbt_ptr, numel, C, c_stride, p0_hi, p0_lo, p1_hi, p1_lo,
-    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, COUNT_BATCH: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    z_ptr, out_ptr, stats_ptr, gamma_ptr, beta_ptr, nbt_ptr, res_ptr, numel, C, c_stride, p0_hi, p0_lo, p1_hi,
+    p1_lo, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, BLOCK: tl.constexpr, COUNT_BATCH: tl.constexpr,
+    INDEX_64: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
-    """out = act(gamma*(z - mean)*invstd + beta), elementwise over z and out, which share one dense layout.
+    """out = act(gamma*(z - mean)*invstd + beta), elementwise over z and out, which share one dense layout; with
+    RESIDUAL the residual (that layout too) added before the activation (1) or after it (2).
     With COUNT_BATCH, program 0 also does BatchNorm's num_batches_tracked += 1 (after bn_stats_finalize_kernel
     read it)."""
     pid = tl.program_id(0)
@@ -364,7 +444,12 @@ def bn_act_fwd_kernel(
         u = u * tl.load(gamma_ptr + c, mask=mask).to(dtype) + tl.load(beta_ptr + c, mask=mask).to(dtype)
     p0 = _scalar(p0_hi, p0_lo, dtype)
     p1 = _scalar(p1_hi, p1_lo, dtype)
-    tl.store(out_ptr + offs, _act(u, ACT, p0, p1).to(out_ptr.dtype.element_ty), mask=mask)
+    if RESIDUAL == 1:
+        u += tl.load(res_ptr + offs, mask=mask, other=0.0).to(dtype)
+    v = _act(u, ACT, p0, p1)
+    if RESIDUAL == 2:
+        v += tl.load(res_ptr + offs, mask=mask, other=0.0).to(dtype)
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -432,8 +517,8 @@ def bn_act_bwd_reduce_kernel(
     g_n_stride, g_c_stride, g_h_stride, g_w_stride,
     z_n_stride, z_c_stride, z_h_stride, z_w_stride, p0_hi, p0_lo, p1_hi, p1_lo,
     pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw,
-    HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, INDEX_64: tl.constexpr, POOL: tl.constexpr, PKH: tl.constexpr,
-    PKW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    res_ptr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, INDEX_64: tl.constexpr, POOL: tl.constexpr,
+    PKH: tl.constexpr, PKW: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per split of the rows and channel: part[0, s, c] = sum g_u, part[1, s, c] = sum g_u*x_hat, where
     g_u = dL/du = g*act'(u) is the gradient at BatchNorm's output u (with POOL, g read through the pool's
@@ -451,13 +536,13 @@ def bn_act_bwd_reduce_kernel(
     sum_g = tl.zeros((BLOCK_C,), dtype=tl.float64)
     sum_gx = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for m0 in range(m_start, m_end, BLOCK_M):
-        g, z, _, mask = _tile_g_z(
+        g, z, r, _, mask = _tile_g_z(
             g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, z_ptr, z_n_stride, z_c_stride, z_h_stride,
             z_w_stride, m0, m_end, offs_c, mask_c, OH, OW, pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride,
-            pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw, POOL, PKH, PKW, BLOCK_M, dtype,
+            pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw, POOL, PKH, PKW, BLOCK_M, dtype, res_ptr, RESIDUAL,
         )
-        x_hat = (z - mean) * invstd
-        g_u = tl.where(mask, _act_vjp(g, x_hat * gamma + beta, ACT, p0, p1), 0.0)
+        x_hat, g_u = _grad_u(g, z, r, mean, invstd, gamma, beta, ACT, p0, p1, RESIDUAL)
+        g_u = tl.where(mask, g_u, 0.0)
         sum_g += tl.sum(g_u.to(tl.float64), axis=0)
         sum_gx += tl.sum((g_u * x_hat).to(tl.float64), axis=0)
     num_splits = tl.num_programs(0)
@@ -467,13 +552,14 @@ def bn_act_bwd_reduce_kernel(
 
 @triton.jit
 def grad_z_kernel(
-    g_ptr, z_ptr, gz_ptr, stats_ptr, gamma_ptr, beta_ptr, part_ptr, grad_gamma_ptr, grad_beta_ptr,
-    M, C, OH, OW, rows_per_split, num_splits, p0_hi, p0_lo, p1_hi, p1_lo,
+    g_ptr, z_ptr, gz_ptr, stats_ptr, gamma_ptr, beta_ptr, part_ptr, grad_gamma_ptr, grad_beta_ptr, res_ptr, gres_ptr,
+    M, C, OH, OW, rows_per_split, num_splits, bn_count, p0_hi, p0_lo, p1_hi, p1_lo,
     g_n_stride, g_c_stride, g_h_stride, g_w_stride,
     z_n_stride, z_c_stride, z_h_stride, z_w_stride,
+    gz_n_stride, gz_c_stride, gz_h_stride, gz_w_stride,
     pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw,
     BN: tl.constexpr, HAS_AFFINE: tl.constexpr, ACT: tl.constexpr, ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr,
-    POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr,
+    POOL: tl.constexpr, PKH: tl.constexpr, PKW: tl.constexpr, RESIDUAL: tl.constexpr, POOL_BEFORE_BN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dz of one split of the rows, written once (in z's layout, the conv's dtype) for both conv GEMMs.
@@ -481,7 +567,10 @@ def grad_z_kernel(
     BN (training): each program first adds the reduction's splits for its channels, in order (so every program
     gets the same bits), into sum(g_u) and sum(g_u*x_hat); split 0 writes them as grad_beta and grad_gamma. Then
     dL/dz = a*(g_u - b - x_hat*c), a = gamma*invstd, b = sum(g_u)/M, c = sum(g_u*x_hat)/M.
-    Otherwise (eval, BatchNorm folded): dL/dz = g*act'(z)."""
+    With a residual before the activation (RESIDUAL == 1, BN) g_u is also its gradient, written to gres in z's
+    layout in the same pass. Otherwise (eval, BatchNorm folded): dL/dz = g*act'(z), z the activation's input.
+    bn_count: BatchNorm's values per channel (M, or the pooled rows with POOL_BEFORE_BN, where g and z are the
+    pooled tensors, the rows z's full resolution, and dL/dz is the pooled one at each window's maximum, else 0)."""
     pid_s = _index(tl.program_id(0), INDEX_64)
     offs_c = _index(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), INDEX_64)
     mask_c = offs_c < C
@@ -505,21 +594,36 @@ def grad_z_kernel(
                 tl.store(grad_gamma_ptr + offs_c, sum_gx.to(dtype).to(grad_gamma_ptr.dtype.element_ty), mask=mask_c)
                 tl.store(grad_beta_ptr + offs_c, sum_g.to(dtype).to(grad_beta_ptr.dtype.element_ty), mask=mask_c)
         coef_a = invstd * gamma
-        coef_b = (sum_g / M).to(dtype)[None, :]
-        coef_c = (sum_gx / M).to(dtype)[None, :]
+        coef_b = (sum_g / bn_count).to(dtype)[None, :]
+        coef_c = (sum_gx / bn_count).to(dtype)[None, :]
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     for m0 in range(m_start, m_end, BLOCK_M):
-        g, z, z_offs, mask = _tile_g_z(
-            g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, z_ptr, z_n_stride, z_c_stride, z_h_stride,
-            z_w_stride, m0, m_end, offs_c, mask_c, OH, OW, pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride,
-            pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw, POOL, PKH, PKW, BLOCK_M, dtype,
-        )
-        if BN:
-            gz = _grad_z(g, z, mean, invstd, gamma, beta, coef_a, coef_b, coef_c, True, ACT, p0, p1)
+        if POOL_BEFORE_BN:
+            g, z, sel, gz_offs, mask = _tile_pooled(
+                g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, z_ptr, z_n_stride, z_c_stride, z_h_stride,
+                z_w_stride, gz_n_stride, gz_c_stride, gz_h_stride, gz_w_stride, m0, m_end, offs_c, mask_c, OH, OW,
+                pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride, pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph,
+                pool_pw, PKH, PKW, BLOCK_M, dtype,
+            )
+            x_hat, g_u = _grad_u(g, z, 0.0, mean, invstd, gamma, beta, ACT, p0, p1, 0)
+            gz = tl.where(sel, coef_a * (g_u - coef_b - x_hat * coef_c), 0.0)
+            tl.store(gz_ptr + gz_offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
         else:
-            gz = _grad_z(g, z, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, False, ACT, p0, p1)
-        tl.store(gz_ptr + z_offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
+            g, z, r, z_offs, mask = _tile_g_z(
+                g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, z_ptr, z_n_stride, z_c_stride, z_h_stride,
+                z_w_stride, m0, m_end, offs_c, mask_c, OH, OW, pos_ptr, pos_n_stride, pos_c_stride, pos_h_stride,
+                pos_w_stride, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw, POOL, PKH, PKW, BLOCK_M, dtype,
+                res_ptr, RESIDUAL if BN else 0,
+            )
+            if BN:  # dL/dz = a*(g_u - b - x_hat*c)
+                x_hat, g_u = _grad_u(g, z, r, mean, invstd, gamma, beta, ACT, p0, p1, RESIDUAL)
+                gz = coef_a * (g_u - coef_b - x_hat * coef_c)
+                if RESIDUAL == 1:
+                    tl.store(gres_ptr + z_offs, g_u.to(gres_ptr.dtype.element_ty), mask=mask)
+            else:
+                gz = _act_vjp(g, z, ACT, p0, p1)
+            tl.store(gz_ptr + z_offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["m_bucket"])

@@ -17,7 +17,10 @@ Workloads (WORKLOADS): ``mnist``: MnistCNN's training step (forward, cross-entro
 forward (no_grad), at batch 64 and 8192, fp32, under bf16 and fp16 autocast, and wholly in bf16 or fp16
 (model.bfloat16(), model.half()); ``coldstart``: what ``python -m dlkern.train`` compiles in fp32 (training at
 batch 64 and the epoch's ragged last batch of 32, eval at batch 1000); ``breadth``: one forward and backward of
-every op family, fp64 included (whether everything compiles; its resources are reported too).
+every op family, fp64 included (whether everything compiles; its resources are reported too); ``cnn``: ResNet's
+blocks (the residual epilogue, stride 2, 1x1 convs) and the fast CIFAR-10 net's Conv -> MaxPool -> BatchNorm ->
+GELU, converted, training step and inference at batch 256, 32x32, channels_last, fp32 and bf16 autocast (checked
+as the MnistCNN's: the issue-20 variants).
 
 Checks (exit status 1 when one fails): every variant compiles, and no variant of a MnistCNN run needs more
 shared memory than the target's per-block limit (unlaunchable) except those in KNOWN_UNLAUNCHABLE -- and those
@@ -235,13 +238,13 @@ def _mnist_case(recorder, dtype, batch, passes=("train", "eval"), pure=False):
 def _autotuning(enabled):
     """dlkern's GEMMs through the autotuner (every config it may pick) or with their fixed heuristic tiles
     (DLKERN_AUTOTUNE=0, the default)."""
-    from dlkern.ops import conv_bn
+    from dlkern.ops import conv_tiles
 
-    saved, conv_bn.AUTOTUNE = conv_bn.AUTOTUNE, enabled
+    saved, conv_tiles.AUTOTUNE = conv_tiles.AUTOTUNE, enabled
     try:
         yield
     finally:
-        conv_bn.AUTOTUNE = saved
+        conv_tiles.AUTOTUNE = saved
 
 
 def mnist(recorder, batches=(64, 8192), dtypes=(torch.float32, torch.bfloat16, torch.float16)):
@@ -296,8 +299,75 @@ def breadth(recorder):
                     block(x)
 
 
+def _cnn_blocks():
+    """The real-CNN sites the fused block takes beyond the MnistCNN's (issue 20), as small nets dlkern.convert
+    fuses: ResNet's BasicBlock (3x3 stride 2 and 1, the residual before the ReLU, the 1x1 stride-2 downsample with
+    no activation), a Bottleneck's 1x1 convs, and the fast CIFAR-10 net's Conv -> MaxPool -> BatchNorm -> GELU."""
+    from torch import nn
+
+    class Basic(nn.Module):
+        def __init__(self, c_in, c_out, stride):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
+            self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)) \
+                if stride != 1 or c_in != c_out else None
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.bn1(self.conv1(x)).relu()))
+            return (out + (x if self.down is None else self.down(x))).relu()
+
+    class Bottleneck(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(c, c // 4, 1, bias=False), nn.BatchNorm2d(c // 4)
+            self.conv2, self.bn2 = nn.Conv2d(c // 4, c, 1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return (self.bn2(self.conv2(self.bn1(self.conv1(x)).relu())) + x).relu()
+
+    class CifarGroup(nn.Module):
+        def __init__(self, c_in, c_out):
+            super().__init__()
+            self.conv1, self.pool, self.norm1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), \
+                nn.BatchNorm2d(c_out)
+            self.conv2, self.norm2, self.act = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), \
+                nn.BatchNorm2d(c_out), nn.GELU()
+
+        def forward(self, x):
+            return self.act(self.norm2(self.conv2(self.act(self.norm1(self.pool(self.conv1(x)))))))
+
+    return nn.Sequential(CifarGroup(3, 64), Basic(64, 64, 1), Basic(64, 128, 2), Bottleneck(128))
+
+
+def cnn(recorder, dtypes=(torch.float32, torch.bfloat16), batch=256):
+    """_cnn_blocks converted: a training step and inference at batch 256, 32x32, channels_last, fp32 and under bf16
+    autocast, with the default tiles (DLKERN_AUTOTUNE=0). Its variants are checked as the MnistCNN's are."""
+    import torch.nn.functional as TF
+
+    import dlkern
+
+    torch.manual_seed(0)
+    model = dlkern.convert(_cnn_blocks()).to(memory_format=torch.channels_last)
+    x = torch.empty(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    with _autotuning(False):
+        for dtype in dtypes:
+            name = TYPES[dtype]
+            amp = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+            model.train()
+            with recorder.recording(f"cnn train {name} b{batch}", name):
+                with amp:
+                    loss = TF.mse_loss(model(x), torch.zeros(()))
+                loss.backward()
+                opt.step()
+            model.eval()
+            with recorder.recording(f"cnn eval {name} b{batch}", name), torch.no_grad(), amp:
+                model(x)
+
+
 WORKLOADS = {"mnist": mnist, "mnist64": lambda recorder: mnist(recorder, batches=(64,)), "coldstart": coldstart,
-             "breadth": breadth}
+             "breadth": breadth, "cnn": cnn}
 
 
 def record(workloads):

@@ -18,7 +18,7 @@ import dlkern  # noqa: E402
 import dlkern.functional as F  # noqa: E402
 import host_stub  # noqa: E402
 from dlkern.kernels import conv_bn as dlkern_kernels  # noqa: E402
-from dlkern.ops import conv_bn  # noqa: E402
+from dlkern.ops import conv_tiles  # noqa: E402
 from dlkern.ops import triton_support  # noqa: E402
 
 calls = []
@@ -132,7 +132,7 @@ def main():
             return [float(config.kwargs["BLOCK_M"] if rows < 100 else -config.kwargs["BLOCK_M"])] * 3
 
         host_stub.autotuner.Autotuner._bench = bench
-        conv_bn.AUTOTUNE = True  # DLKERN_AUTOTUNE=1
+        conv_tiles.AUTOTUNE = True  # DLKERN_AUTOTUNE=1
         triton_support._plans.clear()
         conv, bn = torch.nn.Conv2d(1, 32, 3), torch.nn.BatchNorm2d(32)
         finalize = dlkern_kernels.bn_stats_finalize_kernel

@@ -18,7 +18,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dlkern
 from dlkern.nn import ConvBNReLU2d
+from dlkern.catalog import FUSABLE
 from dlkern.ops import conv_bn as ops
+from dlkern.ops import conv_tiles
 from dlkern.ops import triton_support
 from helpers import DEVICES, assert_close, assert_state_dicts_cross
 
@@ -239,26 +241,37 @@ def test_opcheck():
         torch.randn(3, requires_grad=True)
     gamma, beta = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
     geo = ([1, 1], [1, 1, 0, 1], [1, 1])
-    no_running = (None, None, None, 0.1)
-    out, z, stats = torch.ops.dlkern.conv_bn_act2d(x, w, b, gamma, beta, *no_running, 1e-5, *geo, "relu", 0.0, 0.0,
-                                                   False)
-    torch.library.opcheck(torch.ops.dlkern.conv_bn_act2d,
-                          (x, w, b, gamma, beta, *no_running, 1e-5, *geo, "relu", 0.0, 0.0, False))
+    no_running = (None, None, None, None, 0.1)
+    epilogue = ("relu", 0.0, 0.0, "none", [])
+    out, z, stats, pos = torch.ops.dlkern.conv_bn_train2d(x, w, b, gamma, beta, *no_running, 1e-5, *geo, *epilogue,
+                                                          False)
+    torch.library.opcheck(torch.ops.dlkern.conv_bn_train2d,
+                          (x, w, b, gamma, beta, *no_running, 1e-5, *geo, *epilogue, False))
     for momentum in (0.1, None):  # with the running statistics (written in place), momentum or cumulative
-        running = (torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long), momentum)
-        torch.library.opcheck(torch.ops.dlkern.conv_bn_act2d,
-                              (x, w, b, gamma, beta, *running, 1e-5, *geo, "relu", 0.0, 0.0, False))
-    torch.library.opcheck(torch.ops.dlkern.conv_bias_act2d, (x, w, b, *geo, "gelu", 0.0, 0.0, False, True))
+        running = (torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long), None, momentum)
+        torch.library.opcheck(torch.ops.dlkern.conv_bn_train2d,
+                              (x, w, b, gamma, beta, *running, 1e-5, *geo, *epilogue, False))
+    r = torch.randn_like(out, requires_grad=True)  # a residual, before and after the activation
+    for at in ("before_act", "after_act"):
+        torch.library.opcheck(torch.ops.dlkern.conv_bn_train2d,
+                              (x, w, b, gamma, beta, None, None, None, r, 0.1, 1e-5, *geo, "gelu", 0.0, 0.0, at, [],
+                               False))
+        torch.library.opcheck(torch.ops.dlkern.conv_bias_act2d, (x, w, b, r, *geo, "gelu", 0.0, 0.0, at, [], False,
+                                                                 True))
+    torch.library.opcheck(torch.ops.dlkern.conv_bias_act2d, (x, w, b, None, *geo, "gelu", 0.0, 0.0, "none", [],
+                                                             False, True))
     running = (torch.randn(3), torch.rand(3) + 0.5)
-    torch.library.opcheck(torch.ops.dlkern.conv_bn_eval_act2d,
-                          (x.detach(), w.detach(), b.detach(), *running, gamma.detach(), beta.detach(), 1e-5, *geo,
-                           "silu", 0.0, 0.0, False))
+    for residual, at in ((None, "none"), (r.detach(), "before_act")):
+        torch.library.opcheck(torch.ops.dlkern.conv_bn_infer2d,
+                              (x.detach(), w.detach(), b.detach(), *running, gamma.detach(), beta.detach(), residual,
+                               1e-5, *geo, "silu", 0.0, 0.0, at, [], False))
     g = torch.randn_like(out)
-    torch.library.opcheck(
-        torch.ops.dlkern.conv_bn_act2d_backward,
-        (g, x.detach(), w.detach(), z, stats, gamma.detach(), beta.detach(), *geo, "relu", 0.0, 0.0, False, True,
-         True),
-    )
+    for residual, at in ((None, "none"), (r.detach(), "before_act")):
+        torch.library.opcheck(
+            torch.ops.dlkern.conv_bn_block2d_backward,
+            (g, x.detach(), w.detach(), z, stats, gamma.detach(), beta.detach(), residual, None, *geo, "relu", 0.0,
+             0.0, at, [], False, True, True),
+        )
 
 
 def test_torch_compile_fullgraph():
@@ -321,9 +334,9 @@ def test_composite_without_interpreter(monkeypatch, activation):
 
 
 def test_tf32_follows_cudnn_flag():
-    assert ops._precision(torch.float32, True) == "tf32"
-    assert ops._precision(torch.float32, False) == "ieee"
-    assert ops._precision(torch.float64, True) == "ieee"
+    assert conv_tiles.precision(torch.float32, True) == "tf32"
+    assert conv_tiles.precision(torch.float32, False) == "ieee"
+    assert conv_tiles.precision(torch.float64, True) == "ieee"
 
 
 def test_bad_arguments():
@@ -368,8 +381,8 @@ def test_64_bit_offsets_give_the_same_results(layout, monkeypatch):
         x = x.contiguous(memory_format=torch.channels_last)
     g = torch.randn(2, 4, 7, 5, dtype=torch.float64)
     results = []
-    for threshold in (ops.INDEX_64_ELEMENTS, 0):
-        monkeypatch.setattr(ops, "INDEX_64_ELEMENTS", threshold)
+    for threshold in (conv_tiles.INDEX_64_ELEMENTS, 0):
+        monkeypatch.setattr(conv_tiles, "INDEX_64_ELEMENTS", threshold)
         b = copy.deepcopy(block).train()
         xi = x.clone().requires_grad_()
         out = b(xi)
@@ -526,12 +539,12 @@ def test_batchnorm_tensor_sizes(training, sizes):
         torch.compile(ours, fullgraph=True, backend="aot_eager")(x, w)
     # The ops check too (their fakes as well, under FakeTensorMode), whoever calls them.
     geo = ([1, 1], [0, 0, 0, 0], [1, 1])
-    args = (x, w, None, a["bn_weight"], a["bn_bias"], a["running_mean"], a["running_var"], None, 0.1, 1e-5, *geo,
-            "relu", 0.0, 0.0, False)
+    args = (x, w, None, a["bn_weight"], a["bn_bias"], a["running_mean"], a["running_var"], None, None, 0.1, 1e-5,
+            *geo, "relu", 0.0, 0.0, "none", [], False)
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        torch.ops.dlkern.conv_bn_act2d(*args)
+        torch.ops.dlkern.conv_bn_train2d(*args)
     with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=re.escape(message)):
-        torch.ops.dlkern.conv_bn_act2d(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
+        torch.ops.dlkern.conv_bn_train2d(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
 
 
 @pytest.mark.parametrize(
@@ -589,12 +602,12 @@ STOCK_ACTIVATIONS = {
     "none": lambda u: u, "relu": F.relu, "leaky_relu": F.leaky_relu, "elu": F.elu, "softplus": F.softplus,
     "silu": F.silu, "swish": lambda u: u * torch.sigmoid(u), "gelu": F.gelu,
     "gelu_tanh": lambda u: F.gelu(u, approximate="tanh"), "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-    "hardsigmoid": lambda u: F.relu6(u + 3.0) / 6.0, "hardtanh": F.hardtanh,
-    "hard_logistic": lambda u: torch.clamp(0.25 * u + 0.5, 0, 1),
+    "hardsigmoid": lambda u: F.relu6(u + 3.0) / 6.0, "hardswish": lambda u: u * F.relu6(u + 3.0) / 6.0,
+    "hardtanh": F.hardtanh, "hard_logistic": lambda u: torch.clamp(0.25 * u + 0.5, 0, 1),
 }
 
 
-@pytest.mark.parametrize("activation", ops.FUSABLE)
+@pytest.mark.parametrize("activation", FUSABLE)
 def test_eval_backward_every_activation(path, activation):
     """Eval mode with gradients (fine-tuning with frozen BatchNorm), every fusable activation and none, on both
     paths (the composite once aliased its two outputs without an activation)."""
@@ -750,7 +763,7 @@ def test_eval_inference_is_one_launch(layout, affine, path, monkeypatch):
         triton_support.launch_counts.clear()
         with _RecordOps() as seen:
             out = block(x)
-        assert seen.ops == ["dlkern.conv_bn_eval_act2d.default"]  # no host-side folding ops (each a GPU launch)
+        assert seen.ops == ["dlkern.conv_bn_infer2d.default"]  # no host-side folding ops (each a GPU launch)
         if path == "triton":
             assert dict(triton_support.launch_counts) == {"conv_fwd_kernel": 1}
         assert_close(out, stock(x))

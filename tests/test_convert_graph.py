@@ -19,7 +19,7 @@ from torch import nn
 import dlkern
 from dlkern import convert_forward, convert_graph
 from dlkern.nn import ConvBNReLU2d
-from dlkern.ops import conv_bn as conv_bn_ops
+from dlkern.ops import conv_block
 from dlkern.ops import triton_support
 from helpers import assert_close
 from test_convert import check_same_function, check_state_dicts_cross, check_state_dicts_equal, randomize_bn
@@ -36,13 +36,13 @@ class FusedCalls:
     """Counts the fused op's calls (a site fused in a forward calls it once per run)."""
 
     def __init__(self, monkeypatch):
-        self.count, original = 0, conv_bn_ops.forward
+        self.count, original = 0, conv_block.conv_bn_block
 
         def counted(*args, **kwargs):
             self.count += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(conv_bn_ops, "forward", counted)
+        monkeypatch.setattr(conv_block, "conv_bn_block", counted)
 
 
 class BasicBlock(nn.Module):
@@ -116,18 +116,17 @@ def test_resnet_like():
     assert report.fused == [  # in the order of named_modules()
         ("conv1", "bn1", "Tensor.relu()", "maxpool"),
         ("branch.conv", "branch.bn", "relu(inplace=True)"),
-        ("layer.0.conv1", "layer.0.bn1", "layer.0.relu"), ("layer.0.conv2", "layer.0.bn2"),
+        ("layer.0.conv1", "layer.0.bn1", "layer.0.relu"), ("layer.0.conv2", "layer.0.bn2", "layer.0.relu"),
         ("layer.0.downsample.0", "layer.0.downsample.1"),
-        ("layer.1.conv1", "layer.1.bn1", "layer.1.relu"), ("layer.1.conv2", "layer.1.bn2"),
+        ("layer.1.conv1", "layer.1.bn1", "layer.1.relu"), ("layer.1.conv2", "layer.1.bn2", "layer.1.relu"),
     ]
     assert report.sites == 7 and report.unfused == [] and report.skipped == []
     blocks = {site[0]: site for site in report.fused}
     assert blocks["conv1"].block == "Net.forward of the model" and blocks["conv1"].pooled
     assert blocks["layer.1.conv1"].block == "BasicBlock.forward of layer.1"
-    assert blocks["layer.1.conv2"].activation == "none"
-    assert blocks["layer.1.conv2"].note == ("conv -> BatchNorm fused; residual add stays stock "
-                                            "(no residual epilogue yet)")
-    assert blocks["branch.conv"].activation == "relu" and blocks["layer.0.downsample.0"].block == "ConvBNReLU2d"
+    assert blocks["layer.1.conv2"].activation == "relu" and blocks["layer.1.conv2"].note == ""
+    assert blocks["layer.1.conv2"].residual == "before_act" and blocks["layer.1.conv1"].residual == "none"
+    assert blocks["branch.conv"].activation == "relu" and blocks["layer.0.downsample.0"].block == "Sequential.forward of layer.0.downsample"
     assert "conv1 + bn1 + Tensor.relu() + maxpool into Net.forward of the model (relu, pooled)" in str(report)
     # Nothing moved: the same modules and names, classes that are still the stock ones for isinstance and repr.
     assert type(ours.layer[1].conv1) is nn.Conv2d and type(ours.layer[1].relu) is dlkern.nn.ReLU
@@ -221,7 +220,7 @@ def test_activation_forms(fn, name):
 
 @pytest.mark.parametrize("fn,why", [
     (nn.PReLU(3), "learnable"), (lambda y: y * 2, "followed by mul"), (lambda y: y.clamp(0, 1), "Tensor.clamp"),
-    (lambda y: F.relu(y) + y, "used 2 times"), (lambda y: y + 1, "residual add"),
+    (lambda y: F.relu(y) + y, "used 2 times"), (lambda y: y + 1, "not a residual"),
     (lambda y: F.gelu(y) + 1, "gelu"),  # fused; the add after it stays
 ])
 def test_what_follows_stays_stock(fn, why):

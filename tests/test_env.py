@@ -79,7 +79,7 @@ def _python(code, **env):
 
 
 def test_import_rejects_a_bad_autotune_spelling():
-    """dlkern.ops.conv_bn reads DLKERN_AUTOTUNE when dlkern is imported: a bad spelling fails the import, in one
+    """dlkern.ops.conv_tiles reads DLKERN_AUTOTUNE when dlkern is imported: a bad spelling fails the import, in one
     message that names the variable and its allowed values (it once switched autotuning on)."""
     proc = _python("import dlkern", DLKERN_AUTOTUNE="garbage")
     assert proc.returncode != 0
@@ -88,7 +88,7 @@ def test_import_rejects_a_bad_autotune_spelling():
 
 @pytest.mark.parametrize("value, expected", [("off", False), ("FALSE", False), ("yes", True), (None, False)])
 def test_import_reads_autotune(value, expected):
-    proc = _python("import dlkern.ops.conv_bn as c; print(c.AUTOTUNE)",
+    proc = _python("import dlkern.ops.conv_tiles as c; print(c.AUTOTUNE)",
                    **({} if value is None else {"DLKERN_AUTOTUNE": value}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == [str(expected)]

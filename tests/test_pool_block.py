@@ -455,8 +455,8 @@ def test_cpu_without_triton_runs_the_unfused_block(training):
     fused, fused_out = run(copy.deepcopy(block))
     with triton_support.composite_on_cpu():
         unfused, unfused_out = run(copy.deepcopy(block))
-    assert fused == ["conv_bn_act_pool2d" if training else "conv_bn_eval_act_pool2d"]
-    assert unfused == (["conv_bn_act2d", "max_pool2d"] if training else ["conv_bn_eval_act2d", "max_pool2d_values"])
+    assert fused == ["conv_bn_train2d" if training else "conv_bn_infer2d"]
+    assert unfused == (["conv_bn_train2d", "max_pool2d"] if training else ["conv_bn_infer2d", "max_pool2d_values"])
     assert_close(unfused_out, fused_out)
 
 

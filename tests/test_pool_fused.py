@@ -1,4 +1,4 @@
-"""The max pool fused into the conv block's training pass (dlkern::conv_bn_act_pool2d, issue 13): against stock
+"""The max pool fused into the conv block's training pass (dlkern::conv_bn_train2d with a pool epilogue, issue 13): against stock
 Conv2d -> BatchNorm2d -> act -> MaxPool2d in float64 -- outputs, every gradient, running statistics -- through the
 Triton kernels (interpreter) and the PyTorch composite; ties, NaN and -inf as ATen's max pool; pool padding,
 ceil_mode, strides above the kernel; channels_last; opcheck; torch.compile; launches."""
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlkern.ops import conv_bn as ops
+from dlkern.ops import conv_block as ops
+from dlkern.ops import conv_epilogue, conv_tiles
 from dlkern.ops import triton_support
 from helpers import assert_close
 
@@ -39,7 +40,7 @@ def _pair(dtype, c_in=3, c_out=4, seed=0):
 
 def _ours(conv, bn, x, pool, activation="relu", buffers=None):
     rm, rv, nbt = buffers if buffers is not None else (bn.running_mean, bn.running_var, bn.num_batches_tracked)
-    return ops.forward(x, conv.weight, conv.bias, rm, rv, bn.weight, bn.bias, nbt, True, bn.momentum, bn.eps, 1, 1,
+    return ops.conv_bn_block(x, conv.weight, conv.bias, rm, rv, bn.weight, bn.bias, nbt, True, bn.momentum, bn.eps, 1, 1,
                        1, activation, (), pool=pool)
 
 
@@ -50,7 +51,7 @@ def _ours(conv, bn, x, pool, activation="relu", buffers=None):
 def test_matches_stock(pool, height, layout, path, monkeypatch):
     if path == "composite":
         monkeypatch.setattr(triton_support, "_composite_forced", True)
-    monkeypatch.setattr(ops, "_MERGE_TILES", 1024)  # one merge pass, as at these sizes on a GPU
+    monkeypatch.setattr(conv_tiles, "MERGE_TILES", 1024)  # one merge pass, as at these sizes on a GPU
     conv, bn = _pair(torch.float64)
     ref_bn = nn.BatchNorm2d(4).double()
     ref_bn.load_state_dict(bn.state_dict())
@@ -105,7 +106,7 @@ def test_ties_nan_and_minus_inf_as_aten(path, monkeypatch):
                      requires_grad=True)
     w = torch.eye(2, dtype=torch.float64).view(2, 2, 1, 1)  # z = x: order, ties, NaN survive BatchNorm
     pool = ((2, 2), (2, 2), (0, 0), False)
-    out, pos = ops.forward(x, w, None, None, None, None, None, None, True, 0.1, 1e-5, 1, 0, 1, "none", (), pool=pool)
+    out, pos = ops.conv_bn_block(x, w, None, None, None, None, None, None, True, 0.1, 1e-5, 1, 0, 1, "none", (), pool=pool)
     ref, indices = F.max_pool2d(F.batch_norm(F.conv2d(x, w), None, None, training=True), 2, return_indices=True)
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
     assert torch.equal(_as_indices(pos, pool, 4), indices)
@@ -133,7 +134,7 @@ def test_inference_is_one_kernel(pool, height, layout, path, monkeypatch):
         x = x.contiguous(memory_format=torch.channels_last)
     before = triton_support.launch_counts.copy()
     with torch.no_grad():
-        out, pos = ops.forward(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, None,
+        out, pos = ops.conv_bn_block(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, None,
                                False, 0.1, 1e-5, 1, 1, 1, "silu", (), pool=pool)
         k, st, pd, ceil = pool
         ref = F.max_pool2d(F.silu(bn(conv(x))), k, st, pd, 1, ceil)
@@ -161,18 +162,18 @@ def test_bf16_autocast():
 
 
 def test_not_fused_where_not_covered():
-    assert ops.pool_fusable((2, 2), (2, 2), (1, 1)) and ops.pool_fusable((3, 3), (4, 4), (1, 1))
-    assert not ops.pool_fusable((3, 3), (2, 2), (1, 1))  # overlapping windows
-    assert not ops.pool_fusable((2, 2), (2, 2), (2, 1))  # dilation
-    assert not ops.pool_fusable((17, 16), (17, 16), (1, 1))  # 272 taps: more than a byte
+    assert conv_epilogue.pool_fusable((2, 2), (2, 2), (1, 1)) and conv_epilogue.pool_fusable((3, 3), (4, 4), (1, 1))
+    assert not conv_epilogue.pool_fusable((3, 3), (2, 2), (1, 1))  # overlapping windows
+    assert not conv_epilogue.pool_fusable((2, 2), (2, 2), (2, 1))  # dilation
+    assert not conv_epilogue.pool_fusable((17, 16), (17, 16), (1, 1))  # 272 taps: more than a byte
     conv, bn = _pair(torch.float64)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     bn.eval()
     xg = x.clone().requires_grad_()  # eval with autograd (frozen BatchNorm fine-tuning): folded, then pooled
-    assert ops.forward(xg, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, None, False,
+    assert ops.conv_bn_block(xg, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, None, False,
                        0.1, 1e-5, 1, 1, 1, "relu", (), pool=((2, 2), (2, 2), (0, 0), False)) is None
     with torch.no_grad():  # inference with more taps than a row tile
-        assert ops.forward(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, None,
+        assert ops.conv_bn_block(x, conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, None,
                            False, 0.1, 1e-5, 1, 1, 1, "relu", (), pool=((9, 8), (9, 8), (0, 0), True)) is None
     empty = torch.randn(0, 3, 6, 6, dtype=torch.float64)
     assert _ours(conv, bn.train(), empty, ((2, 2), (2, 2), (0, 0), False)) is None
@@ -182,23 +183,24 @@ def test_opcheck_and_compile():
     conv, bn = _pair(torch.float64, seed=5)
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
     geo = ([1, 1], [1, 1, 1, 1], [1, 1])
+    epilogue = ("relu", 0.0, 0.0, "none", [2, 2, 2, 2, 1, 0, 1, 0])  # the pool: kernel, stride, padding, ceil, after act
     args = (x, conv.weight, conv.bias, bn.weight, bn.bias, torch.zeros(4, dtype=torch.float64),
-            torch.ones(4, dtype=torch.float64), torch.zeros((), dtype=torch.long), 0.1, 1e-5, *geo, "relu", 0.0, 0.0,
-            False, [2, 2], [2, 2], [1, 0], True)
-    torch.library.opcheck(torch.ops.dlkern.conv_bn_act_pool2d.default, args)
+            torch.ones(4, dtype=torch.float64), torch.zeros((), dtype=torch.long), None, 0.1, 1e-5, *geo, *epilogue,
+            False)
+    torch.library.opcheck(torch.ops.dlkern.conv_bn_train2d.default, args)
     running = (torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5)
-    torch.library.opcheck(torch.ops.dlkern.conv_bn_eval_act_pool2d.default,
+    torch.library.opcheck(torch.ops.dlkern.conv_bn_infer2d.default,
                           (x.detach(), conv.weight.detach(), conv.bias.detach(), *running, bn.weight.detach(),
-                           bn.bias.detach(), 1e-5, *geo, "relu", 0.0, 0.0, False, [2, 2], [2, 2], [1, 0], True))
-    out, z, stats, pos = torch.ops.dlkern.conv_bn_act_pool2d(*args)
+                           bn.bias.detach(), None, 1e-5, *geo, *epilogue, False))
+    out, z, stats, pos = torch.ops.dlkern.conv_bn_train2d(*args)
     torch.library.opcheck(
-        torch.ops.dlkern.conv_bn_act_pool2d_backward.default,
-        (torch.randn_like(out), x.detach(), conv.weight.detach(), z, stats, bn.weight.detach(), bn.bias.detach(), pos,
-         *geo, "relu", 0.0, 0.0, False, True, True, [2, 2], [2, 2], [1, 0]),
+        torch.ops.dlkern.conv_bn_block2d_backward.default,
+        (torch.randn_like(out), x.detach(), conv.weight.detach(), z, stats, bn.weight.detach(), bn.bias.detach(), None,
+         pos, *geo, *epilogue, False, True, True),
     )
 
     def block(x, w, b, gamma, beta):
-        return ops.forward(x, w, b, None, None, gamma, beta, None, True, 0.1, 1e-5, 1, 1, 1, "relu", (),
+        return ops.conv_bn_block(x, w, b, None, None, gamma, beta, None, True, 0.1, 1e-5, 1, 1, 1, "relu", (),
                            pool=((2, 2), (2, 2), (0, 0), False))[0]
 
     params = (x, conv.weight, conv.bias, bn.weight, bn.bias)
@@ -228,6 +230,6 @@ def test_window_taps_round_trip(kernel, width):
             rows = torch.arange(idx.shape[2]).view(-1, 1) * stride[0] - pad[0]
             cols = torch.arange(idx.shape[3]).view(1, -1) * stride[1] - pad[1]
             expected = (idx // width - rows) * kernel[1] + (idx % width - cols)
-            taps = ops.window_taps(idx, width, kernel, stride, pad)
+            taps = conv_epilogue.window_taps(idx, width, kernel, stride, pad)
             assert taps.dtype == torch.uint8 and torch.equal(taps.long(), expected), (pad, stride, ceil)
-            assert torch.equal(ops.window_indices(taps, width, kernel, stride, pad), idx), (pad, stride, ceil)
+            assert torch.equal(conv_epilogue.window_indices(taps, width, kernel, stride, pad), idx), (pad, stride, ceil)

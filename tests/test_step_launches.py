@@ -11,7 +11,7 @@ import torch.nn.functional as TF
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dlkern.models import MnistCNN
-from dlkern.ops import conv_bn, triton_support
+from dlkern.ops import conv_tiles, triton_support
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import host  # noqa: E402
@@ -35,7 +35,7 @@ class Record(TorchDispatchMode):
 def test_training_step_launches_and_no_fills(monkeypatch):
     # The GPU's statistics merge: one pass up to 1024 row tiles (the interpreter's small tiles and threshold would
     # add a first level here).
-    monkeypatch.setattr(conv_bn, "_MERGE_TILES", 1024)
+    monkeypatch.setattr(conv_tiles, "MERGE_TILES", 1024)
     torch.manual_seed(0)
     model = MnistCNN(backend="dlkern").train()
     x, y = torch.randn(2, 1, 28, 28), torch.tensor([3, 7])

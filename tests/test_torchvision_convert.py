@@ -156,22 +156,23 @@ class _SiteCounter:
 
 
 class _FusedCalls:
-    """Counts the calls of the fused conv block's op (dlkern.ops.conv_bn.forward; the pooled block calls it once)."""
+    """Counts the calls of the fused conv block (dlkern.ops.conv_block.conv_bn_block; the pooled block calls it
+    once)."""
 
     def __enter__(self):
-        from dlkern.ops import conv_bn
+        from dlkern.ops import conv_block
 
-        self.module, self.original, self.count = conv_bn, conv_bn.forward, 0
+        self.module, self.original, self.count = conv_block, conv_block.conv_bn_block, 0
 
         def counted(*args, **kwargs):
             self.count += 1
             return self.original(*args, **kwargs)
 
-        conv_bn.forward = counted
+        conv_block.conv_bn_block = counted
         return self
 
     def __exit__(self, *exc):
-        self.module.forward = self.original
+        self.module.conv_bn_block = self.original
 
 
 def _logits(out):

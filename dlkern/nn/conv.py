@@ -7,7 +7,8 @@ from dlkern import catalog
 from dlkern.nn import activation as _activation_modules  # noqa: F401 (resolves the catalog's Swish, HardLogistic)
 from dlkern.functional import _max_pool2d_args
 from dlkern.nn._jit import NotScriptable
-from dlkern.ops import conv_bn as _ops
+from dlkern.ops import conv_block as _block
+from dlkern.ops.activation import composite_forward
 from dlkern.ops import pool_block as _pool_block
 
 
@@ -85,14 +86,14 @@ class _ConvBNActBlock(NotScriptable, nn.Sequential):
         return super().__getitem__(idx)
 
     def _block_args(self, conv, bn, activation):
-        """The conv block's arguments of dlkern.ops.conv_bn.forward (and pool_block.forward), read from the
+        """The conv block's arguments of conv_bn_block (and conv_bn_pool_block), read from the
         children as they are now."""
         owner = type(self).__name__
         return block_args(conv, bn, activation_spec(activation, owner), owner)
 
 
 def block_args(conv, bn, spec, owner):
-    """dlkern.ops.conv_bn.forward's arguments after the input for stock ``conv`` -> ``bn`` -> the activation
+    """conv_bn_block's arguments after the input for stock ``conv`` -> ``bn`` -> the activation
     ``spec`` = (name, p0, p1), read from the modules as they are now (as BatchNorm2d reads its own)."""
     _check_conv(conv.groups, conv.padding_mode, owner)
     name, p0, p1 = spec
@@ -108,16 +109,35 @@ def block_args(conv, bn, spec, owner):
     )
 
 
-def fused_forward(input, conv, bn, spec, pool=None, owner="dlkern.convert"):
+def fused_forward(input, conv, bn, spec, pool=None, owner="dlkern.convert", residual=None, residual_at="before_act",
+                  pool_before_bn=False):
     """What ConvBNReLU2d.forward (ConvBNActPool2d.forward with ``pool``) computes unhooked, for modules held
-    anywhere: ``pool(activation(bn(conv(input))))`` in one fused op, ``spec`` = (name, p0, p1) the activation.
+    anywhere: ``pool(activation(bn(conv(input))))`` in one fused op, ``spec`` = (name, p0, p1) the activation;
+    with ``residual``, ``activation(bn(conv(input)) + residual)`` (``residual_at="after_act"``:
+    ``activation(bn(conv(input))) + residual``); with ``pool_before_bn``, ``activation(bn(pool(conv(input))))``.
     A converted forward (dlkern.convert_graph.fused_conv_bn) calls it; it checks no hooks."""
     args = block_args(conv, bn, spec, owner)
+    if pool_before_bn:
+        return _pool_before_bn(input, conv, bn, spec, pool, args)
     if pool is None:
-        return _ops.forward(input, *args)
+        return _block.conv_bn_block(input, *args, residual=residual, residual_at=residual_at)
     _check_pool(pool)
     pool_args = _max_pool2d_args(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
-    return _pool_block.forward(input, *args, *pool_args)
+    return _pool_block.conv_bn_pool_block(input, *args, *pool_args)
+
+
+def _pool_before_bn(input, conv, bn, spec, pool, args):
+    """``activation(bn(pool(conv(input))))``: fused where the pool fits the conv's epilogue (windows that do not
+    overlap; training, or inference without autograd), else the modules' own ops one by one."""
+    _check_pool(pool)
+    pool_args = _max_pool2d_args(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+    window = _pool_block.fusable_window(input, conv.weight, conv.stride, conv.padding, conv.dilation, *pool_args)
+    if window is not None:
+        fused = _block.conv_bn_block(input, *args, pool=window, pool_before_bn=True)
+        if fused is not None:
+            return fused[0]
+    out = bn(pool(conv(input)))
+    return out if spec[0] == "none" else composite_forward(out, *spec)
 
 
 class ConvBNReLU2d(_ConvBNActBlock):
@@ -165,7 +185,7 @@ class ConvBNReLU2d(_ConvBNActBlock):
         conv, bn, activation = self._modules.values()  # Sequential's __getitem__ costs ~3 µs an item
         if any(_has_hooks(m) for m in (conv, bn, activation)):
             return nn.Sequential.forward(self, input)  # the stock computation, so that the hooks run
-        return _ops.forward(input, *self._block_args(conv, bn, activation))
+        return _block.conv_bn_block(input, *self._block_args(conv, bn, activation))
 
 
 class ConvBNActPool2d(_ConvBNActBlock):
@@ -208,7 +228,7 @@ class ConvBNActPool2d(_ConvBNActBlock):
             return nn.Sequential.forward(self, input)  # the stock computation, so that the hooks run
         _check_pool(pool)
         pool_args = _max_pool2d_args(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
-        return _pool_block.forward(input, *self._block_args(conv, bn, activation), *pool_args)
+        return _pool_block.conv_bn_pool_block(input, *self._block_args(conv, bn, activation), *pool_args)
 
 
 def _check_pool(pool):
