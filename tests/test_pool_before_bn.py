@@ -126,3 +126,20 @@ def test_eval_with_autograd_is_not_fused():
     running = (torch.zeros(4, **F64), torch.ones(4, **F64))
     assert conv_bn_block(*leaves[:2], None, *running, *leaves[2:], None, False, 0.1, 1e-5, 1, 1, 1, "relu", (),
                          pool=POOLS[0], pool_before_bn=True) is None
+
+
+def test_torch_compile_fullgraph():
+    leaves = _leaves(True)
+
+    def block(x, w, gamma, beta):
+        return _ours(x, w, gamma, beta, (None, None), True, "gelu", POOLS[1])
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    triton_support.launch_counts.clear()
+    ours = compiled(*leaves)
+    assert triton_support.launch_counts["conv_fwd_kernel"] == 1
+    stock = _stock(*leaves, (None, None), True, "gelu", POOLS[1])
+    assert_close(ours, stock)
+    g = torch.randn_like(stock)
+    for a, b in zip(torch.autograd.grad(ours, leaves, g), torch.autograd.grad(stock, leaves, g)):
+        assert_close(a, b, rtol=1e-10, atol=1e-10)
