@@ -1,25 +1,21 @@
-"""``dlkern.convert``: put dlkern's kernels into an existing model without changing its state_dict keys.
+"""``dlkern.convert``: put dlkern's kernels into an existing model without changing its module tree or its
+state_dict keys.
 
 Every Conv2d -> BatchNorm2d site is fused, with the activation after it (module or function) and a max pool after
-that where they can join, wherever the model calls it:
-
-- Inside an ``nn.Sequential`` (its own forward), each run becomes one :class:`~dlkern.nn.ConvBNReLU2d` (sharing
-  the conv's and BatchNorm's parameters and buffers) at the conv's index, or one
-  :class:`~dlkern.nn.ConvBNActPool2d` with the ``nn.MaxPool2d`` (without ``return_indices``) that follows; the
-  indices of the modules it absorbed hold ``nn.Identity`` placeholders, so integer indexing and every later index
-  are unchanged. Two hooks on that Sequential keep its state_dict in the stock layout: the block's entries
-  ``i.0.*``/``i.1.*`` are saved as ``i.*``/``i+1.*`` and loaded back from them, so the converted and the stock
-  model load each other's state_dicts with ``strict=True``.
-- Anywhere else, in the forward of the module calling them: ``dlkern.convert_forward`` traces that forward with
-  torch.fx and gives the module a forward that runs each site (found and rewritten by ``dlkern.convert_graph``) as
-  one fused call on the very same modules (nothing moves: keys, parameter names and order, attributes and hooks
-  stay the stock model's).
+that where they can join, in the forward of the module calling it: ``dlkern.convert_forward`` gives that module a
+forward (torch.fx's graph of its own) that runs each site (found and rewritten by ``dlkern.convert_graph``) as one
+fused call of ``dlkern.convert_graph.fused_conv_bn`` on the very same modules, read by name on every call. Nothing
+moves: module names, classes and objects, state_dict keys, ``named_parameters()`` names and order, attributes and
+hooks stay the stock model's. An ``nn.Sequential`` running ``nn.Sequential.forward`` is such a module like any
+other (its graph calls each child by its own name, in order; ``seq[i]`` stays the module the user put there, the
+sites' activations and pools the stock ones too).
 
 Conv2d/BatchNorm2d subclasses that inherit ``forward`` count as the stock ops; a subclass overriding it, a run with
 a hook already registered on one of its modules, groups != 1 or a padding mode other than zeros is left alone,
 reported. A BatchNorm followed by no fusable activation (a residual add, a learnable PReLU, nothing) is fused as
 conv -> BatchNorm, what follows staying stock. Standalone activations and ``nn.MaxPool2d`` become their dlkern
-twins, sharing the original's parameters.
+twins, sharing the original's parameters. A forward torch.fx cannot trace keeps the class's own forward, unfused,
+the reason in the report (its children are still converted).
 
 What conversion changes that users can observe is the contract in :func:`convert`'s docstring.
 """
@@ -31,10 +27,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 import dlkern.nn as dnn
-from dlkern.convert_forward import fuse_forward
+from dlkern.convert_forward import fuse_forward, runs_children_in_order
 from dlkern.convert_graph import ACTIVATION_TYPES as _ACTIVATION_TYPES  # noqa: F401 (tests/test_catalog.py)
-from dlkern.convert_graph import FusedSite, poolable, why_not_activation, why_not_site
-from dlkern.nn.conv import ConvBNActPool2d, ConvBNReLU2d, _ConvBNActBlock, _has_hooks, activation_spec
+from dlkern.convert_graph import FusedSite
+from dlkern.nn.conv import _has_hooks
 
 __all__ = ["convert", "ConversionReport", "FusedSite"]
 
@@ -54,6 +50,7 @@ _TWINS = {
     nn.SiLU: lambda m: dnn.SiLU(m.inplace),
     nn.GELU: lambda m: dnn.GELU(m.approximate),
     nn.Hardsigmoid: lambda m: dnn.Hardsigmoid(m.inplace),
+    nn.Hardswish: lambda m: dnn.Hardswish(m.inplace),
     nn.Hardtanh: lambda m: dnn.Hardtanh(m.min_val, m.max_val, m.inplace),
     nn.ReLU6: lambda m: dnn.Hardtanh(0.0, 6.0, m.inplace),  # ReLU6 is Hardtanh(0, 6); dlkern has no own class
     nn.MaxPool2d: lambda m: dnn.MaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, m.return_indices,
@@ -66,12 +63,13 @@ _DLKERN_TYPES = {getattr(dnn, name) for name in dnn.__all__}
 class ConversionReport:
     """What :func:`convert` did, by qualified module name (as in ``named_modules()``).
 
-    ``fused``: one :class:`FusedSite` per Conv2d -> BatchNorm2d site now fused: a tuple of the names (conv,
+    ``fused``: one :class:`FusedSite` per Conv2d -> BatchNorm2d site now fused: a tuple of the stock names (conv,
     batchnorm[, activation[, maxpool]]) (an activation function is named by its call, ``relu(inplace=True)``), with
-    ``block`` (the ConvBNReLU2d/ConvBNActPool2d computing it, or the converted forward), ``activation`` and
-    ``note`` (what follows the BatchNorm and stays stock: a residual add, say). A model converted again lists its
-    fused sites again. ``unfused``: (conv, batchnorm, why) for each site left alone. ``replaced``: (name, stock
-    type, dlkern type). ``skipped``: (name, why) for everything left as it was, the unfused convs included.
+    ``block`` (the converted forward computing it: ``"Sequential.forward of features"``, ``"BasicBlock.forward of
+    layer1.0"``), ``activation`` and ``note`` (what follows the BatchNorm and stays stock: a residual add, say). A
+    model converted again lists its fused sites again. ``unfused``: (conv, batchnorm, why) for each site left
+    alone. ``replaced``: (name, stock type, dlkern type). ``skipped``: (name, why) for everything left as it was,
+    the unfused convs included.
     """
 
     fused: list = field(default_factory=list)
@@ -94,11 +92,10 @@ class ConversionReport:
 
 
 def convert(module, inplace=False):
-    """``module`` with every stock piece dlkern covers replaced by its dlkern twin: each Conv2d -> BatchNorm2d
-    site fused with what follows it where that can join (an activation, module or function; then an
-    ``nn.MaxPool2d`` without ``return_indices``): inside an ``nn.Sequential`` into one ``ConvBNReLU2d``
-    (``ConvBNActPool2d``), elsewhere in the forward of the module calling it; standalone activations and
-    ``nn.MaxPool2d`` swapped for dlkern's (details in the ``dlkern.convert`` module docstring).
+    """``module`` with dlkern's kernels in it: each Conv2d -> BatchNorm2d site fused with what follows it where that
+    can join (an activation, module or function; then an ``nn.MaxPool2d`` without ``return_indices``), in the
+    forward of the module calling it (an ``nn.Sequential``'s too); standalone activations and ``nn.MaxPool2d``
+    swapped for dlkern's (details in the ``dlkern.convert`` module docstring).
 
     ``inplace=False`` (default) converts a deep copy and leaves ``module`` untouched. The returned model
     carries a :class:`ConversionReport` as ``dlkern_report``; the replacements are logged at INFO level, what
@@ -108,32 +105,33 @@ def convert(module, inplace=False):
 
     - The whole model computes the same function as the stock one, in train and eval mode (gradients and
       running statistics included; a conv bias ahead of BatchNorm gets an exact zero gradient, see
-      ``ConvBNReLU2d``); ``state_dict``/``load_state_dict`` (strict), ``parameters()`` order, deepcopy and
-      pickling behave as for the stock model. Converting a converted model changes nothing.
-    - Sites outside a Sequential: nothing moves (``named_parameters()`` names too); the module calling them keeps
-      its class's name and ``isinstance`` (its ``__class__`` is a cached subclass running the traced forward,
-      ``type(m) is Block`` no longer holds). Its forward is torch.fx's trace: it runs only while the module's
-      mode, plain attributes (numbers, flags, None children) and number of arguments are as traced, and the
-      class's own forward (unfused) otherwise; Python side effects of the stock forward (prints, counters) happen
-      at conversion only. A hook registered later on a conv, BatchNorm, activation or pool of a site (or a
-      global module hook), or a module replaced there, makes that site call the modules one by one, as stock.
-    - Structure inside a Sequential: ``seq[i]`` is the ConvBNReLU2d (ConvBNActPool2d) where the stock model has
-      the conv; ``seq[i + 1]``, ``seq[i + 2]`` (and ``seq[i + 3]``) are ``nn.Identity`` placeholders where it has
-      the BatchNorm, the activation (and the max pool). The absorbed stock modules are the block's children
-      ``seq[i][0]``, ``seq[i][1]``, ``seq[i][2]`` (``seq[i][3]``), the very objects of an ``inplace=True``
-      conversion; ``named_parameters()`` names them there (``seq.i.0.weight``) while ``state_dict`` keeps the
-      stock keys (``seq.i.weight``), in the stock order.
-    - Slicing: a slice of the converted Sequential that keeps a block computes the block's whole run, even where
-      it ends before the activation's (or pool's) index (``seq[:i + 2]`` computes conv -> BN -> activation where
-      the stock one computes conv -> BN); a slice starting at a placeholder skips the absorbed modules. Slice the
-      stock model for such pieces, or slice the block: ``seq[i][:2]`` is a plain ``nn.Sequential(conv, bn)``.
-    - Hooks registered after conversion on an absorbed module (``seq[i][0]`` ... ``seq[i][3]``; forward,
-      forward-pre, backward), and ``torch.nn.utils.prune`` (a forward-pre-hook on the conv), run: while any of
-      them has such a hook, the block computes its children one by one as the stock Sequential does (unfused).
-      A hook on a placeholder runs too, seeing the block's output. Global module hooks
-      (``register_module_forward_hook``) see the block, not its children.
-    - ``torch.jit.script`` raises a clear error (dlkern modules are not scriptable); ``torch.jit.trace``,
-      ``torch.export`` and ``torch.compile`` work.
+      ``ConvBNReLU2d``). Converting a converted model changes nothing and lists the same fused sites.
+    - The module tree is the stock one: the same names and objects (an ``inplace=True`` conversion keeps the very
+      convs, BatchNorms and other modules, and every Parameter), so ``state_dict``/``load_state_dict`` with
+      ``strict=True`` both ways, ``named_parameters()`` names and order, ``get_parameter`` and parameter groups by
+      name are the stock model's; deepcopy, pickle and ``torch.save(model)`` round trip (a new process that
+      unpickles it imports dlkern). What changes: stock activation and max pool modules become their dlkern twins
+      (listed in ``replaced``; the same names, parameters and buffers), except those a site in a Sequential
+      absorbed, which stay the stock objects.
+    - A module whose forward was converted (listed as a site's ``block``) keeps its class's name, ``repr`` and
+      ``isinstance``, but its ``__class__`` is a cached subclass running the traced forward: ``type(m) is
+      nn.Sequential`` (or ``is Block``) no longer holds. That forward runs only while the module's mode, plain
+      attributes (numbers, flags, None), its children's names in order (and which are None), the names inside a
+      ModuleList/ModuleDict its forward loops over, and the number of arguments are as traced; otherwise the
+      class's own forward runs (unfused). So appending, inserting or deleting in a converted Sequential (or a
+      ModuleList a forward loops over) computes the stock function, unfused until ``dlkern.convert`` runs again.
+      Python side effects of a stock forward (prints, counters) happen at conversion only.
+    - Sequentials: ``seq[i]`` is the stock module, ``len`` and iteration are the stock ones, and a slice
+      ``seq[a:b]`` is a plain ``nn.Sequential`` (the class of the stock one's slice) of the stock modules,
+      computing them one by one. Assigning ``seq[i] = module`` at any index is computed: a site reads its modules
+      on every call, fused while they still fuse (``seq[2] = nn.Tanh()`` makes that site conv -> BN -> tanh),
+      called one by one as the stock Sequential does where not (a non-activation, a learnable one, a BatchNorm
+      folded away to ``nn.Identity``).
+    - Hooks registered later on a conv, BatchNorm, activation or pool of a site (forward, forward-pre, backward;
+      ``torch.nn.utils.prune``'s forward-pre-hook too), or a global module hook, run: that site then calls its
+      modules one by one, as stock. Hooks on the module owning the forward run as on the stock one.
+    - ``torch.jit.script`` raises a clear error (a converted forward is not scriptable); ``torch.jit.trace``,
+      ``torch.export`` and ``torch.compile`` (``fullgraph=True`` too) work.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"dlkern.convert: expected an nn.Module, got {type(module).__name__}")
@@ -159,8 +157,8 @@ def _qualify(prefix, name):
 
 def _convert(module, name, report, memo):
     """The converted `module` (itself, changed in place, or its twin). `memo` keeps shared modules shared: it maps
-    id(module) to (module, result), holding `module` alive so that its id cannot be reused (by a placeholder or
-    block created later in this conversion) while the memo exists."""
+    id(module) to (module, result), holding `module` alive so that its id cannot be reused (by a module created
+    later in this conversion) while the memo exists."""
     if id(module) in memo:
         return memo[id(module)][1]
     result = module
@@ -170,24 +168,32 @@ def _convert(module, name, report, memo):
         result = _twin(module)
         report.replaced.append((name, type(module).__name__, type(result).__name__))
     elif type(module) not in _DLKERN_TYPES:  # a dlkern module (ConvBNReLU2d holds stock ones) is done already
-        # Sequential's own forward (torchvision's Conv2dNormActivation, say) calls its children in order: fused
-        # before converting them, so the absorbed modules stay stock. Any other forward is traced after its
-        # children are converted (a shared activation is the twin there and everywhere).
-        sequential = isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-        if sequential:
-            _fuse_runs(module, name, report)
+        # Sequential's own forward (torchvision's Conv2dNormActivation's too) calls each child once, in order: its
+        # sites are fused before its children are converted, so the modules a site absorbs stay the stock ones
+        # (seq[i] is what the user put there). Any other forward may call one module in several places: it is
+        # traced after its children are converted (a shared activation is the twin there and everywhere).
+        in_order = runs_children_in_order(module)
+        absorbed = _fuse_forward(module, name, report) if in_order else ()
         for child_name, child in list(module._modules.items()):
-            if child is not None:
+            if child is not None and child_name not in absorbed:
                 new = _convert(child, _qualify(name, child_name), report, memo)
                 if new is not child:
                     module._modules[child_name] = new
-        if not sequential:
-            fused, unfused, skipped = fuse_forward(module, name)
-            report.fused += fused
-            report.unfused += unfused
-            report.skipped += [(conv, why) for conv, _, why in unfused] + skipped
+        if not in_order:
+            _fuse_forward(module, name, report)
     memo[id(module)] = (module, result)
     return result
+
+
+def _fuse_forward(module, name, report):
+    """Fuse the sites `module`'s own forward calls (dlkern.convert_forward) and report them; returns the names
+    of its children the fused sites absorbed."""
+    fused, unfused, skipped = fuse_forward(module, name)
+    report.fused += fused
+    report.unfused += unfused
+    report.skipped += [(conv, why) for conv, _, why in unfused] + skipped
+    prefix = _qualify(name, "")
+    return {n[len(prefix):] for site in fused for n in site if n.startswith(prefix)}
 
 
 def _twin(module):
@@ -199,105 +205,3 @@ def _twin(module):
     for name, buf in module.named_buffers(recurse=False):
         setattr(twin, name, buf)
     return twin.train(module.training)
-
-
-def _fuse_runs(seq, name, report):
-    """Replace each fusable Conv2d -> BatchNorm2d (-> activation (-> MaxPool2d)) run among seq's children, in
-    place. A block an earlier conversion made is listed again."""
-    names = list(seq._modules)
-    i = 0
-    while i < len(names):
-        conv = seq._modules[names[i]]
-        if isinstance(conv, _ConvBNActBlock) and hasattr(conv, "_dlkern_stock_names"):
-            report.fused.append(FusedSite(tuple(_qualify(name, n) for n in conv._dlkern_stock_names),
-                                          type(conv).__name__, _activation_name(conv[2]),
-                                          getattr(conv, "_dlkern_note", "")))
-        if not isinstance(conv, nn.Conv2d):
-            i += 1
-            continue
-        bn, act, pool = (seq._modules[n] if n is not None else None for n in (names + [None] * 3)[i + 1:i + 4])
-        why = why_not_site(conv, bn) if isinstance(bn, nn.BatchNorm2d) else "not followed by an nn.BatchNorm2d"
-        if why is not None:
-            report.skipped.append((_qualify(name, names[i]), why))
-            if isinstance(bn, nn.BatchNorm2d):
-                report.unfused.append((_qualify(name, names[i]), _qualify(name, names[i + 1]), why))
-            i += 1
-            continue
-        act_why = "nothing follows it in the Sequential" if act is None else why_not_activation(act)
-        note = "" if act_why is None else f"conv -> BatchNorm fused; {act_why}"
-        if act_why is not None:
-            block, run = ConvBNReLU2d.fuse(conv, bn, None), names[i:i + 2]
-        elif pool is not None and poolable(pool):
-            block, run = ConvBNActPool2d.fuse(conv, bn, act, pool), names[i:i + 4]
-        else:
-            block, run = ConvBNReLU2d.fuse(conv, bn, act), names[i:i + 3]
-        block.training = bn.training  # the block reads each child's own mode; keep its flag consistent
-        block._dlkern_stock_names = tuple(run)  # where its children sit in the stock Sequential
-        block._dlkern_note = note
-        seq._modules[names[i]] = block
-        for n in run[1:]:
-            seq._modules[n] = nn.Identity().train(bn.training)
-        report.fused.append(FusedSite(tuple(_qualify(name, n) for n in run), type(block).__name__,
-                                      _activation_name(block[2]), note))
-        i += len(run)
-    if _fused_blocks(seq) and not getattr(seq, "_dlkern_key_hooks", False):
-        seq.register_state_dict_post_hook(_save_stock_keys)
-        seq.register_load_state_dict_pre_hook(_load_stock_keys)
-        seq._dlkern_key_hooks = True
-
-
-def _activation_name(module):
-    try:
-        return activation_spec(module)[0]
-    except NotImplementedError:  # replaced in a block after an earlier conversion: the block says so when run
-        return type(module).__name__
-
-
-# The two state_dict hooks. Plain module-level functions that find the fused blocks on the module they are
-# given: they survive deepcopy and pickling, and blocks added by a later convert() are found too.
-
-
-def _fused_blocks(seq):
-    """{block name: stock names of its children (conv, bn, activation[, pool])} for the fused blocks directly in
-    seq."""
-    return {name: m._dlkern_stock_names for name, m in seq._modules.items()
-            if isinstance(m, _ConvBNActBlock) and hasattr(m, "_dlkern_stock_names")}
-
-
-def _save_stock_keys(seq, state_dict, prefix, local_metadata):
-    """state_dict post-hook: '<block>.<j>.<rest>' -> '<stock name j>.<rest>', keeping the order of entries."""
-    blocks = _fused_blocks(seq)
-
-    def stock(key):
-        if key.startswith(prefix):
-            parts = key[len(prefix):].split(".", 2)
-            if len(parts) == 3 and parts[0] in blocks and parts[1] in _CHILD_INDICES[:len(blocks[parts[0]])]:
-                return prefix + blocks[parts[0]][int(parts[1])] + "." + parts[2]
-        return key
-
-    items = [(stock(k), v) for k, v in state_dict.items()]
-    state_dict.clear()
-    state_dict.update(items)
-    # Per-module metadata (BatchNorm's version) moves with its module; the block's and placeholders' own go.
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is not None:
-        dropped = {prefix + n for names in blocks.values() for n in names}
-        dropped |= {f"{prefix}{block}.{j}" for block, names in blocks.items() for j in range(len(names), 4)}
-        items = [(stock(k + ".")[:-1], v) for k, v in metadata.items() if k not in dropped]
-        metadata.clear()
-        metadata.update(items)
-
-
-_CHILD_INDICES = ("0", "1", "2", "3")
-
-
-def _load_stock_keys(seq, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    """load_state_dict pre-hook: '<stock name j>.<rest>' -> '<block>.<j>.<rest>'. `state_dict` is load_state_dict's
-    own copy (children are then given the matching entries of it), so renaming in place is safe."""
-    fused = {n: (block, j) for block, names in _fused_blocks(seq).items() for j, n in enumerate(names)}
-    for key in list(state_dict):
-        if key.startswith(prefix):
-            head, _, rest = key[len(prefix):].partition(".")
-            if head in fused and rest:
-                block, j = fused[head]
-                state_dict[f"{prefix}{block}.{j}.{rest}"] = state_dict.pop(key)

@@ -3,20 +3,29 @@ forward that runs each as one fused call (the sites: ``dlkern.convert_graph``).
 
 A module whose forward may call a Conv2d (a child, or one in a child ``nn.ModuleList``/``nn.ModuleDict``) is traced
 by torch.fx on its own, every submodule a leaf: the graph holds that forward's calls and none of its children's.
-Its sites are rewritten there, and the module keeps its identity: its ``__class__`` becomes a cached subclass of its
-own class (same name, so ``isinstance`` and ``repr`` are unchanged) whose ``forward`` runs the rewritten graph.
+An ``nn.Sequential`` (or a subclass) running ``nn.Sequential.forward`` gets the graph that forward traces to, built
+directly: each child called once, by its own name, in order (torch.fx's tracer would name a module held at two
+indices by its first one). Its sites are rewritten there, and the module keeps its identity: its ``__class__``
+becomes a cached subclass of its own class (same name, so ``isinstance`` and ``repr`` are unchanged) whose
+``forward`` runs the rewritten graph. The graph names modules, it does not hold them: each call reads the module
+there now, and a site whose modules no longer fuse (replaced, hooked) calls them one by one.
 Python decides some things while tracing: ``self.training`` (so forward is traced in both modes), the module's
-plain attributes (numbers, strings, flags, None) and which children are None, and the arguments (optional ones take
-their defaults). The new forward runs the rewritten graph only where all of these are as traced, and the class's own
-forward, unfused, otherwise: changing ``block.downsample`` or a flag after conversion never computes a stale graph.
+plain attributes (numbers, strings, flags, None), its children's names in order and which are None, the names in
+order inside the children the forward reaches into (a loop over a ModuleList, a Sequential's own children), and the
+arguments (optional ones take their defaults). The new forward runs the rewritten graph only where all of these are
+as traced, and the class's own forward, unfused, otherwise: changing ``block.downsample`` or a flag, appending to
+a Sequential or a ModuleList after conversion never computes a stale graph (``dlkern.convert`` again fuses anew).
 What no guard sees, as with any torch.fx trace: Python side effects in forward (prints, counters, in-place ``+=`` on
 an input) happen once at conversion, and type checks on the inputs (``isinstance(x, Tensor)``) see torch.fx's
 proxies. The subclass pickles as (own class, generated source), so deepcopy, pickle and ``torch.save(model)``
-rebuild it; converting again re-traces the class's own forward and changes nothing. A ``torch.fx.GraphModule`` has
+rebuild it (in a new process too: unpickling imports dlkern); converting again re-traces the class's own forward
+and changes nothing. Indexing it as its class does gives what the class gives, a slice of a Sequential the stock
+class (``seq[1:3]`` is a plain ``nn.Sequential`` of the stock children, unfused). A ``torch.fx.GraphModule`` has
 its own graph rewritten instead.
 """
 
 import inspect
+import operator
 import warnings
 
 import torch.fx as fx
@@ -27,7 +36,7 @@ from torch.package import sys_importer
 from dlkern import catalog
 from dlkern.convert_graph import FusedSite, _find_sites, _rewrite, fused_conv_bn
 
-__all__ = ["fuse_forward"]
+__all__ = ["fuse_forward", "runs_children_in_order"]
 
 
 class _Tracer(fx.Tracer):
@@ -51,9 +60,30 @@ def _plain(value):
     return isinstance(value, tuple) and all(_plain(v) for v in value)
 
 
+def runs_children_in_order(module):
+    """Whether `module`'s forward is nn.Sequential's: each child called once, in order, on the previous output."""
+    base = getattr(type(module), "_dlkern_base", type(module))
+    return (issubclass(base, nn.Sequential) and base.forward is nn.Sequential.forward
+            and base.__iter__ is nn.Sequential.__iter__)
+
+
+def _sequential_graph(module):
+    """The graph nn.Sequential.forward traces to on `module`, each child named by its own name."""
+    graph = fx.Graph()
+    out = graph.placeholder("input")
+    for name, child in module._modules.items():
+        if child is None:
+            raise _Untraceable(f"its child {name} is None (nn.Sequential.forward would call None)")
+        out = graph.call_module(name, (out,))
+    graph.output(out)
+    return graph
+
+
 def _trace(module, base):
     """(number of required arguments, {training: graph}): base.forward traced on `module` in both modes, its
     optional arguments at their defaults. Raises _Untraceable with the reason."""
+    if runs_children_in_order(module):
+        return 1, {mode: _sequential_graph(module) for mode in (True, False)}
     params = list(inspect.signature(base.forward).parameters.values())[1:]
     required, defaults = 0, {}
     for p in params:
@@ -132,10 +162,12 @@ def fuse_forward(module, name):
         traced[src] = mode
         sites, site_unfused, site_skipped = _find_sites(graph, module, name)
         for s in sites:
-            fused.setdefault(s.names, FusedSite(s.names, block, s.activation, s.note))
+            fused.setdefault(s.names, s.fused(block))
             _rewrite(graph, s)
         unfused.update(dict.fromkeys(site_unfused))
         skipped.update(dict.fromkeys(site_skipped))
+        if sites:
+            _children_from_dict(graph, module)
         sources[mode] = graph if sites else None
     result = list(fused.values()), list(unfused), list(skipped)
     if not fused:
@@ -144,15 +176,39 @@ def fuse_forward(module, name):
     attrs = tuple(sorted(k for k, v in vars(module).items() if k not in _MODULE_INTERNALS and _plain(v)))
     children = tuple(module._modules)
     values = tuple(getattr(module, k) for k in attrs)
-    nones = tuple(module._modules[k] is None for k in children)
+    nones = tuple(m is None for m in module._modules.values())
+    # The children whose own children the forward calls by name (a ModuleList it loops over, "convs.0"): their
+    # names, in order, are as traced too.
+    reached = {n.target.partition(".")[0] for g in graphs.values() for n in g.nodes
+               if n.op in ("call_module", "get_attr") and "." in n.target}
+    inner_of = tuple(k for k in children if k in reached and module._modules[k] is not None
+                     and module._modules[k]._modules)
+    inner = tuple(tuple(module._modules[k]._modules) for k in inner_of)
     try:
         sources = {mode: _source(graph) for mode, graph in sources.items() if graph is not None}
-        spec = (required, attrs, children, tuple(((mode, values, nones), src) for mode, src in sources.items()))
+        spec = (required, attrs, (children, inner_of),
+                tuple(((mode, values, nones, inner), src) for mode, src in sources.items()))
         module.__class__ = converted_class(base, spec)
     except Exception as e:  # noqa: BLE001 (a function the forward calls cannot be imported by name, say)
         why = f"the traced {base.__name__}.forward cannot be compiled from its source ({type(e).__name__}: {e})"
         return [], [], [(site[0], why) for site in result[0]] + result[2]
     return result
+
+
+def _children_from_dict(graph, module):
+    """The graph's reads of `module`'s children (the modules of the fused calls) as `self._modules[name]`, a dict
+    lookup, not `self.name` (nn.Module.__getattr__, ~0.7 µs a read). The same module either way: the guard runs
+    the graph only while the children's names are as traced."""
+    reads = [n for n in graph.nodes if n.op == "get_attr" and n.target in module._modules]
+    if not reads:
+        return
+    with graph.inserting_before(reads[0]):
+        children = graph.get_attr("_modules")
+    for node in reads:
+        with graph.inserting_before(node):
+            child = graph.call_function(operator.getitem, (children, node.target))
+        node.replace_all_uses_with(child)
+        graph.erase_node(node)
 
 
 def _reachable_convs(module, prefix=""):
@@ -174,7 +230,7 @@ def _fuse_graph_module(gm, name):
     fused = [_rewritten_site(gm, node, name, block) for node in gm.graph.nodes
              if node.op == "call_function" and node.target is fused_conv_bn]
     sites, unfused, skipped = _find_sites(gm.graph, gm, name)
-    fused += [FusedSite(s.names, block, s.activation, s.note) for s in sites]
+    fused += [s.fused(block) for s in sites]
     for s in sites:
         _rewrite(gm.graph, s)
     if sites:
@@ -185,23 +241,27 @@ def _fuse_graph_module(gm, name):
 
 def _rewritten_site(gm, node, name, block):
     """The FusedSite of a fused_conv_bn call already in a graph (its note is not kept)."""
-    _, conv, bn, act, pool = node.args
+    _, conv, bn, act, pool, *more = node.args
+    residual_at, pool_before_bn = (more[1], more[2]) if more else ("none", False)
     q = (lambda target: f"{name}.{target}" if name else target)  # noqa: E731
     names, activation = (q(conv.target), q(bn.target)), "none"
+    if pool_before_bn:
+        names = (q(conv.target), q(pool.target), q(bn.target))
     if isinstance(act, fx.Node):
         module = gm.get_submodule(act.target)
         spec = catalog.activation_spec(module)  # None for a module replaced since (the call then runs it)
         names, activation = names + (q(act.target),), spec[0] if spec else type(module).__name__
     elif act is not None:
         names, activation = names + (f"{act[3].rpartition('.')[2]}(...)",), act[0]
-    if pool is not None:
+    if pool is not None and not pool_before_bn:
         names += (q(pool.target),)
-    return FusedSite(names, block, activation)
+    return FusedSite(names, block, activation, "", residual_at, pool_before_bn)
 
 
 # A converted module's class: (own class, spec) -> the cached subclass. The spec is (number of arguments, names of
-# the guarded attributes, names of the children, ((training, attribute values, which children are None), source)
-# for each traced mode with something fused).
+# the guarded attributes, (names of the children in order, the children whose own names are guarded), ((training,
+# attribute values, which children are None, those children's names in order), source) for each traced mode with
+# something fused).
 _CLASSES = {}
 
 
@@ -219,13 +279,19 @@ def _rebuild(base, spec):
 
 
 def _make_class(base, spec):
-    required, attrs, children, variants = spec
+    required, attrs, (children, inner_of), variants = spec
     compiled = {src: _forward_from_src(src, {}) for src in dict.fromkeys(src for _, src in variants)}
     table = {state: compiled[src] for state, src in variants}
 
     def key(self):
+        """The state the graph to run is looked up by (None, matching none, where the children's names
+        changed)."""
+        modules = self._modules
+        if tuple(modules) != children:
+            return None
         return (self.training, tuple([getattr(self, k, _MISSING) for k in attrs]),
-                tuple([self._modules.get(k) is None for k in children]))
+                tuple([m is None for m in modules.values()]),
+                tuple([tuple(getattr(modules[k], "_modules", ())) for k in inner_of]))
 
     forward = _dispatcher(base.forward, table, key)
 
@@ -242,7 +308,24 @@ def _make_class(base, spec):
     namespace = {"forward": forward, "__reduce_ex__": __reduce_ex__, "__prepare_scriptable__": __prepare_scriptable__,
                  "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__,
                  "_dlkern_base": base, "_dlkern_spec": spec}
+    if hasattr(base, "__getitem__"):
+        namespace["__getitem__"] = _stock_getitem(base)
     return type(base)(base.__name__, (base,), namespace)
+
+
+def _stock_getitem(base):
+    """base.__getitem__, but a slice it builds as `self.__class__(...)` (nn.Sequential's) is of the stock class: a
+    new container of the stock children, computing them one by one as the stock model's slice does."""
+    getitem = base.__getitem__
+
+    def __getitem__(self, idx):
+        item = getitem(self, idx)
+        if isinstance(idx, slice) and type(item) is type(self) and item is not self:
+            item.__class__ = base
+        return item
+
+    __getitem__.__doc__ = getitem.__doc__
+    return __getitem__
 
 
 def _dispatcher(stock, table, key):

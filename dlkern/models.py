@@ -22,9 +22,8 @@ class MnistCNN(nn.Module):
     seed, by either backend, loads into either with ``strict=True``.
 
     ``backend="torch"`` builds it from stock modules; ``backend="dlkern"`` is that same model passed through
-    :func:`dlkern.convert`: each conv -> BatchNorm -> ReLU -> max pool stage is one ``ConvBNActPool2d`` at the
-    conv's index (with ``nn.Identity`` placeholders at the BatchNorm's, ReLU's and pool's), the head's ReLU is
-    dlkern's.
+    :func:`dlkern.convert`: the module tree stays the stock one, ``mymodel``'s converted forward runs each
+    conv -> BatchNorm -> ReLU -> max pool stage as one fused call, and the head's ReLU is dlkern's.
     Building it draws the same random numbers either way, so both backends start from equal weights under one
     ``torch.manual_seed``.
     """

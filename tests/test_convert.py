@@ -1,5 +1,7 @@
-"""dlkern.convert on models it was not written for: the same function in train and eval mode, state_dicts
-both ways with strict=True, and a report of what was and was not converted. float64, tiny shapes."""
+"""dlkern.convert on models it was not written for: the same function in train and eval mode, the stock module
+tree (names, classes, named_parameters), state_dicts both ways with strict=True, and a report of what was and was
+not converted. float64, tiny shapes; the fused op runs in Triton's interpreter here (tests/test_convert_contract.py
+checks the rest of the contract on the op's PyTorch composite)."""
 
 import copy
 import io
@@ -101,24 +103,45 @@ def check_state_dicts_cross(stock, ours):
     assert_state_dict(stock.state_dict(), sd)
 
 
+def check_stock_tree(stock, ours, replaced=()):
+    """ours holds the stock model's module tree: the same names, the same classes (for isinstance and repr; a module
+    with a converted forward is a subclass of its own class, named as it), but the reported dlkern twins; the same
+    named_parameters() (names and order) and named_buffers()."""
+    stock_modules, our_modules = dict(stock.named_modules()), dict(ours.named_modules())
+    assert list(our_modules) == list(stock_modules)
+    for name, module in our_modules.items():
+        cls = type(stock_modules[name])
+        if name in replaced:
+            assert type(module) is getattr(dlkern.nn, replaced[name]), name
+        else:
+            assert getattr(type(module), "_dlkern_base", type(module)) is cls, name
+            assert type(module).__name__ == cls.__name__ and repr(module) == repr(stock_modules[name]), name
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in stock.named_parameters()]
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in stock.named_buffers()]
+
+
 def test_vgg_like():
     torch.manual_seed(0)
     stock = randomize_bn(VGGish()).double()
     ours = dlkern.convert(stock)
     report = ours.dlkern_report
-    # A max pool right after a run joins its block.
+    # A max pool right after a run joins its site.
     assert report.fused == [("features.0", "features.1", "features.2"),
                             ("features.3", "features.4", "features.5", "features.6"),
                             ("features.7.0", "features.7.1", "features.7.2", "features.7.3")]
+    assert [site.block for site in report.fused] == ["Sequential.forward of features"] * 2 + [
+        "Sequential.forward of features.7"]
+    assert [site.activation for site in report.fused] == ["gelu", "silu", "elu"]
     assert {(name, new) for name, _, new in report.replaced} == {("head.2", "LeakyReLU"), ("head.4", "Tanh")}
     assert report.skipped == []
-    assert type(ours.features[0]) is ConvBNReLU2d and type(ours.features[3]) is ConvBNActPool2d
-    assert type(ours.features[7][0]) is ConvBNActPool2d
-    assert [type(m) for m in ours.features[4:7]] == [nn.Identity] * 3
-    assert type(ours.features[1]) is nn.Identity and type(ours.head[2]) is dlkern.nn.LeakyReLU
-    assert ours.head[2].negative_slope == 0.2 and ours.features[7][0][3].ceil_mode
-    assert "features.0" in str(report)
-    assert "features.3 + features.4 + features.5 + features.6 into ConvBNActPool2d" in str(report)
+    # The stock tree: the modules a site absorbed are the stock ones, where the user put them.
+    check_stock_tree(stock, ours, {"head.2": "LeakyReLU", "head.4": "Tanh"})
+    assert type(ours.features[2]) is nn.GELU and type(ours.features[6]) is nn.MaxPool2d
+    assert ours.head[2].negative_slope == 0.2 and ours.features[7][3].ceil_mode
+    assert isinstance(ours.features, nn.Sequential) and type(ours.features) is not nn.Sequential
+    assert type(ours.head) is nn.Sequential  # no site in it: its class stays
+    assert "features.3 + features.4 + features.5 + features.6 into Sequential.forward of features" in str(report)
+    check_report_matches_model(ours)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     check_same_function(stock, ours, x)
     check_state_dicts_cross(stock, ours)
@@ -132,13 +155,12 @@ def test_mixed_sequential(caplog):
     report = ours.dlkern_report
     assert report.fused == [("body.0", "body.1", "body.2"), ("body.6", "body.7"), ("body.10", "body.11"),
                             ("body.18", "body.19"), ("conv", "bn", "act")]
+    body = "Sequential.forward of body"
     assert [(site.block, site.activation) for site in report.fused] == [
-        ("ConvBNReLU2d", "hardtanh"), ("ConvBNReLU2d", "none"), ("ConvBNReLU2d", "none"), ("ConvBNReLU2d", "none"),
-        ("Mixed.forward of the model", "hardtanh")]
+        (body, "hardtanh"), (body, "none"), (body, "none"), (body, "none"), ("Mixed.forward of the model", "hardtanh")]
     notes = [site.note for site in report.fused]
-    assert notes[0] == "" and "Dropout" in notes[1] and "learnable" in notes[2] and "nothing follows" in notes[3]
-    assert isinstance(ours.body[0], ConvBNReLU2d) and type(ours.body[0][2]) is nn.ReLU6
-    assert type(ours.body[6][2]) is nn.Identity and type(ours.body[8]) is nn.Dropout
+    assert notes[0] == "" and "Dropout" in notes[1] and "learnable" in notes[2] and "returns it" in notes[3]
+    assert all(note.startswith("conv -> BatchNorm fused; ") for note in notes[1:4])
     skipped = dict(report.skipped)
     assert skipped.keys() == {"body.3", "body.13", "body.16"}
     assert "groups=2" in skipped["body.3"]
@@ -149,15 +171,17 @@ def test_mixed_sequential(caplog):
     replaced = {name: new for name, _, new in report.replaced}
     assert replaced == {"body.5": "ReLU", "body.9": "Softplus", "body.12": "PReLU", "body.15": "SiLU",
                         "body.17": "ReLU", "act": "Hardtanh"}
+    check_stock_tree(stock, ours, replaced)
+    assert type(ours.body[2]) is nn.ReLU6 and type(ours.body[8]) is nn.Dropout  # absorbed: stock
     assert ours.body[12].weight is not stock.body[12].weight  # a deep copy...
     assert torch.equal(ours.body[12].weight, stock.body[12].weight)  # ...of the same values
     assert ours.body[9].beta == 2.0 and (ours.act.min_val, ours.act.max_val) == (-0.5, 0.5)
-    assert type(ours.body[3]) is nn.Conv2d and type(ours.conv) is nn.Conv2d and type(ours.body[10]) is ConvBNReLU2d
     assert isinstance(ours, Mixed) and type(ours) is not Mixed  # its forward is the converted one
     messages = [r.getMessage() for r in caplog.records]
     assert any("fused body.0 + body.1 + body.2" in m for m in messages)
     assert any(r.levelno == logging.DEBUG and "body.3" in r.getMessage() and "groups=2" in r.getMessage()
                for r in caplog.records)
+    check_report_matches_model(ours)
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
     check_same_function(stock, ours, x)
     check_state_dicts_cross(stock, ours)
@@ -167,6 +191,7 @@ def test_conv_without_batchnorm():
     stock = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3), nn.Sigmoid()).double()
     ours = dlkern.convert(stock)
     assert ours.dlkern_report.fused == []
+    assert type(ours) is nn.Sequential  # nothing fused: the stock forward
     assert [type(m) for m in ours] == [nn.Conv2d, dlkern.nn.ReLU, nn.Conv2d, dlkern.nn.Sigmoid]
     assert [name for name, _ in ours.dlkern_report.skipped] == ["0", "2"]
     check_same_function(stock, ours, torch.randn(2, 1, 6, 6, dtype=torch.float64))
@@ -176,15 +201,16 @@ def test_copy_or_inplace():
     stock = nn.Sequential(*cbr(1, 2, nn.ReLU()), nn.PReLU())
     before = copy.deepcopy(stock)
     ours = dlkern.convert(stock)
-    assert ours is not stock and [type(m) for m in stock] == [type(m) for m in before]
+    assert ours is not stock and type(stock) is nn.Sequential and [type(m) for m in stock] == [type(m) for m in before]
     assert not hasattr(stock, "dlkern_report")
     with torch.no_grad():
         for p in ours.parameters():
             p.add_(1.0)
     check_state_dicts_equal(before, stock)  # the original is untouched
-    params = list(stock.parameters())
+    modules, params = list(stock), list(stock.parameters())
     same = dlkern.convert(stock, inplace=True)
-    assert same is stock and isinstance(stock[0], ConvBNReLU2d) and type(stock[3]) is dlkern.nn.PReLU
+    assert same is stock and isinstance(stock, nn.Sequential) and type(stock[3]) is dlkern.nn.PReLU
+    assert all(a is b for a, b in zip(modules[:3], stock, strict=False))  # the very conv, BatchNorm and ReLU
     assert all(a is b for a, b in zip(params, stock.parameters(), strict=True))  # an optimizer keeps working
     with pytest.raises(TypeError):
         dlkern.convert(torch.zeros(1))
@@ -194,20 +220,22 @@ def test_keys_survive_copy_pickle_and_reconversion():
     torch.manual_seed(2)
     stock = VGGish()
     ours = dlkern.convert(stock)
-    keys = list(stock.state_dict())
+    keys, names = list(stock.state_dict()), [n for n, _ in stock.named_parameters()]
     assert list(copy.deepcopy(ours).state_dict()) == keys
     buffer = io.BytesIO()
     torch.save(ours, buffer)
     loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
-    assert list(loaded.state_dict()) == keys
+    assert list(loaded.state_dict()) == keys and [n for n, _ in loaded.named_parameters()] == names
+    assert type(loaded.features) is type(ours.features)
     loaded.load_state_dict(stock.state_dict(), strict=True)
     twice = dlkern.convert(ours)  # changes nothing, and lists the same fused sites
     assert list(twice.state_dict()) == keys and twice.dlkern_report.fused == ours.dlkern_report.fused
     assert [type(m) for m in twice.modules()] == [type(m) for m in ours.modules()]
-    # A state_dict's metadata (BatchNorm's version) sits under the stock names too.
-    assert ours.state_dict()._metadata["features.1"] == stock.state_dict()._metadata["features.1"]
-    # Parameters come in the stock order: optimizer state_dicts cross.
-    assert [p.shape for p in ours.parameters()] == [p.shape for p in stock.parameters()]
+    assert twice.dlkern_report.replaced == []
+    # A state_dict's metadata (BatchNorm's version) is the stock one.
+    assert ours.state_dict()._metadata == stock.state_dict()._metadata
+    # Parameters come in the stock order, under the stock names: optimizer state_dicts and groups cross.
+    assert [n for n, _ in ours.named_parameters()] == names
 
 
 def test_subclasses_and_hooks_are_left_alone():
@@ -222,10 +250,14 @@ def test_subclasses_and_hooks_are_left_alone():
     report = ours.dlkern_report
     assert report.replaced == [("6", "ReLU", "ReLU"), ("7", "ReLU", "ReLU")]
     assert report.fused == [("0", "1")] and "MyReLU" in report.fused[0].note  # conv -> BN; MyReLU stays
+    assert [(conv, bn) for conv, bn, _ in report.unfused] == [("4", "5")]
     skipped = dict(report.skipped)
     assert "hook" in skipped["4"] and "hook" in skipped["8"]
-    assert [type(m) for m in ours] == [ConvBNReLU2d, nn.Identity, MyReLU, MyReLU, nn.Conv2d, nn.BatchNorm2d,
+    assert [type(m) for m in ours] == [nn.Conv2d, nn.BatchNorm2d, MyReLU, MyReLU, nn.Conv2d, nn.BatchNorm2d,
                                        dlkern.nn.ReLU, dlkern.nn.ReLU, nn.ReLU]
+    x = torch.randn(2, 1, 5, 5)
+    with torch.no_grad():
+        assert_close(ours(x), stock(x))
 
 
 def test_dlkern_activations_fuse_too():
@@ -252,14 +284,17 @@ def test_sequential_subclasses():
     stock = nn.Sequential(Block(*cbr(1, 2, nn.ReLU())), Reversed(nn.ReLU(), *cbr(2, 2, nn.ReLU())[:2]))
     ours = dlkern.convert(stock)
     assert ours.dlkern_report.fused == [("0.0", "0.1", "0.2")]
+    assert ours.dlkern_report.fused[0].block == "Block.forward of 0"
+    assert isinstance(ours[0], Block) and type(ours[0]).__name__ == "Block" and type(ours[0][2]) is nn.ReLU
+    assert type(ours[0][0:2]) is Block  # a slice is of the stock class, as the stock one's
     assert "not followed by an nn.BatchNorm2d" in dict(ours.dlkern_report.skipped)["1.1"]
     assert list(ours.state_dict()) == list(stock.state_dict())
 
 
-def test_max_pool_joins_the_block():
-    """A MaxPool2d (stock or dlkern's) right after a fusable run joins it in one ConvBNActPool2d, placeholders at the
-    BatchNorm's, activation's and pool's indices; one with return_indices=True (a tuple output), a hooked one or a
-    subclass stays outside (the run becomes a ConvBNReLU2d). The absorbed pool is the very object (inplace)."""
+def test_max_pool_joins_the_site():
+    """A MaxPool2d (stock or dlkern's) right after a fusable run joins its site; one with return_indices=True (a
+    tuple output), a hooked one or a subclass stays outside. The modules stay where they are, the very objects
+    (inplace)."""
 
     class MyPool(nn.MaxPool2d):
         pass
@@ -273,7 +308,7 @@ def test_max_pool_joins_the_block():
         *cbr(3, 3, nn.ReLU()), nn.MaxPool2d(2, return_indices=True),
     )).double()
     stock[15].register_forward_hook(lambda m, i, o: o * 2)  # hooked: left as it is
-    pools = [stock[3], stock[7]]
+    modules = list(stock)
     x = torch.randn(2, 2, 9, 8, dtype=torch.float64)
     with torch.no_grad():
         expected, expected_indices = stock.eval()(x)
@@ -281,13 +316,11 @@ def test_max_pool_joins_the_block():
     report = ours.dlkern_report
     assert report.fused == [("0", "1", "2", "3"), ("4", "5", "6", "7"), ("8", "9", "10"), ("12", "13", "14"),
                             ("16", "17", "18")]
-    assert [type(m) for m in ours] == [ConvBNActPool2d, *[nn.Identity] * 3, ConvBNActPool2d, *[nn.Identity] * 3,
-                                       ConvBNReLU2d, nn.Identity, nn.Identity, MyPool,
-                                       ConvBNReLU2d, nn.Identity, nn.Identity, nn.MaxPool2d,
-                                       ConvBNReLU2d, nn.Identity, nn.Identity, dlkern.nn.MaxPool2d]
-    assert ours[0][3] is pools[0] and ours[4][3] is pools[1]
-    assert "hook" in dict(report.skipped)["15"] and ours[19].return_indices
-    assert "0 + 1 + 2 + 3 into ConvBNActPool2d" in str(report) and "8 + 9 + 10 into ConvBNReLU2d" in str(report)
+    assert [site.pooled for site in report.fused] == [True, True, False, False, False]
+    assert all(a is b for a, b in zip(modules[:19], ours, strict=False))  # nothing moved, nothing replaced
+    assert type(ours[19]) is dlkern.nn.MaxPool2d and ours[19].return_indices  # standalone: its twin
+    assert "hook" in dict(report.skipped)["15"]
+    assert "0 + 1 + 2 + 3 into Sequential.forward of the model (relu, pooled)" in str(report)
     with torch.no_grad():
         out, indices = ours(x)
     assert_close(out, expected)
@@ -295,9 +328,9 @@ def test_max_pool_joins_the_block():
     check_report_matches_model(ours)
 
 
-def test_pool_block_state_dicts_and_slices():
-    """MnistCNN-like stages: the converted model's state_dict is the stock one's (both ways, strict); a slice
-    keeping a ConvBNActPool2d computes its whole run, the block's own slice is a piece of the stock Sequential."""
+def test_pool_state_dicts_and_slices():
+    """MnistCNN-like stages: the converted model's state_dict is the stock one's (both ways, strict); a slice is a
+    stock Sequential of the stock modules, computing what the stock model's slice computes."""
     torch.manual_seed(9)
     stage = [*cbr(2, 3, nn.ReLU()), nn.MaxPool2d(2)]
     stock = randomize_bn(nn.Sequential(*stage, *cbr(3, 4, nn.Hardtanh()), nn.MaxPool2d(2, ceil_mode=True))).double()
@@ -310,42 +343,41 @@ def test_pool_block_state_dicts_and_slices():
     ours.load_state_dict(stock.state_dict())  # the cross check left them different
     with torch.no_grad():
         stock.eval(), ours.eval()
-        assert_close(ours[:2](x), stock[:4](x))  # the block computes its whole run
-        assert type(ours[0][:3]) is nn.Sequential
-        assert_close(ours[0][:3](x), stock[:3](x))
+        for piece in (slice(None, 2), slice(None, 3), slice(1, 4), slice(4, None), slice(None)):
+            assert type(ours[piece]) is nn.Sequential and list(ours[piece]) == list(ours)[piece], piece
+            y = stock[:piece.start](x) if piece.start else x
+            assert_close(ours[piece](y), stock[piece](y))
 
 
 # ------------------------------------------------------------------------------------------- item: the memo (ids)
 
 
-def fused_blocks(model):
-    return [m for m in model.modules() if isinstance(m, (ConvBNReLU2d, ConvBNActPool2d))]
+def converted(model):
+    """The modules of `model` whose forward dlkern.convert rewrote."""
+    return [m for m in model.modules() if hasattr(type(m), "_dlkern_spec")]
 
 
 def check_report_matches_model(ours):
-    """dlkern_report counts what the model really holds: each run fused in a Sequential is a ConvBNReLU2d
-    (ConvBNActPool2d when it absorbed a max pool) at the conv's name with placeholders at the others, each site
-    fused in a forward is stock modules in place, and each replaced name holds a module of the reported dlkern
-    type."""
+    """dlkern_report counts what the model really holds: each fused site's modules are the stock ones at the
+    reported names (conv, BatchNorm[, activation[, max pool]]), called by the converted forward its ``block`` names;
+    each replaced name holds a module of the reported dlkern type."""
     report = ours.dlkern_report
     modules = dict(ours.named_modules(remove_duplicate=False))
-    in_blocks = [site for site in report.fused if site.block in ("ConvBNReLU2d", "ConvBNActPool2d")]
-    assert len(fused_blocks(ours)) == len({id(modules[conv]) for conv, *_ in in_blocks})
     for site in report.fused:
-        conv, *absorbed = site
-        if site in in_blocks:
-            assert type(modules[conv]).__name__ == site.block, conv
-            assert site.pooled == (type(modules[conv]) is ConvBNActPool2d)
-            assert all(type(modules[n]) is nn.Identity for n in absorbed)
-        else:
-            assert isinstance(modules[conv], nn.Conv2d) and isinstance(modules[absorbed[0]], nn.BatchNorm2d)
+        conv, pool, bn, *act = site if site.pool_before_bn else (site[0], site[3] if site.pooled else None, *site[1:3])
+        assert isinstance(modules[conv], nn.Conv2d) and isinstance(modules[bn], nn.BatchNorm2d), site
+        assert pool is None or isinstance(modules[pool], nn.MaxPool2d), site
+        owner = site.block.partition(" of ")[2]
+        owner = ours if owner == "the model" else modules[owner]
+        assert owner in converted(ours) and site.block.startswith(f"{type(owner).__name__}.forward of "), site
+    assert not any(isinstance(m, (ConvBNReLU2d, ConvBNActPool2d)) for m in ours.modules())
     for name, _, new in report.replaced:
         assert type(modules[name]) is getattr(dlkern.nn, new), name
 
 
 def test_repeated_conversion_keeps_every_layer():
-    """The memo used to be keyed by id() of modules it let die: a placeholder created later could get a freed
-    module's id and be 'converted' into that module's twin (layers replaced by a MaxPool2d, say)."""
+    """The memo used to be keyed by id() of modules it let die: a module created later could get a freed module's
+    id and be 'converted' into that module's twin (layers replaced by a MaxPool2d, say)."""
     torch.manual_seed(4)
 
     def block():
@@ -355,9 +387,9 @@ def test_repeated_conversion_keeps_every_layer():
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     for _ in range(20):
         ours = dlkern.convert(stock)
-        assert [[type(m) for m in b] for b in ours] == [[ConvBNActPool2d, nn.Identity, nn.Identity,
-                                                         nn.Identity]] * 4
+        assert [[type(m) for m in b] for b in ours] == [[nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]] * 4
         assert len(ours.dlkern_report.fused) == 4 and len(ours.dlkern_report.replaced) == 0
+        assert len(converted(ours)) == 4
         check_report_matches_model(ours)
         check_same_function(stock, ours, x)
 
@@ -396,13 +428,13 @@ def test_nested_depthwise_shared():
         skipped = dict(report.skipped)
         assert "groups=6" in skipped["body.0.3.0"] and "groups=3" in skipped["body.2.0"]
         assert ours.body[1] is ours.body[3]  # still shared
-        # One ReLU6 object sat in three places: absorbed into a block, after a depthwise conv, standalone. It
-        # stays inside the block; elsewhere one twin replaces it in both places.
-        assert ours.body[0][0][2] is not ours.body[4] and ours.body[0][3][2] is ours.body[4]
+        # One ReLU6 object sat in three places: absorbed into a site, after a depthwise conv, standalone. It stays
+        # stock in the site; elsewhere one twin replaces it in both places.
+        assert type(ours.body[0][2]) is nn.ReLU6 and ours.body[0][3][2] is ours.body[4]
         assert type(ours.body[4]) is dlkern.nn.Hardtanh
         assert type(ours.body[2][2]) is dlkern.nn.Hardtanh
         check_report_matches_model(ours)
-        assert len(fused_blocks(ours)) == 3
+        assert len(converted(ours)) == 3  # body.0, body.1 (= body.3), body.2.3
         check_same_function(stock, ours, x)
         check_state_dicts_cross(stock, ours)
 
@@ -480,9 +512,9 @@ def test_every_activation_name_of_the_op():
 # ------------------------------------------------------------------------------------------- what users can observe
 
 
-def test_hooks_on_absorbed_modules_run():
-    """Hooks registered after conversion on the modules a block absorbed (block[0], [1], [2]) run as in the stock
-    model: forward, forward-pre and backward hooks, with the stock tensors."""
+def test_hooks_on_a_site_run():
+    """Hooks registered after conversion on a fused site's modules (seq[0], [1], [2]: the stock ones) run as in
+    the stock model: forward, forward-pre and backward hooks, with the stock tensors (the site runs unfused)."""
     stock, _ = stock_and_block(act=nn.ReLU6())
     stock.train()
     ours = dlkern.convert(stock)
@@ -497,9 +529,8 @@ def test_hooks_on_absorbed_modules_run():
         model[1].register_forward_hook(lambda m, i, o: o * 2)  # changes the output
         model[2].register_full_backward_hook(lambda m, gi, go: seen[tag].append(("bwd", go[0].clone())))
 
-    block = ours[0]
     register(stock, "stock")
-    register(block, "ours")  # block[1] is the absorbed BatchNorm (ours[1] is a placeholder)
+    register(ours, "ours")
     check_same_function(stock, ours, x, steps=(True, False))
     assert [k for k, _ in seen["ours"]] == [k for k, _ in seen["stock"]] == ["pre", "fwd", "bwd"] * 2
     for (_, a), (_, b) in zip(seen["ours"], seen["stock"], strict=True):
@@ -514,7 +545,7 @@ def test_prune_after_conversion_trains():
     stock.train()
     ours = dlkern.convert(stock)
     prune.l1_unstructured(stock[0], "weight", amount=0.5)
-    prune.l1_unstructured(ours[0][0], "weight", amount=0.5)
+    prune.l1_unstructured(ours[0], "weight", amount=0.5)
     assert list(ours.state_dict()) == list(stock.state_dict())  # 0.weight_orig, 0.weight_mask, ...
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (stock, ours)]
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
@@ -530,23 +561,19 @@ def test_prune_after_conversion_trains():
     check_state_dicts_equal(stock, ours)
 
 
-def test_slicing_contract():
-    """Documented: a fused block sits at its conv's index and computes the whole conv -> BN -> activation run;
-    the BN's and activation's indices hold nn.Identity placeholders. So a slice that keeps the block computes the
-    whole run even where it ends before the activation, and one that starts at a placeholder skips the absorbed
-    modules. The absorbed stock modules themselves are block[0], block[1], block[2]."""
+def test_indexing_and_slicing():
+    """The module tree is the stock one: seq[i] is the stock module, len and iteration are the stock ones, and a
+    slice is a plain nn.Sequential of the stock modules computing what the stock slice computes (unfused)."""
     stock, _ = stock_and_block(act=nn.ReLU6())
     ours = dlkern.convert(stock)
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    assert len(ours) == 3 and [type(m) for m in ours] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU6]
+    assert [type(ours[i]) for i in (0, 1, 2, -1)] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU6, nn.ReLU6]
     with torch.no_grad():
-        assert type(ours[1]) is nn.Identity and type(ours[2]) is nn.Identity
-        assert_close(ours[:2](x), stock(x))  # conv + BN + activation, where stock[:2] is conv + BN
-        assert_close(ours[:1](x), stock(x))
-        assert_close(ours[1:](x), x)  # placeholders only
-        block = ours[0]
-        assert block[0] is ours[0][0] and type(block[1]) is nn.BatchNorm2d and type(block[2]) is nn.ReLU6
-        assert type(block[:2]) is nn.Sequential  # a slice of the block is a piece of the stock Sequential
-        assert_close(block[:2](x), stock[:2](x))
+        for piece in (slice(None, 2), slice(None, 1), slice(1, None), slice(2, 3), slice(None)):
+            assert type(ours[piece]) is nn.Sequential and list(ours[piece]) == list(ours)[piece]
+            y = stock[:piece.start](x) if piece.start else x
+            assert_close(ours[piece](y), stock[piece](y))
 
 
 def test_jit_trace():
@@ -564,7 +591,7 @@ def test_jit_trace():
 def test_jit_script_raises_and_export_works():
     stock, _ = stock_and_block()
     ours = dlkern.convert(stock)
-    with pytest.raises(RuntimeError, match=r"dlkern.nn.ConvBNReLU2d: torch.jit.script is not supported"):
+    with pytest.raises(RuntimeError, match=r"Sequential.forward was converted .* torch.jit.script is not supported"):
         torch.jit.script(ours)
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
     for training in (False, True):

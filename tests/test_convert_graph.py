@@ -18,7 +18,6 @@ from torch import nn
 
 import dlkern
 from dlkern import convert_forward, convert_graph
-from dlkern.nn import ConvBNReLU2d
 from dlkern.ops import conv_block
 from dlkern.ops import triton_support
 from helpers import assert_close
@@ -272,7 +271,8 @@ def test_subclasses():
     ours = dlkern.convert(stock)
     report = ours.dlkern_report
     assert report.fused == [("0.conv", "0.bn", "0.act"), ("3", "4", "5")]  # in the model's order
-    assert type(ours[3]) is ConvBNReLU2d and type(ours[3][0]) is DefaultsConv
+    assert type(ours[3]) is DefaultsConv and type(ours[5]) is nn.SiLU  # the module tree as built
+    assert report.fused[1].block == "Sequential.forward of the model"
     unfused = {conv: why for conv, _, why in report.unfused}
     assert "ScaledConv overrides Conv2d.forward" in unfused["1.conv"]
     assert "ShiftedBN overrides BatchNorm2d.forward" in unfused["2.conv"]
@@ -302,12 +302,13 @@ def test_untraceable_forward_is_reported():
     assert report.fused == [("body.0", "body.1", "body.2")]
     why = dict(report.skipped)["conv"]
     assert "torch.fx cannot trace DataDependent.forward" in why and "TraceError" in why
-    assert type(ours) is DataDependent and type(ours.body[0]) is ConvBNReLU2d
+    assert type(ours) is DataDependent and type(ours.body[0]) is nn.Conv2d
     check_same_function(stock, ours, torch.randn(2, 2, 4, 4, dtype=torch.float64))
 
 
 class Branchy(nn.Module):
-    """Reads self.training, a flag and an optional argument; shares a conv output; pools before a BatchNorm."""
+    """Reads self.training, a flag and an optional argument; shares a conv output; pools before a BatchNorm (fused:
+    the pool in the conv's epilogue)."""
 
     def __init__(self):
         super().__init__()
@@ -332,9 +333,10 @@ def test_guards_and_what_is_not_fused(monkeypatch):
     stock = randomize_bn(Branchy()).double()
     ours = dlkern.convert(stock)
     report = ours.dlkern_report
-    assert report.fused == [("conv1", "bn1", "silu(inplace=False)")]
+    assert report.fused == [("conv1", "bn1", "silu(inplace=False)"), ("conv3", "pool", "bn3", "relu(inplace=False)")]
+    assert report.fused[1].pool_before_bn and report.fused[1].pooled
     unfused = {conv: why for conv, _, why in report.unfused}
-    assert "used 2 times" in unfused["conv2"] and "max pool sits between" in unfused["conv3"]
+    assert "used 2 times" in unfused["conv2"] and list(unfused) == ["conv2"]
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     check_same_function(stock, ours, x)  # both modes: traced twice (forward reads self.training)
     calls = FusedCalls(monkeypatch)
@@ -348,7 +350,7 @@ def test_guards_and_what_is_not_fused(monkeypatch):
         assert calls.count == 0
         ours.scale = stock.scale = 1.0
         assert_close(ours(x), stock(x))
-        assert calls.count == 1
+        assert calls.count == 2  # the two fused sites
 
 
 def test_downsample_set_after_conversion():
@@ -464,7 +466,8 @@ def test_graph_module():
     stock = randomize_bn(BasicBlock(3, 3)).double()
     traced = fx.symbolic_trace(stock)
     ours = dlkern.convert(traced)
-    assert ours.dlkern_report.fused == [("conv1", "bn1", "relu"), ("conv2", "bn2")]
+    assert ours.dlkern_report.fused == [("conv1", "bn1", "relu"), ("conv2", "bn2", "relu")]
+    assert ours.dlkern_report.fused[1].residual == "before_act"
     assert "dlkern_convert_graph_fused_conv_bn" in ours.code
     check_same_function(stock, ours, torch.randn(2, 3, 5, 5, dtype=torch.float64))
     assert dlkern.convert(ours).dlkern_report.fused == ours.dlkern_report.fused  # listed again, nothing changed

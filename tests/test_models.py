@@ -9,7 +9,6 @@ from torch import nn
 
 import dlkern
 from dlkern.models import MnistCNN
-from dlkern.nn import ConvBNActPool2d
 from dlkern.ops import triton_support
 from helpers import DEVICES, assert_close
 
@@ -72,7 +71,8 @@ def test_construction():
     assert list(ours.state_dict()) == list(ref.state_dict()) == SEED_KEYS
     for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), name  # building draws the same random numbers
-    assert [type(m) for m in ours.mymodel] == [ConvBNActPool2d, nn.Identity, nn.Identity, nn.Identity] * 3
+    assert [type(m) for m in ours.mymodel] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d] * 3  # as built
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
     assert type(ours.filter[1]) is dlkern.nn.ReLU and type(ref.filter[1]) is nn.ReLU
     assert not any(type(m).__module__.startswith("dlkern") for m in ref.children() for m in m.modules())
     assert MnistCNN(3, 7, backend="torch")(torch.randn(2, 3, 28, 28)).shape == (2, 7)
@@ -95,7 +95,7 @@ def test_outputs_and_gradients_match(dtype, training):
     out_ours.backward(g)
     out_ref.backward(g)
     assert_tensor_close("input grad", x_ours.grad, x_ref.grad)
-    # Parameters come in the same order (ours are named mymodel.0.0.weight, ... inside the fused blocks).
+    # Parameters come in the same order, with the same names.
     for (name, expected), p in zip(ref.named_parameters(), ours.parameters(), strict=True):
         assert_tensor_close(name, p.grad, expected.grad)
     for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):  # running statistics
