@@ -20,6 +20,7 @@ import torch
 from dlkern.data import MNIST_MEAN, MNIST_STD, DatasetError, load_mnist, synthetic_digits
 from dlkern.models import MnistCNN
 from dlkern import train as train_module
+from dlkern import train_data, train_records, train_steps
 from dlkern.train import UsageError, build_parser, run
 
 TINY = ["--dataset", "synthetic", "--backend", "torch", "--epochs", "1", "--train-size", "200", "--test-size", "64",
@@ -318,11 +319,9 @@ def test_threads(tmp_path):
 
 
 def test_plot_title(tmp_path):
-    from dlkern.train import _title
-
     metrics = train(tmp_path, *TINY, "--train-size", "8", "--test-size", "8", "--amp", "bf16")
-    assert _title(metrics) == ("MnistCNN, backend torch, synthetic (8 train / 8 test), device cpu, amp bf16, "
-                               "batch 64, seed 0")
+    assert train_records.run_title(metrics) == (
+        "MnistCNN, backend torch, synthetic (8 train / 8 test), device cpu, amp bf16, batch 64, seed 0")
 
 
 def test_drawing_shows_progress(capsys):
@@ -348,7 +347,7 @@ def _batches(sizes, seed=0):
 
 
 def _replayed_eagerly(fn):
-    """A CPU stand-in for dlkern.train._capture. A CUDA capture records fn without running it and the first
+    """A CPU stand-in for dlkern.train_steps.capture. A CUDA capture records fn without running it and the first
     replay runs it; here capture runs fn at once (the static inputs already hold the batch the first replay would
     see) and that first replay does nothing. Later replays run fn on the static inputs and copy its outputs into
     the tensors capture returned, as a graph rewrites its own outputs."""
@@ -371,16 +370,16 @@ def test_graphed_step_schedule_and_bookkeeping(monkeypatch):
     batches and a smaller last one, 3 warm-up steps, then replays of the captured step for every full batch (each
     copied into the static inputs) and the smaller batches eagerly -- every sample trains and counts, and the
     loss and accuracy sums, the sample count and the final weights equal the eager loop's exactly."""
-    monkeypatch.setattr(train_module, "_capture", _replayed_eagerly)
-    monkeypatch.setattr(train_module, "_on_side_stream", contextlib.nullcontext)
+    monkeypatch.setattr(train_steps, "capture", _replayed_eagerly)
+    monkeypatch.setattr(train_steps, "on_side_stream", contextlib.nullcontext)
     torch.manual_seed(0)
     eager_model = MnistCNN(backend="torch")  # the schedule is the same for either backend; torch is quicker here
     graph_model = copy.deepcopy(eager_model)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (eager_model, graph_model)]
-    steps = [train_module._eager_step(m, opt, scaler, None, torch.device("cpu"))
+    steps = [train_steps.eager_step(m, opt, scaler, None, torch.device("cpu"))
              for m, opt in zip((eager_model, graph_model), optimizers)]
-    graphed = train_module._GraphedStep(steps[1], optimizers[1])
+    graphed = train_steps.GraphedStep(steps[1], optimizers[1])
     bar = train_module._bar(False, None, 0, "")
     for epoch in range(2):
         batches = _batches([4] * 6 + [3], seed=epoch)
@@ -404,9 +403,9 @@ def test_cuda_graph_replays_match_eager_steps():
     graph_model = copy.deepcopy(eager_model)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2, capturable=True) for m in (eager_model, graph_model)]
-    steps = [train_module._eager_step(m, opt, scaler, None, device, cache_casts=False)
+    steps = [train_steps.eager_step(m, opt, scaler, None, device, cache_casts=False)
              for m, opt in zip((eager_model, graph_model), optimizers)]
-    graphed = train_module._GraphedStep(steps[1], optimizers[1])
+    graphed = train_steps.GraphedStep(steps[1], optimizers[1])
     bar = train_module._bar(False, None, 0, "")
     for epoch in range(2):
         batches = [(x.to(device), y.to(device)) for x, y in _batches([8] * 5 + [5], seed=epoch)]
@@ -522,7 +521,7 @@ def test_ctrl_c_ends_cleanly(tmp_path):
 def _interrupt_at_step(monkeypatch, n):
     """Every training step counted; the n-th raises KeyboardInterrupt before it runs (as a Ctrl-C there would)."""
     calls = []
-    make_step = train_module._eager_step
+    make_step = train_module.eager_step  # what the epoch loop calls
 
     def eager_step(*args, **kwargs):
         step = make_step(*args, **kwargs)
@@ -535,7 +534,7 @@ def _interrupt_at_step(monkeypatch, n):
 
         return interrupted_step
 
-    monkeypatch.setattr(train_module, "_eager_step", eager_step)
+    monkeypatch.setattr(train_module, "eager_step", eager_step)
 
 
 SMALL = [*TINY, "--train-size", "64", "--test-size", "16", "--batch-size", "16"]  # 4 steps per epoch
@@ -574,7 +573,7 @@ def test_interrupted_before_training(tmp_path, monkeypatch, capsys):
     def drawing(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "synthetic_digits", drawing)
+    monkeypatch.setattr(train_data, "synthetic_digits", drawing)
     assert _main([*SMALL, "--out-dir", str(tmp_path)]) == 130
     assert capsys.readouterr().err == "dlkern.train: interrupted before training started; nothing written\n"
     assert os.listdir(tmp_path) == []
@@ -593,13 +592,13 @@ def _python_sigint_handler():
 def test_ctrl_c_waits_for_the_checkpoint_and_its_metrics(tmp_path, monkeypatch, capsys):
     """A real SIGINT while model.pth is being written: the write finishes, metrics.json names it, the epoch's
     line is printed, and only then does the run stop ("after epoch 1"), with a consistent record."""
-    save = train_module._save_checkpoint
+    save = train_module.save_checkpoint
 
     def save_during_ctrl_c(*args):
         signal.raise_signal(signal.SIGINT)
         save(*args)
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_during_ctrl_c)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_during_ctrl_c)
     with _python_sigint_handler():
         assert _main([*SMALL, "--epochs", "2", "--out-dir", str(tmp_path)]) == 130
     out, err = capsys.readouterr()
@@ -612,7 +611,7 @@ def test_ctrl_c_waits_for_the_checkpoint_and_its_metrics(tmp_path, monkeypatch, 
     # the context manager itself: the block runs to its end, then the signal is delivered
     reached = []
     with _python_sigint_handler(), pytest.raises(KeyboardInterrupt):
-        with train_module._sigint_deferred():
+        with train_records.sigint_deferred():
             signal.raise_signal(signal.SIGINT)
             reached.append(1)
     assert reached == [1]
