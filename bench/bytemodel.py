@@ -13,6 +13,8 @@ CUDA graph).
 Update the tables when a kernel changes: DLKERN_FWD / DLKERN_BWD follow kernels/conv_bn.py and
 dlkern/ops/conv_bn.py as they launch them; EAGER_FWD / EAGER_BWD are ATen's CUDA kernels for the same ops.
 
+bench/bytemodel_resnet.py counts ResNet-18's training step the same way, with these rows and namespaces.
+
     python bench/bytemodel.py [--batches 64,1024,8192] [--no-tf32]
 """
 
@@ -58,13 +60,29 @@ class Kernel:
 # z's size: out, g, gz), pooled/gp: the pooled output and its gradient, idx: the pool's int64 indices, w: the
 # conv weight, vec: one per-channel vector (bias, gamma, mean, ...).
 
-DLKERN_FWD = (
-    Kernel("conv_fwd_kernel", "x + w + vec", "z + fwd_part", "2*M*C*K", "gemm",
-           note="not counted: x re-read per tap (KH*KW) through the cache"),
+# BatchNorm's statistics merge (dlkern) and its forward kernels after the conv (eager), shared with
+# bench/bytemodel_resnet.py, as are the weight gradient's kernels and the loss's.
+STATS_MERGE = (
     Kernel("bn_stats_finalize_kernel (first level)", "fwd_part", "merged_part", "10*TILES*C",
            when="TILES > MERGE_TILES", note="merges groups of 1024 partials, in parallel"),
     Kernel("bn_stats_finalize_kernel", "final_part + 2*vec + 8", "3*vec + 2*vec", "10*FINAL_TILES*C",
            note="writes stats (mean, invstd, var), updates running mean and var"),
+)
+DLKERN_WGRAD = (
+    Kernel("conv_bwd_weight_kernel", "gz + x", "wgrad_part", "2*M*C*K", "gemm",
+           note="not counted: x re-read per tap through the cache"),
+    Kernel("sum_splits_kernel", "wgrad_part", "dw + vec", "wgrad_part // 4"),
+)
+EAGER_BN_FWD = (
+    Kernel("num_batches_tracked add_", "8", "8"),
+    Kernel("BN statistics", "z", "2*vec", "3*Z"),
+    Kernel("BN running update + invstd", "4*vec", "3*vec", "10*C"),
+    Kernel("BN normalize", "z + 4*vec", "out", "2*Z"),
+)
+DLKERN_FWD = (
+    Kernel("conv_fwd_kernel", "x + w + vec", "z + fwd_part", "2*M*C*K", "gemm",
+           note="not counted: x re-read per tap (KH*KW) through the cache"),
+    *STATS_MERGE,
     Kernel("bn_act_pool_fwd_kernel", "z + 4*vec + 8", "pooled + pos + 8", "4*Z + P",
            note="normalize + activation + max pool (ConvBNActPool2d): the full-resolution activation is never "
                 "written; the argmax is one byte per pooled element"),
@@ -76,18 +94,13 @@ DLKERN_BWD = (
            note="not counted: every program re-reads all splits' partials (L2)"),
     Kernel("conv_bwd_input_kernel", "gz + w", "dx", "2*M_IN*C_IN*C*KH*KW", "gemm", when="not first",
            note="not counted: gz re-read per tap through the cache"),
-    Kernel("conv_bwd_weight_kernel", "gz + x", "wgrad_part", "2*M*C*K", "gemm",
-           note="not counted: x re-read per tap through the cache"),
-    Kernel("sum_splits_kernel", "wgrad_part", "dw + vec", "wgrad_part // 4"),
+    *DLKERN_WGRAD,
 )
 
 EAGER_FWD = (
     Kernel("cuDNN conv fwd", "x + w", "z", "2*M*C*K", "gemm"),
     Kernel("conv bias add_", "z + vec", "z", "Z"),
-    Kernel("num_batches_tracked add_", "8", "8"),
-    Kernel("BN statistics", "z", "2*vec", "3*Z"),
-    Kernel("BN running update + invstd", "4*vec", "3*vec", "10*C"),
-    Kernel("BN normalize", "z + 4*vec", "out", "2*Z"),
+    *EAGER_BN_FWD,
     Kernel("ReLU", "out", "out", "Z"),
     Kernel("max_pool2d_with_indices", "out", "pooled + idx", "3*P"),
 )
@@ -108,18 +121,27 @@ EAGER_BWD = (
 # cuBLAS matmuls run in plain fp32: torch.backends.cuda.matmul.allow_tf32 is False by default.
 
 
+# cross-entropy over the logits (B x OUT), forward and backward
+LOSS_FWD = (
+    Kernel("log_softmax", "logits", "logits", "4*B*OUT"),
+    Kernel("nll_loss fwd", "B*E + tgt", "2*E", "B"),
+)
+LOSS_BWD = (
+    Kernel("ones_like (the loss's seed)", "0", "E"),
+    Kernel("nll_loss bwd", "E + tgt", "logits"),
+    Kernel("log_softmax bwd", "2*logits", "logits", "3*B*OUT"),
+)
+
+
 def _head(relu):
     fwd = (
         Kernel("addmm (Linear 1)", "flat + w1 + b1", "h", "2*B*IN*HID"),
         Kernel(f"{relu} fwd", "h", "h", "B*HID"),
         Kernel("addmm (Linear 2)", "h + w2 + b2", "logits", "2*B*HID*OUT"),
-        Kernel("log_softmax", "logits", "logits", "4*B*OUT"),
-        Kernel("nll_loss fwd", "B*E + tgt", "2*E", "B"),
+        *LOSS_FWD,
     )
     bwd = (
-        Kernel("ones_like (the loss's seed)", "0", "E"),
-        Kernel("nll_loss bwd", "E + tgt", "logits"),
-        Kernel("log_softmax bwd", "2*logits", "logits", "3*B*OUT"),
+        *LOSS_BWD,
         Kernel("mm (Linear 2 grad input)", "logits + w2", "h", "2*B*HID*OUT"),
         Kernel("mm (Linear 2 grad weight)", "logits + h", "w2", "2*B*HID*OUT"),
         Kernel("sum (Linear 2 grad bias)", "logits", "b2", "B*OUT"),
@@ -228,7 +250,7 @@ def _eval(expr, sizes):
     return eval(expr, {"__builtins__": {}}, sizes)
 
 
-def _count(table, sizes, where, gemm_peak):
+def count_kernels(table, sizes, where, gemm_peak):
     """One dict (kernel, where, reads, writes, flops, seconds) per kernel of ``table`` that runs with ``sizes``."""
     out = []
     for k in table:
@@ -253,11 +275,11 @@ def step_kernels(impl, batch, allow_tf32=True):
     head = head_sizes(linears, batch)
     kernels = []
     for i, s in enumerate(sizes):
-        kernels += _count(fwd, s, f"block {i + 1}", gemm)
-    kernels += _count(head_fwd + head_bwd, head, "head", gemm)
+        kernels += count_kernels(fwd, s, f"block {i + 1}", gemm)
+    kernels += count_kernels(head_fwd + head_bwd, head, "head", gemm)
     for i, s in reversed(list(enumerate(sizes))):
-        kernels += _count(bwd, s, f"block {i + 1}", gemm)
-    return kernels + _count(ADAM, optimizer_sizes(parameters), "Adam", gemm)
+        kernels += count_kernels(bwd, s, f"block {i + 1}", gemm)
+    return kernels + count_kernels(ADAM, optimizer_sizes(parameters), "Adam", gemm)
 
 
 def totals(kernels):
@@ -289,9 +311,15 @@ GROUPS = {"head": "head and loss: Linear, ReLU, cross-entropy", "Adam": "Adam (f
 def breakdown(impl, batch, allow_tf32=True):
     """Per kernel name, summed over the blocks it runs in (the head and loss, and Adam, one row each), then the
     step's total: launches, MB read and written, GFLOP, roofline us and its share of the step."""
+    return summed(step_kernels(impl, batch, allow_tf32), GROUPS)
+
+
+def summed(kernels, groups):
+    """:func:`breakdown` of any step's `kernels`: one row per kernel name, the kernels of a place named in
+    `groups` ({where: row name}) summed into one row, then the step's total."""
     table = {}
-    for k in step_kernels(impl, batch, allow_tf32):
-        name, note = (GROUPS[k["where"]], "") if k["where"] in GROUPS else (k["kernel"].name, k["kernel"].note)
+    for k in kernels:
+        name, note = (groups[k["where"]], "") if k["where"] in groups else (k["kernel"].name, k["kernel"].note)
         r = table.setdefault(name, dict(kernel=name, launches=0, read_mb=0.0, written_mb=0.0, gflop=0.0, us=0.0,
                                         note=note))
         r["launches"] += k["kernel"].launches

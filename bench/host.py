@@ -7,7 +7,11 @@ side by side in one run:
 - activations (every one, ``fwd`` without grad and ``fwd+bwd``: forward and ``torch.autograd.grad``), the max
   pool (``fwd``, ``fwd+bwd``), the fused conv block (``train-fwd``, ``train-fwd+bwd``, ``eval``) against
   Conv2d -> BatchNorm2d -> ReLU, and the MnistCNN ``train-step`` (zero_grad, forward, cross-entropy, backward,
-  Adam) and ``inference`` (eval forward under no_grad), with kernel launches per call (``launches``).
+  Adam) and ``inference`` (eval forward under no_grad), with kernel launches per call (``launches``);
+- a ResNet-18 ``train-step`` (zero_grad, forward, cross-entropy, backward, SGD with momentum), ``dlkern.convert``
+  of the model against the stock one, on a stand-in (bench/cnn_models.py's ``tiny_resnet18``: torchvision's
+  ResNet and BasicBlock code, the same 20 conv -> BatchNorm sites, 8 channels in every stage, 2 images of
+  3x32x32 on every device), so that neither side's time is arithmetic.
 
 How, on a GPU: CUDA tensors at batch 64; ``ms`` is the enqueue time (no synchronization inside the timed call;
 the queue is drained between calls) and ``wall_ms`` the time with a final synchronization.
@@ -33,6 +37,7 @@ import dlkern.functional as F
 from dlkern.catalog import CATALOG
 from dlkern.models import MnistCNN
 from dlkern.ops import triton_support
+from cnn_models import tiny_resnet18
 from timing import print_table
 
 # dlkern activation -> (dlkern call, eager call), on an input x (channelwise weight w of C elements): every
@@ -64,8 +69,8 @@ NO_KERNEL = {
 FILLS = {"fill_", "zero_", "zeros", "zeros_like", "new_zeros", "ones_like", "full", "full_like", "_foreach_zero_"}
 # dlkern's Triton ops: counted by the launches they make (the C++ max pool ops are one kernel each).
 TRITON_OPS = {"activation", "activation_", "activation_backward", "activation_channelwise",
-              "activation_channelwise_backward", "conv_bn_act2d", "conv_bias_act2d", "conv_bn_eval_act2d",
-              "conv_bn_act2d_backward", "conv_bn_act_pool2d", "conv_bn_act_pool2d_backward", "conv_bn_eval_act_pool2d"}
+              "activation_channelwise_backward", "conv_bn_train2d", "conv_bn_infer2d", "conv_bias_act2d",
+              "conv_bn_block2d_backward"}
 
 
 def _median_us(fn, run, sync):
@@ -96,8 +101,9 @@ def count_launches(fn):
             namespace, name = func.namespace, func._opname
             before = sum(triton_support.launch_counts.values())
             out = func(*args, **(kwargs or {}))
-            if namespace == "dlkern" and name in TRITON_OPS:
-                counts["kernels"] += sum(triton_support.launch_counts.values()) - before
+            if namespace == "dlkern":  # its Triton launches; an op that made none is a C++ kernel (max pool)
+                launched = sum(triton_support.launch_counts.values()) - before
+                counts["kernels"] += launched if launched or name in TRITON_OPS else 1
             elif name not in NO_KERNEL and not _host_scalars_only(name, args, kwargs):
                 counts["kernels"] += 1
                 counts["fills"] += name in FILLS
@@ -178,7 +184,32 @@ def _cases(run, batch, device):
     for pass_ in ("train-step", "inference"):
         cases.append(("MnistCNN", pass_, _model_call("dlkern", pass_, batch, device),
                       _model_call("torch", pass_, batch, device)))
+    cases.append((RESNET_CASE, "train-step", _resnet_step(True, device), _resnet_step(False, device)))
     return cases
+
+
+RESNET_CASE = "ResNet-18 stand-in"
+RESNET_INPUT = (2, 3, 32, 32)  # BatchNorm trains on 2 values a channel at layer4's 1x1 maps
+
+
+def _resnet_step(converted, device):
+    """A training step of the stand-in ResNet-18 (bench/cnn_models.py), dlkern.convert-ed or stock: zero_grad,
+    forward, cross-entropy, backward, SGD with momentum (foreach, CUDA's default)."""
+    import dlkern
+
+    torch.manual_seed(0)
+    model = tiny_resnet18().to(device)
+    if converted:
+        model = dlkern.convert(model)
+    x = torch.randn(RESNET_INPUT, device=device)
+    y = torch.randint(0, 10, (RESNET_INPUT[0],), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        TF.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
 
 
 def _model_call(backend, pass_, batch, device):
@@ -223,7 +254,7 @@ def run_suite(run):
 
         dlkern_path = stand_in_gpu
         how = ("no GPU: dlkern's GPU launch path with a stand-in Triton driver (nothing compiled or launched), "
-               "eager PyTorch on CPU tensors; batch 1")
+               "eager PyTorch on CPU tensors; batch 1 (the ResNet-18 stand-in: 2)")
     print(f"host: {how}")
     rows = []
     # Under the stand-in driver dlkern's outputs are never written: uninitialized memory, whose denormals would make
@@ -237,13 +268,14 @@ def run_suite(run):
             for case, pass_, ours, theirs in cases:
                 us, spread, wall = measure(ours)
                 launches, fills = count_launches(ours)
-                rows.append(dict(suite="host", case=case, impl="dlkern", batch=batch, ms=us / 1e3,
+                rows.append(dict(suite="host", case=case, impl="dlkern", batch=_batch(case, batch), ms=us / 1e3,
                                  spread_us=spread, wall_ms=None if wall is None else wall / 1e3,
                                  launches=launches, fills=fills, note=how, **{"pass": pass_}))
         for case, pass_, ours, theirs in cases:
             us, spread, wall = measure(theirs)
             launches, fills = count_launches(theirs)
-            rows.append(dict(suite="host", case=case, impl="eager", batch=batch, ms=us / 1e3, spread_us=spread,
+            rows.append(dict(suite="host", case=case, impl="eager", batch=_batch(case, batch), ms=us / 1e3,
+                             spread_us=spread,
                              wall_ms=None if wall is None else wall / 1e3, launches=launches, fills=fills,
                              note=how, **{"pass": pass_}))
     if flushed:
@@ -257,4 +289,10 @@ def run_suite(run):
                 [("case", "case", "{}"), ("pass", "pass", "{}"), ("impl", "impl", "{}"), ("us", "µs", "{:.1f}"),
                  ("spread_us", "p90-min µs", "{:.1f}"), ("host_ratio", "x eager", "{:.2f}"),
                  ("launches", "launches", "{}"), ("fills", "fills", "{}")])
+    print(f"host: {RESNET_CASE}: torchvision's ResNet-18 code (20 conv -> BatchNorm sites) at 8 channels a stage, "
+          f"{'x'.join(map(str, RESNET_INPUT))} inputs, SGD with momentum; dlkern = dlkern.convert(model)")
     return rows
+
+
+def _batch(case, batch):
+    return RESNET_INPUT[0] if case == RESNET_CASE else batch

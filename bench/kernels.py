@@ -14,9 +14,10 @@ ragged last batch, eval at batch 1000): what a first run waits for before its fi
 autotuner's benchmarking on the GPU (not counted here). Variants compile in parallel processes; the figure is
 the sum of their CPU seconds, what one process compiling them in turn would take.
 
-The byte model (bench/bytemodel.py, printed first, on every machine): each kernel's compulsory DRAM bytes and
-FLOPs in a MnistCNN fp32 training step at batch 64, 1024 and 8192, dlkern's beside eager PyTorch's, with the
-H200 roofline time -- a model, not a measurement.
+The byte models (printed first, on every machine): each kernel's compulsory DRAM bytes and FLOPs in a MnistCNN
+fp32 training step at batch 64, 1024 and 8192 (bench/bytemodel.py), and in a ResNet-18 fp32 training step at
+batch 256, 32x32 (bench/bytemodel_resnet.py), dlkern's beside eager PyTorch's, with the H200 roofline time -- a
+model, not a measurement.
 
 --quick compiles a fixed sample of the batch-64 variants (every untuned one and 4 autotuned); the full run
 compiles them all,
@@ -29,6 +30,7 @@ import tempfile
 import time
 
 import bytemodel
+import bytemodel_resnet
 from timing import print_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,6 +95,9 @@ def _summary(compiled, check):
 def run_suite(run):
     model_rows = bytemodel.rows()  # arithmetic only: printed whatever the machine
     bytemodel.report(model_rows)
+    resnet_rows = bytemodel_resnet.rows()
+    bytemodel_resnet.report(resnet_rows)
+    model_rows += resnet_rows
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         run.skip("kernels", "the compiled variants", "TRITON_INTERPRET is set: the kernels are not compiled for a GPU")
         return model_rows

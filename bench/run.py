@@ -1,15 +1,21 @@
 """dlkern's benchmark: every suite side by side with PyTorch, in one run, on this machine's device.
 
-    python bench/run.py [--suite host,maxpool,model,activations,convbn,accuracy,kernels] [--quick] [--device cuda|cpu]
-                        [--out DIR] [--dtype fp32,bf16] [--sizes 20,26] [--batches 64,8192] [--ops relu,gelu]
-                        [--compile-modes default,reduce-overhead,max-autotune] [--threads N] [--data-dir DIR]
+    python bench/run.py [--suite host,maxpool,model,activations,convbn,cnn,coverage,accuracy,kernels] [--quick]
+                        [--device cuda|cpu] [--out DIR] [--dtype fp32,bf16] [--sizes 20,26] [--batches 64,8192]
+                        [--ops relu,gelu] [--compile-modes default,reduce-overhead,max-autotune] [--threads N]
+                        [--data-dir DIR]
 
-Suites (one file each under bench/): host (the host time of dlkern's calls and of a MnistCNN step against eager
-PyTorch's, with launches per step; on a CPU through dlkern's real GPU launch path with a stand-in driver), maxpool (dlkern's max pool against ATen's), model (the MNIST CNN's training
-step and inference, eager, in a CUDA graph and under torch.compile), activations and convbn (dlkern's Triton
-kernels against eager PyTorch and torch.compile; GPU only), accuracy (seconds of training to a test accuracy: 99% on MNIST, 90% on the synthetic digits),
-kernels (registers, spills, shared memory, occupancy and MMA instruction of every Triton kernel variant a MnistCNN
-step compiles for sm_90, and the cold-start compile time; compiled on the CPU, no GPU needed).
+Suites (one file each under bench/; --suites is --suite): host (the host time of dlkern's calls, of a MnistCNN
+step and of a ResNet-18 stand-in's against eager PyTorch's, with launches per step; on a CPU through dlkern's real
+GPU launch path with a stand-in driver), maxpool (dlkern's max pool against ATen's), model (the MNIST CNN's
+training step and inference, eager, in a CUDA graph and under torch.compile), activations and convbn (dlkern's
+Triton kernels against eager PyTorch and torch.compile; GPU only), cnn (ResNet-18, ResNet-50 and a fast CIFAR-10
+net converted with dlkern.convert, against eager and torch.compile, in images/s; GPU only), coverage (fusion.py:
+the conv -> BatchNorm sites dlkern.convert fuses in torchvision's models and the CIFAR-10 net; any machine),
+accuracy (seconds of training to a test accuracy: 99% on MNIST, 90% on the synthetic digits), kernels (the byte
+models of a MnistCNN and a ResNet-18 training step; registers, spills, shared memory, occupancy and MMA
+instruction of every Triton kernel variant a MnistCNN step compiles for sm_90, and the cold-start compile time;
+compiled on the CPU, no GPU needed).
 
 Writes to DIR (default bench/out): results.csv (one row per measurement, each with the device, torch/triton/CUDA
 versions, git commit and the run's start time), PNG plots, and targets.md / targets.csv (the H200 targets of
@@ -30,7 +36,9 @@ sys.path.insert(0, HERE)
 
 # torch, dlkern and the suites are imported once the options have been checked: a mistyped option fails in a
 # fraction of a second, in argparse's one line and exit status 2, before anything is imported or measured.
-SUITES = ["host", "maxpool", "model", "activations", "convbn", "accuracy", "kernels"]
+SUITES = ["host", "maxpool", "model", "activations", "convbn", "cnn", "coverage", "accuracy", "kernels"]
+MODULES = {"coverage": "fusion"}  # a suite's module under bench/, where it is not the suite's name (not coverage.py:
+# the coverage package's name)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}  # -> torch.<name>
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]
 OPS_SUITES = ["host", "activations"]  # the suites that time activations, each from its own table (_known_ops)
@@ -80,6 +88,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", type=_list(_choice(SUITES)), default=SUITES,
                    help=f"comma-separated, from {','.join(SUITES)}")
+    p.add_argument("--suites", type=_list(_choice(SUITES)), dest="suite", help=argparse.SUPPRESS)  # the same
     p.add_argument("--quick", action="store_true",
                    help="few sizes, batches, ops and repetitions; torch.compile in default mode only for the conv "
                         "blocks, default and reduce-overhead at the first batch only for the model")
@@ -191,7 +200,7 @@ def main(argv=None):
     for suite in args.suite:
         start = time.perf_counter()
         try:
-            rows += importlib.import_module(suite).run_suite(run)
+            rows += importlib.import_module(MODULES.get(suite, suite)).run_suite(run)
         except Exception as e:  # a broken suite must not cost the others their results
             run.fail(suite, "the suite", e)
         print(f"[{suite}: {time.perf_counter() - start:.0f} s]")

@@ -83,19 +83,39 @@ TARGETS = [
                           **{"pass": "train-step"})),
     ("model inference", "model inference at batch 64 >= 2x eager",
      lambda rows: _faster(rows, "model", "dlkern", ("eager",), 2.0, batch=64, **{"pass": "inference"})),
+    ("cnn: ResNet-18 vs eager", "ResNet-18 training step, dlkern.convert-ed (batch 256, 32x32, channels_last, every "
+     "dtype run) >= 1.3x eager", lambda rows: _faster(rows, "cnn", "dlkern", ("eager",), 1.3, case="resnet18",
+                                                       **{"pass": "train-step"})),
+    ("cnn: ResNet-18 vs compile", "ResNet-18 training step, dlkern.convert-ed >= torch.compile (default)",
+     lambda rows: _faster(rows, "cnn", "dlkern", ("compile",), 1.0, case="resnet18", **{"pass": "train-step"})),
 ]
 
 
+def _step_launches(rows, case):
+    """{impl: the host suite's train-step row of `case`} for the rows that counted launches."""
+    return {r["impl"]: r for r in rows if r["suite"] == "host" and r.get("case") == case
+            and r.get("pass") == "train-step" and r.get("launches") is not None}
+
+
 def _launches(rows, most):
-    step = [r for r in rows if r["suite"] == "host" and r["impl"] == "dlkern" and r.get("pass") == "train-step"
-            and r.get("launches") is not None]
-    if not step:
+    step = _step_launches(rows, "MnistCNN")
+    if "dlkern" not in step:
         return None, "not measured (host suite, MnistCNN train-step)"
-    r = step[0]
-    eager = [e["launches"] for e in rows if e["suite"] == "host" and e["impl"] == "eager"
-             and e.get("pass") == "train-step"]
+    r, eager = step["dlkern"], step.get("eager", {}).get("launches", "?")
     return r["launches"] <= most and not r["fills"], (f"{r['launches']} launches, {r['fills']} fills per step "
-                                                      f"(eager: {eager[0] if eager else '?'})")
+                                                      f"(eager: {eager})")
+
+
+def _launches_vs_eager(rows, case):
+    """dlkern's launches per training step of `case` at most eager's."""
+    step = _step_launches(rows, case)
+    if not {"dlkern", "eager"} <= set(step):
+        return None, f"not measured (host suite, {case} train-step)"
+    ours, theirs = step["dlkern"]["launches"], step["eager"]["launches"]
+    return ours <= theirs, f"{ours} launches per step, eager {theirs}"
+
+
+RESNET_HOST = "ResNet-18 stand-in"  # bench/host.py's RESNET_CASE
 
 
 # Host-time targets (the host suite): evaluated on every machine, CPU runs included -- the host path is the same
@@ -114,6 +134,11 @@ HOST_TARGETS = [
      lambda rows: _faster(rows, "host", "dlkern", ("eager",), 1.0, **{"pass": "train-fwd+bwd"})),
     ("host: launches", "MnistCNN training step (fp32): <= 40 kernel launches, none a fill",
      lambda rows: _launches(rows, 40)),
+    ("host: ResNet-18 step", "ResNet-18 training step, dlkern.convert-ed (stand-in: 8 channels a stage, 2x3x32x32): "
+     "host time <= 1.0x eager's", lambda rows: _faster(rows, "host", "dlkern", ("eager",), 1.0, case=RESNET_HOST,
+                                                       **{"pass": "train-step"})),
+    ("host: ResNet-18 launches", "ResNet-18 training step (stand-in), dlkern.convert-ed: kernel launches <= eager's",
+     lambda rows: _launches_vs_eager(rows, RESNET_HOST)),
 ]
 
 
@@ -141,13 +166,13 @@ def _cold_start(rows, most_s):
     return r["compile_s"] <= most_s and not r["errors"], f"{r['compile_s']:.0f} CPU s, {r['variants']} variants"
 
 
-def _byte_model(rows, batch, most):
+def _byte_model(rows, batch, most, case="byte model"):
     """The kernels suite's byte model (a model, not a measurement): dlkern's modeled DRAM bytes per fp32
-    training step over eager PyTorch's, at `batch`."""
-    step = {r["impl"]: r for r in rows if r["suite"] == "kernels" and r.get("case") == "byte model"
+    training step over eager PyTorch's, at `batch` (`case`: the MnistCNN's, or "byte model ResNet-18")."""
+    step = {r["impl"]: r for r in rows if r["suite"] == "kernels" and r.get("case") == case
             and r.get("batch") == batch and r.get("dtype") == "float32"}
     if not {"dlkern", "eager"} <= set(step):
-        return None, f"not measured (kernels suite: byte model at batch {batch})"
+        return None, f"not measured (kernels suite: {case} at batch {batch})"
     ratio = step["dlkern"]["model_bytes"] / step["eager"]["model_bytes"]
     return ratio <= most, (f"modeled: dlkern {step['dlkern']['model_bytes'] / 1e9:.2f} GB, eager "
                            f"{step['eager']['model_bytes'] / 1e9:.2f} GB per step: {ratio:.2f}x")
@@ -168,6 +193,8 @@ KERNEL_TARGETS = [
      "empty cache", lambda rows: _cold_start(rows, 60)),
     ("kernels: byte model", "MnistCNN training step at batch 8192, fp32: dlkern's modeled DRAM bytes <= 0.5x eager's",
      lambda rows: _byte_model(rows, 8192, 0.5)),
+    ("kernels: ResNet-18 byte model", "ResNet-18 training step at batch 256, 32x32, fp32: dlkern's modeled DRAM "
+     "bytes <= 0.6x eager's", lambda rows: _byte_model(rows, 256, 0.6, "byte model ResNet-18")),
 ]
 
 

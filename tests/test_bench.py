@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from dlkern.catalog import CATALOG
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV_COLUMNS = {"device", "torch", "triton", "cuda", "commit", "timestamp"}
 
@@ -61,6 +63,7 @@ def test_maxpool_and_model_rows(quick_run):
 def test_gpu_only_parts_say_they_were_skipped(quick_run):
     out, stdout, _ = quick_run
     for message in ["activations: skipped the whole suite", "convbn: skipped the whole suite",
+                    "cnn: skipped the whole suite: CUDA only",
                     "model: skipped dlkern+graph and torch.compile variants", "accuracy: skipped the dlkern backend",
                     "accuracy: skipped MNIST"]:
         assert message in stdout
@@ -78,15 +81,15 @@ def test_plots_and_targets_written(quick_run):
     with open(out / "targets.csv", newline="") as f:
         targets = list(csv.DictReader(f))
     gpu = [t for t in targets if not t["target"].startswith(("host: ", "cpu: ", "kernels: "))]
-    assert len(gpu) == 11 and {t["met"] for t in gpu} == {"not measured"}
+    assert len(gpu) == 13 and {t["met"] for t in gpu} == {"not measured"}
     cpu = [t for t in targets if t["target"].startswith("cpu: ")]
     assert len(cpu) == 2 and all(t["met"] in ("yes", "no") for t in cpu), cpu
-    assert "H200 targets, 11, not evaluated without a GPU" in stdout
+    assert "H200 targets, 13, not evaluated without a GPU" in stdout
     host = [t for t in targets if t["target"].startswith("host: ")]
-    assert len(host) == 6 and all(t["met"] in ("yes", "no") for t in host), host  # measured on a CPU too
+    assert len(host) == 8 and all(t["met"] in ("yes", "no") for t in host), host  # measured on a CPU too
     kernels = {t["target"]: t["met"] for t in targets if t["target"].startswith("kernels: ")}
     assert kernels.pop("kernels: cold start") == "not measured"  # not with --quick
-    assert len(kernels) == 5 and set(kernels.values()) <= {"yes", "no"}, kernels  # compiled on the CPU, the model
+    assert len(kernels) == 6 and set(kernels.values()) <= {"yes", "no"}, kernels  # compiled on the CPU, the models
 
 
 def test_host_rows(quick_run):
@@ -103,6 +106,35 @@ def test_host_rows(quick_run):
     # The stand-in driver lets the Triton path run on CPU tensors: the fused blocks' kernels are among the launches.
     assert int(step["launches"]) > 20
     assert "stand-in Triton driver" in stdout
+
+
+def test_host_resnet_rows(quick_run):
+    """The host suite's ResNet-18 training step: the stand-in replica (batch 2), dlkern.convert-ed against stock,
+    host time and launches side by side; its 20 fused sites launch at least their 20 forward GEMMs."""
+    _, stdout, rows = quick_run
+    resnet = {r["impl"]: r for r in rows if r["suite"] == "host" and r["case"] == "ResNet-18 stand-in"}
+    assert set(resnet) == {"dlkern", "eager"}
+    for r in resnet.values():
+        assert r["pass"] == "train-step" and r["batch"] == "2" and float(r["ms"]) > 0 and int(r["launches"]) > 20
+    assert float(resnet["dlkern"]["host_ratio"]) == pytest.approx(float(resnet["dlkern"]["ms"]) /
+                                                                  float(resnet["eager"]["ms"]), rel=1e-4)
+    assert "ResNet-18 stand-in: torchvision's ResNet-18 code" in stdout
+
+
+def test_coverage_rows(quick_run):
+    """The coverage suite converted each model of its quick list and counted the report's sites."""
+    _, stdout, rows = quick_run
+    coverage = {r["case"]: r for r in rows if r["suite"] == "coverage"}
+    assert list(coverage) == ["resnet18", "resnet50", "vgg11_bn", "googlenet", "densenet121", "mobilenet_v2",
+                              "cifar-net"]
+    for r in coverage.values():
+        sites, fused, unfused = int(r["sites"]), int(r["fused"]), int(r["unfused"])
+        assert sites == fused + unfused and sites > 0, r
+        assert bool(r["why_unfused"]) == (unfused > 0), r
+    # conv -> BN sites as the stock models hold them: ResNet-18's 20; the CIFAR net's 3 + 3 with a pool between
+    assert coverage["resnet18"]["sites"] == "20" and coverage["cifar-net"]["sites"] == "6"
+    assert coverage["resnet18"]["tested"].startswith(f"{coverage['resnet18']['fused']}/20")  # the tests' table
+    assert "coverage: conv -> BatchNorm sites dlkern.convert fuses" in stdout
 
 
 # ------------------------------------------------------------------ targets and plots over GPU-shaped rows
@@ -149,13 +181,13 @@ def test_targets_over_gpu_rows(tmp_path):
     targets = _load("targets")
     results = {r["target"]: r for r in targets.evaluate(_gpu_rows(), on_cuda=True)}
     # no CPU targets on a GPU run
-    assert len(results) == len(targets.TARGETS) + len(targets.HOST_TARGETS) + len(targets.KERNEL_TARGETS) == 23
+    assert len(results) == len(targets.TARGETS) + len(targets.HOST_TARGETS) + len(targets.KERNEL_TARGETS) == 28
     results = {name: r for name, r in results.items() if not name.startswith(("host: ", "kernels: "))}
     expected = {
         "activations roof": False, "activations vs PyTorch": True, "max pool fwd": True, "max pool bwd": True,
         "conv blocks train": True, "conv blocks eval": False, "model step vs eager": True,
         "model step vs compile": True, "graph step vs eager": True, "graph step vs reduce-overhead": True,
-        "model inference": None,
+        "model inference": None, "cnn: ResNet-18 vs eager": None, "cnn: ResNet-18 vs compile": None,
     }
     assert {name: r["met"] for name, r in results.items()} == expected
     assert "85%" in results["activations roof"]["detail"] and "bfloat16" in results["activations roof"]["detail"]
@@ -164,6 +196,24 @@ def test_targets_over_gpu_rows(tmp_path):
     targets.report(list(results.values()), "NVIDIA H200", True, [("convbn", "x", "why")], [], str(tmp_path))
     text = (tmp_path / "targets.md").read_text()
     assert "| ✓ | max pool bwd |" in text and "| ✗ | activations roof |" in text and "- convbn: x: why" in text
+
+
+def test_cnn_targets_over_rows():
+    """The cnn suite's ResNet-18 targets take the worst case over the dtypes (and batches) run."""
+    targets = _load("targets")
+    rows = []
+    for dtype, times in (("float32", dict(eager=10.0, compile=7.0, dlkern=7.5)),
+                         ("bfloat16", dict(eager=6.0, compile=5.0, dlkern=4.8))):
+        for impl, ms in times.items():
+            for case in ("resnet18", "cifar-net"):  # the CIFAR net's rows do not count for ResNet-18's targets
+                rows.append(dict(suite="cnn", case=case, impl=impl, dtype=dtype, layout="channels_last", batch=256,
+                                 ms=ms if case == "resnet18" else 1.0, **{"pass": "train-step"}))
+    results = {r["target"]: r for r in targets.evaluate(rows, on_cuda=True)}
+    vs_eager, vs_compile = results["cnn: ResNet-18 vs eager"], results["cnn: ResNet-18 vs compile"]
+    assert vs_eager["met"] is False and vs_eager["detail"] == (
+        "worst resnet18 train-step bfloat16 channels_last 256: 1.25x eager")
+    assert vs_compile["met"] is False and "float32" in vs_compile["detail"] and "0.93x compile" in vs_compile["detail"]
+    assert {r["target"]: r["met"] for r in targets.evaluate(rows, on_cuda=False)}["cnn: ResNet-18 vs eager"] is None
 
 
 def test_plots_over_gpu_rows(tmp_path):
@@ -187,12 +237,22 @@ def test_host_targets_over_rows():
     assert results["host: max pool"]["met"] is None
     assert results["activations roof"]["met"] is None  # GPU targets: not on a CPU run
     assert results["cpu: max pool"]["met"] is None  # no maxpool rows
+    assert results["host: ResNet-18 step"]["met"] is None and results["host: ResNet-18 launches"]["met"] is None
+    for impl, ms, launches in (("eager", 10.0, 166), ("dlkern", 12.5, 207)):
+        rows.append(dict(suite="host", impl=impl, case="ResNet-18 stand-in", batch=2, ms=ms, launches=launches,
+                         fills=1, **{"pass": "train-step"}))
+    results = {r["target"]: r for r in targets.evaluate(rows, on_cuda=False)}
+    step = results["host: ResNet-18 step"]
+    assert step["met"] is False and "0.80x eager" in step["detail"]
+    assert results["host: ResNet-18 launches"] == dict(results["host: ResNet-18 launches"], met=False,
+                                                       detail="207 launches per step, eager 166")
+    assert "30 launches, 0 fills" in results["host: launches"]["detail"]  # still the MnistCNN's row
 
 
 def test_kernels_rows(quick_run):
     """The kernels suite compiled a sample of the MnistCNN's Triton kernels for sm_90 and read their resources."""
     _, stdout, rows = quick_run
-    kernels = [r for r in rows if r["suite"] == "kernels" and r["case"] != "byte model"]
+    kernels = [r for r in rows if r["suite"] == "kernels" and not r["case"].startswith("byte model")]
     assert {"conv_fwd_kernel", "bn_act_pool_fwd_kernel"} <= {r["case"] for r in kernels}
     for r in kernels:
         assert r["config"] and set(r["dtype"].split("/")) <= {"fp32", "bf16", "fp16"}, r
@@ -311,14 +371,14 @@ def test_byte_model_follows_dlkern(monkeypatch):
     level in each block with over 1024 row tiles (blocks 1 and 2 at batch 1024, all three at 8192)."""
     import torch
 
-    from dlkern.ops import conv_bn
+    from dlkern.ops import conv_tiles
 
     bm = _bytemodel(monkeypatch)
-    monkeypatch.setattr(conv_bn, "INTERPRETING", False)
-    monkeypatch.setattr(conv_bn, "sm_count", lambda device: 132)
+    monkeypatch.setattr(conv_tiles, "INTERPRETING", False)
+    monkeypatch.setattr(conv_tiles, "sm_count", lambda device: 132)
     for M in (64 * 144, 8192 * 784, 8192 * 16, 1):
         for programs in (1, 5):
-            assert bm.rows_per_split(M, programs) == conv_bn._rows_per_split(M, torch.device("cuda"), programs)
+            assert bm.rows_per_split(M, programs) == conv_tiles.rows_per_split(M, torch.device("cuda"), programs)
     assert {b: bm.totals(bm.step_kernels("dlkern", b))["launches"] for b in bm.BATCHES} == {64: 45, 1024: 47,
                                                                                            8192: 48}
 
@@ -334,8 +394,12 @@ def test_byte_model_rows_and_report(monkeypatch, capsys):
     run = type("Run", (), {"quick": True, "skip": lambda self, *why: skipped.append(why)})()
     rows = kernels.run_suite(run)
     out = capsys.readouterr().out
+    resnet = [r for r in rows if r["case"] == "byte model ResNet-18"]
+    rows = [r for r in rows if r["case"] == "byte model"]
     assert [(r["impl"], r["batch"]) for r in rows] == [(i, b) for b in (64, 1024, 8192) for i in ("dlkern", "eager")]
     assert all(r["suite"] == "kernels" and r["case"] == "byte model" and "a model" in r["note"] for r in rows)
+    assert [(r["impl"], r["batch"]) for r in resnet] == [("dlkern", 256), ("eager", 256)]
+    assert "byte model, ResNet-18 training step" in out and "ResNet-18, dlkern per kernel at batch 256" in out
     by = {(r["impl"], r["batch"]): r for r in rows}
     for batch in (64, 1024, 8192):
         d, e = by["dlkern", batch], by["eager", batch]
@@ -388,14 +452,86 @@ def test_byte_model_target_over_rows():
     assert {r["target"]: r["met"] for r in targets.evaluate(rows, on_cuda=True)}["kernels: byte model"] is True
 
 
+def _resnet_bytemodel(monkeypatch):
+    _bytemodel(monkeypatch)  # bench/ on the path: bytemodel_resnet imports bytemodel
+    return _load("bytemodel_resnet")
+
+
+def test_resnet_byte_model_sites(monkeypatch):
+    """ResNet-18's sites from torchvision's model on the meta device: the stem (input needs no gradient), 8
+    BasicBlocks of conv1 (ReLU) and conv2 (+ residual, ReLU), 3 stride-2 1x1 downsamples (no activation); the
+    stem's pool 64x16x16 -> 64x8x8."""
+    br = _resnet_bytemodel(monkeypatch)
+    sites, pool, blocks, head, parameters = br.model_shapes.__wrapped__(256)
+    assert len(sites) == 20 and [s["name"] for s in sites if s["first"]] == ["stem"]
+    assert sum(s["res"] for s in sites) == 8
+    assert all(s["act"] and s["name"].endswith(".conv2") for s in sites if s["res"])
+    downsample = [s for s in sites if not s["act"]]
+    assert [s["name"] for s in downsample] == ["layer2.0.downsample", "layer3.0.downsample", "layer4.0.downsample"]
+    assert all(s["kernel"] == (1, 1) and s["x"][2] == 2 * s["z"][2] for s in downsample)
+    assert sites[0]["z"] == (256, 64, 16, 16) and pool == ((256, 64, 16, 16), (256, 64, 8, 8))
+    assert len(blocks) == 8 and head == ((256, 512, 1, 1), 512, 10) and parameters == 11181642
+
+
+def test_resnet_byte_model_site_by_hand(monkeypatch):
+    """layer2.0's conv2 site (128x4x4 -> conv 3x3 -> BN -> + the downsample's output -> ReLU) at batch 256,
+    counted by hand from the kernels' loads and stores (fp32, H200 splits), and the step's launches."""
+    br = _resnet_bytemodel(monkeypatch)
+    x = z = 256 * 128 * 4 * 4 * 4  # input, conv output, residual and every gradient of their size
+    w, vec = 128 * 128 * 9 * 4, 128 * 4
+    fwd_part = 2 * (256 * 16 // 64) * 128 * 4  # 64 row tiles of 64 rows x (mean, M2)
+    bwd_part = 2 * 32 * 128 * 8  # 32 splits of 128 rows (528 wanted for 2 channel blocks) x 2 sums, fp64
+    wgrad_part = 7 * (128 * 1152 + 128) * 4  # 7 splits of 640 rows x (dW, d(bias))
+    dlkern = {
+        "conv_fwd_kernel": x + w + z + fwd_part,
+        "bn_stats_finalize_kernel": fwd_part + 2 * vec + 8 + 5 * vec,
+        "bn_act_fwd_kernel, residual": 2 * z + 4 * vec + 8 + z + 8,  # z and the residual in, the output out
+        "bn_act_bwd_reduce_kernel, residual": 3 * z + 4 * vec + bwd_part,  # g, z, residual
+        "grad_z_kernel, residual": bwd_part + 3 * z + 4 * vec + 2 * z + 2 * vec,  # dL/dz and dL/dresidual out
+        "conv_bwd_input_kernel": z + w + x,
+        "conv_bwd_weight_kernel": z + x + wgrad_part,
+        "sum_splits_kernel": wgrad_part + w + vec,
+    }
+    eager = {
+        "cuDNN conv fwd": x + w + z, "num_batches_tracked add_": 16, "BN statistics": z + 2 * vec,
+        "BN running update + invstd": 7 * vec, "BN normalize": 2 * z + 4 * vec,
+        "residual add_ (out += identity)": 3 * z, "ReLU (in place)": 2 * z, "ReLU bwd (threshold_backward)": 3 * z,
+        "BN backward (reduce + elementwise)": 4 * z + 4 * vec + z + 2 * vec, "cuDNN conv dgrad": z + w + x,
+        "cuDNN conv wgrad": z + x + w,
+    }
+    for impl, expected in (("dlkern", dlkern), ("eager", eager)):
+        kernels = br.step_kernels(impl)
+        site = [k for k in kernels if k["where"] == "layer2.0.conv2"]
+        assert {k["kernel"].name: k["reads"] + k["writes"] for k in site} == expected, impl
+    # Launches. dlkern: 8 a site (7 for the stem: no input gradient), the pool and its backward, 8 gradient
+    # sums, 11 head and loss kernels, 3 SGD. Eager: 5 forward kernels a site, 17 ReLUs and their backward, 8
+    # residual adds, BN backward, 19 dgrads, 20 wgrads; 3 for the pool, then the same 8 + 11 + 3.
+    assert br.bm.totals(br.step_kernels("dlkern"))["launches"] == 20 * 8 - 1 + 2 + 8 + 11 + 3 == 183
+    assert br.bm.totals(br.step_kernels("eager"))["launches"] == 5 * 20 + 2 * 17 + 8 + 20 + 19 + 20 + 3 + 8 + 11 + 3
+
+
+def test_resnet_byte_model_rows_and_target(monkeypatch):
+    """The rows' bytes and ratio are the kernels' sums; the target reads the ratio from them."""
+    br = _resnet_bytemodel(monkeypatch)
+    rows = {r["impl"]: r for r in br.rows()}
+    total = {impl: sum(k["reads"] + k["writes"] for k in br.step_kernels(impl)) for impl in ("dlkern", "eager")}
+    assert {impl: r["model_bytes"] for impl, r in rows.items()} == total
+    ratio = total["dlkern"] / total["eager"]
+    assert rows["dlkern"]["ratio"] == pytest.approx(ratio) and rows["eager"]["ratio"] == 1.0
+    floor, without_sgd = br.bounds()
+    assert floor < without_sgd and floor < ratio  # the epilogue passes and split partials cost something
+    result = {r["target"]: r for r in _load("targets").evaluate(list(rows.values()), on_cuda=False)}[
+        "kernels: ResNet-18 byte model"]
+    assert result["met"] == (ratio <= 0.6) and result["detail"].endswith(f"per step: {ratio:.2f}x")
+
+
 # ------------------------------------------------------------------------------------------ argument checking
 # Every option is checked before anything is measured (most before torch is imported), in argparse's one line
 # and exit status 2: once, --batches 0 exited 0 after reporting a missed target on 0x32 shapes, --batches -4 failed
 # after ~73 s on "negative dimension" and --ops nosuch ended in a bare KeyError.
 
-SUITES = ["host", "maxpool", "model", "activations", "convbn", "accuracy", "kernels"]
-CATALOG_NAMES = ["relu", "leaky_relu", "prelu", "elu", "softplus", "silu", "swish", "gelu", "gelu_tanh", "sigmoid",
-                 "tanh", "hardsigmoid", "hardtanh", "hard_logistic"]
+SUITES = ["host", "maxpool", "model", "activations", "convbn", "cnn", "coverage", "accuracy", "kernels"]
+CATALOG_NAMES = list(CATALOG)  # the host suite times every activation of dlkern's catalog, in its order
 
 
 def _bench(args, tmp_path, timeout=120, **env):
@@ -429,6 +565,7 @@ def _usage_error(proc, tmp_path, message):
     (["--suite", "nosuch"], f"argument --suite: invalid choice: 'nosuch' (choose from {', '.join(SUITES)})"),
     (["--suite", "host,nosuch"], "argument --suite: invalid choice: 'nosuch'"),
     (["--suite", ""], "argument --suite: expected a comma-separated list"),
+    (["--suites", "cnn,nosuch"], f"argument --suites: invalid choice: 'nosuch' (choose from {', '.join(SUITES)})"),
     (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8' (choose from fp32, bf16, fp16, fp64)"),
     (["--dtype", "fp32,float32"], "argument --dtype: invalid choice: 'float32'"),
     (["--compile-modes", "fast"],
@@ -470,3 +607,40 @@ def test_edge_options_accepted(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "activations: skipped the whole suite" in proc.stdout
     assert (tmp_path / "out" / "results.csv").exists()
+
+
+def test_suites_alias_and_gpu_only_cnn(tmp_path):
+    """--suites is --suite; the cnn suite, CUDA only, says on a CPU that it is skipped, and the run succeeds."""
+    proc = _bench(["--suites", "cnn", "--device", "cpu", "--threads", "1"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cnn: skipped the whole suite: CUDA only" in proc.stdout
+    assert "- cnn: the whole suite: CUDA only" in (tmp_path / "out" / "targets.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ the cnn suite's steps
+# The suite times on a GPU only; what it times is built by cnn.build_step, checked here on a CPU (fp32, batch 2).
+
+
+@pytest.mark.parametrize("name", ["resnet18", "cifar-net"])
+def test_cnn_steps_train(monkeypatch, name):
+    """The eager and dlkern.convert-ed training steps of a cnn-suite model update the trainable parameters (the
+    CIFAR net's frozen BatchNorm weights and whitening filter stay), and dlkern's model carries its report."""
+    import torch
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    cnn = _load("cnn")
+    x, y = cnn.inputs(2, "cpu")
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    for impl in ("eager", "dlkern"):
+        step = cnn.build_step(name, impl, "train-step", torch.float32, x, y)
+        before = {n: p.detach().clone() for n, p in step.model.named_parameters()}
+        step()
+        for n, p in step.model.named_parameters():
+            assert torch.equal(p, before[n]) != p.requires_grad, (impl, n)
+        report = getattr(step.model, "dlkern_report", None)
+        assert (report is not None) == (impl == "dlkern")
+        if report is not None:
+            assert report.sites == {"resnet18": 20, "cifar-net": 6}[name] and report.fused
+        infer = cnn.build_step(name, impl, "inference", torch.float32, x, y)
+        infer()
+        assert not infer.model.training
