@@ -69,9 +69,9 @@ STATS_MERGE = (
            note="writes stats (mean, invstd, var), updates running mean and var"),
 )
 DLKERN_WGRAD = (
-    Kernel("conv_bwd_weight_kernel", "gz + x", "wgrad_part", "2*M*C*K", "gemm",
-           note="not counted: x re-read per tap through the cache"),
-    Kernel("sum_splits_kernel", "wgrad_part", "dw + vec", "wgrad_part // 4"),
+    Kernel("conv_bwd_weight_kernel", "gz + x", "wgrad_part if W_SPLITS > 1 else dw + vec", "2*M*C*K", "gemm",
+           note="one split writes dW and d(bias) directly; not counted: x re-read per tap through the cache"),
+    Kernel("sum_splits_kernel", "wgrad_part", "dw + vec", "wgrad_part // 4", when="W_SPLITS > 1"),
 )
 EAGER_BN_FWD = (
     Kernel("num_batches_tracked add_", "8", "8"),
@@ -226,7 +226,8 @@ def block_sizes(block, first):
     bn_splits = _cdiv(M, rows_per_split(M, _cdiv(C, block_c)))
     s["bwd_part"] = 2 * bn_splits * C * 8  # (sum g_u, sum g_u*x_hat) per split and channel, fp64
     w_splits = _cdiv(M, rows_per_split(M, _cdiv(C, 32) * _cdiv(K, 64)))
-    s["wgrad_part"] = w_splits * (C * K + C) * E  # dW and d(bias) per split, fp32
+    s["W_SPLITS"] = w_splits
+    s["wgrad_part"] = w_splits * (C * K + C) * E  # dW and d(bias) per split, fp32 (none with one split)
     return s
 
 

@@ -679,7 +679,7 @@ def conv_bwd_input_kernel(
 
 @triton.jit(do_not_specialize=["m_bucket"])
 def conv_bwd_weight_kernel(
-    gz_ptr, x_ptr, part_ptr,
+    gz_ptr, x_ptr, part_ptr, bias_part_ptr, part_stride,
     N, C_in, H, W, C_out, OH, OW,
     gz_n_stride, gz_c_stride, gz_h_stride, gz_w_stride,
     x_n_stride, x_c_stride, x_h_stride, x_w_stride,
@@ -690,8 +690,10 @@ def conv_bwd_weight_kernel(
 ):
     """One split's share of dW^T[k, c_out] = sum_m x_col[m, k] * dL/dz[m, c_out] (k = (c_in, kh, kw) is the MMA's
     M dimension, so BLOCK_K >= 64 engages wgmma even for C_out = 32) and, with BIAS_GRAD, of
-    d(bias)[c_out] = sum_m dL/dz[m, c_out]; into part[s, c_out*K + k] and part[s, C_out*K + c_out]. Splitting the
-    rows (M) keeps the GPU busy when C_out*K is small; sum_splits_kernel adds the splits in a fixed order."""
+    d(bias)[c_out] = sum_m dL/dz[m, c_out]; into part[s*part_stride + c_out*K + k] and
+    bias_part[s*part_stride + c_out]. Splitting the rows (M) keeps the GPU busy when C_out*K is small;
+    sum_splits_kernel adds the splits in a fixed order. With one split part and bias_part are dW and d(bias)
+    themselves: no partials, no sum."""
     pid_s = _index(tl.program_id(0), INDEX_64)
     pid_k = tl.program_id(1)
     pid_co = tl.program_id(2)
@@ -722,11 +724,11 @@ def conv_bwd_weight_kernel(
         x_offs = (n * x_n_stride)[:, None] + c[None, :] * x_c_stride + ih * x_h_stride + iw * x_w_stride
         x_col = tl.load(x_ptr + x_offs, mask=x_mask, other=0.0)
         acc = _dot(tl.trans(x_col), gz, acc, PRECISION, ACC_DTYPE, DOT_FP32)
-    row = part_ptr + pid_s * (C_out * K + C_out)
-    tl.store(row + offs_co[None, :] * K + offs_k[:, None], acc, mask=mask_k[:, None] & mask_co[None, :])
+    tl.store(part_ptr + pid_s * part_stride + offs_co[None, :] * K + offs_k[:, None], acc,
+             mask=mask_k[:, None] & mask_co[None, :])
     # Without BIAS_GRAD (BatchNorm follows: batch statistics cancel any per-channel shift, so the exact bias
     # gradient is 0, and a sum would only add rounding noise) the zeros are written.
-    tl.store(row + C_out * K + offs_co, acc_bias, mask=mask_co & (pid_k == 0))
+    tl.store(bias_part_ptr + pid_s * part_stride + offs_co, acc_bias, mask=mask_co & (pid_k == 0))
 
 
 @triton.jit

@@ -25,8 +25,8 @@ from dlkern.ops import triton_support
 from helpers import DEVICES, assert_close, assert_state_dicts_cross
 
 TRAIN_KERNELS = ("conv_fwd_kernel", "bn_stats_finalize_kernel", "bn_act_fwd_kernel")  # running stats updated too
-BACKWARD_KERNELS = ("bn_act_bwd_reduce_kernel", "grad_z_kernel", "conv_bwd_input_kernel",
-                    "conv_bwd_weight_kernel", "sum_splits_kernel")
+# (and sum_splits_kernel where the weight gradient is split over the rows: more than 512 in the interpreter)
+BACKWARD_KERNELS = ("bn_act_bwd_reduce_kernel", "grad_z_kernel", "conv_bwd_input_kernel", "conv_bwd_weight_kernel")
 
 
 class ExactHardsigmoid(nn.Module):
@@ -134,6 +134,9 @@ def test_matches_sequential(N, C_in, C_out, H, W, k, conv_kw, dtype):
         check_buffers(block, stock)
     for name in TRAIN_KERNELS + BACKWARD_KERNELS:
         assert triton_support.launch_counts[name] >= 2, name
+    conv = copy.deepcopy(stock[0]).to("meta")
+    rows = conv(torch.empty(N, C_in, H, W, device="meta", dtype=conv.weight.dtype)).shape.numel() // C_out
+    assert triton_support.launch_counts["sum_splits_kernel"] == (2 if rows > 512 else 0)  # one split: dW direct
     block.eval(), stock.eval()
     step(block, stock, torch.randn(N, C_in, H, W, dtype=dtype), dtype)
     assert triton_support.launch_counts["conv_fwd_kernel"] == 3  # eval: BatchNorm folded, one kernel
@@ -857,3 +860,19 @@ def test_argument_cache_keys_on_types():
         f(x, w, None, None, None, training=True, activation="elu", activation_params=(1,))
         with pytest.raises(TypeError, match="activation_params must be at most two floats"):
             f(x, w, None, None, None, training=True, activation="elu", activation_params=(True,))
+
+
+@pytest.mark.parametrize("rows", [512, 16, 7])
+def test_weight_gradient_in_one_split_or_many(rows, monkeypatch):
+    """The weight gradient in one split (the GEMM writes dW and d(bias) themselves) or split over the rows (16 and
+    7 rows a split: partials summed in a fixed order, a ragged last split) gives the same gradients; the folded
+    eval block (bias gradient summed) too."""
+    monkeypatch.setattr(conv_tiles, "rows_per_split", lambda M, device, programs: rows)
+    torch.manual_seed(21)
+    block, stock = make_pair(3, 4, 3, torch.float64, padding=1)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    for training in (True, False):
+        block.train(training), stock.train(training)
+        triton_support.launch_counts.clear()
+        step(block, stock, x, torch.float64)
+        assert triton_support.launch_counts["sum_splits_kernel"] == (0 if rows == 512 else 1)

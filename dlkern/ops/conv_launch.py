@@ -7,7 +7,8 @@ memory on the host.
 - :func:`infer_forward`   one launch: BatchNorm from the running buffers, residual and activation (and the max
                           pool) in the conv's epilogue.
 - :func:`folded_forward`  one launch: conv + (folded) bias + residual + activation, z kept for the backward.
-- :func:`block_backward`  the backward of all three (stats None for the folded one).
+- :func:`block_backward`  the backward of all three (stats None for the folded one): 4 launches, 5 when the
+                          weight gradient is split over the rows (its partials then summed in a fixed order).
 """
 
 import torch
@@ -247,24 +248,30 @@ def block_backward(grad_out, input, weight, z, stats, bn_weight, bn_bias, residu
     if weight_grad:
         rows = tiles.rows_per_split(M, device, cdiv(C_out, 32) * cdiv(K, 64))
         splits = cdiv(M, rows)
-        part = torch.empty(splits * (C_out * K + C_out), dtype=sdtype, device=device)
-        kernel, blocks = tiles.weight_grad_gemm(M, C_out, K, input.dtype)
-        launch(
-            kernel,
-            lambda meta: (splits, cdiv(K, meta["BLOCK_K"]), cdiv(C_out, meta["BLOCK_CO"])),
-            gz, input, part, N, C_in, H, W, C_out, OH, OW, *gz.stride(), *input.stride(),
-            M, rows, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], next_power_of_2(M),
-            KH=KH, KW=KW, BIAS_GRAD=not bn, **common, **blocks,
-        )
         # in the compute dtype, as the sums are: autograd rounds them to a 16-bit parameter's dtype, once; a
         # folded BatchNorm's float32 parameters get them unrounded
         dw = torch.empty(weight.shape, dtype=compute_dtype(weight.dtype), device=device)
         db = torch.empty(C_out, dtype=compute_dtype(weight.dtype), device=device)
+        if splits == 1:  # the GEMM writes dW and d(bias) themselves
+            part, bias_part, part_stride = dw, db, 0
+        else:  # per-split partials, summed in a fixed order below
+            part_stride = C_out * K + C_out
+            part = torch.empty(splits * part_stride, dtype=sdtype, device=device)
+            bias_part = part[C_out * K:]
+        kernel, blocks = tiles.weight_grad_gemm(M, C_out, K, input.dtype)
         launch(
-            kernels.sum_splits_kernel, (cdiv(C_out * K + C_out, tiles.SUM_SPLITS_BLOCK),),
-            part, dw, db, splits, C_out * K + C_out, C_out * K, INDEX_64=tiles.index_64(part),
-            BLOCK_S=4, BLOCK_L=tiles.SUM_SPLITS_BLOCK,
+            kernel,
+            lambda meta: (splits, cdiv(K, meta["BLOCK_K"]), cdiv(C_out, meta["BLOCK_CO"])),
+            gz, input, part, bias_part, part_stride, N, C_in, H, W, C_out, OH, OW, *gz.stride(), *input.stride(),
+            M, rows, stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], next_power_of_2(M),
+            KH=KH, KW=KW, BIAS_GRAD=not bn, **common, **blocks,
         )
+        if splits > 1:
+            launch(
+                kernels.sum_splits_kernel, (cdiv(part_stride, tiles.SUM_SPLITS_BLOCK),),
+                part, dw, db, splits, part_stride, C_out * K, INDEX_64=tiles.index_64(part),
+                BLOCK_S=4, BLOCK_L=tiles.SUM_SPLITS_BLOCK,
+            )
     if residual_bn:
         dres = grad_residual
     elif epi.residual == 1:  # folded: the residual's gradient is dL/dz
