@@ -12,8 +12,11 @@ leaves what it measured.
 1. build (in place), the CUDA smoke test of every op family (tests/test_gpu_smoke.py, in parallel) with the
    launch plans against the real driver, and the launch-plan check under the stand-in driver;
 2. the benchmark's most informative rows, one bench/run.py per group (results.csv is written per run): the import-
-   to-first-step time on a cold Triton cache, the model suite at batch 64 and 1024, the conv blocks with their
-   pool at batch 64, the host suite, the activations at 2^24 and 2^26, the conv blocks at batch 1024;
+   to-first-step time on a cold Triton cache, the model suite at batch 64, the conv blocks with their pool at
+   batch 64, the cnn suite (ResNet-18 and the CIFAR-10 net, bf16 autocast, batch 256: a training step and
+   inference, eager, dlkern.convert and torch.compile), then the model suite at batch 1024, the host suite, the
+   activations at 2^24 and 2^26, the conv blocks at batch 1024 (steps 1 and 2 in one command reach the cnn
+   suite; the parts after it need a second command: ``--step 2 --only ...``);
 3. the whole test suite in parallel: the CUDA tests first, then the rest.
 
 Files in OUT_DIR (with ``--pack`` at most 8, so that all of them come back from a lent machine): ``env.txt``
@@ -100,14 +103,18 @@ STEPS = [
         Part("launch-plans", 0.2, "$PY tests/launch_plan_check.py",
              "step1.log: dlkern's launch plans against Triton's own launches under the stand-in driver", max_s=120),
     ]),
-    Step(2, "benchmark: first-step time, model, conv blocks, host, activations", 450, [
+    Step(2, "benchmark: first-step time, model, conv blocks, ResNet-18 (cnn), host, activations", 450, [
         ENSURE_BUILT,
         ENV,
         Part("first-step", 0.4, '$PY bench/first_step.py --device cuda --out "$OUT/first_step.txt"',
              "$OUT/first_step.txt: import-to-first-step seconds, cold then warm Triton cache", max_s=120),
         _bench("model-b64", 1.2, "--suite model --batches 64 --compile-modes default"),
-        _bench("model-b1024", 1.0, "--suite model --batches 1024 --compile-modes default"),
         _bench("convbn-b64", 1.2, "--suite convbn --quick --batches 64"),
+        # ResNet-18 and the CIFAR-10 net (--quick), bf16 autocast, batch 256: eager, dlkern.convert, torch.compile;
+        # one process that writes its rows only at its end, so it comes while a `--step 1,2` command has time.
+        # The parts after it no longer fit that command's budget: the README's second command runs them.
+        _bench("cnn", 3.0, "--suite cnn --quick --dtype bf16", max_s=300),
+        _bench("model-b1024", 1.0, "--suite model --batches 1024 --compile-modes default"),
         _bench("host", 0.7, "--suite host"),
         _bench("activations", 1.0, "--suite activations --quick --sizes 24,26"),
         _bench("convbn-b1024", 1.2, "--suite convbn --quick --batches 1024"),

@@ -4,7 +4,7 @@
 # The run in steps, each fitting one device command (at most 8 minutes; bench/gpu_plan.py holds the plan):
 #
 #   bash bench/gpu_run.sh --step 1 OUT_DIR [--pack]     # build + CUDA smoke test of every op family + launch plans
-#   bash bench/gpu_run.sh --step 2 OUT_DIR [--pack]     # the benchmark's most informative rows, first-step time
+#   bash bench/gpu_run.sh --step 2 OUT_DIR [--pack]     # the benchmark's most informative rows, first-step time, ResNet-18
 #   bash bench/gpu_run.sh --step 3 OUT_DIR [--pack]     # the whole test suite, in parallel
 #   bash bench/gpu_run.sh --step 1,2 OUT_DIR [--pack]   # several steps in one command, sharing --budget (540 s)
 #   bash bench/gpu_run.sh --dry-run                     # every step's commands, estimates and files; runs nothing
