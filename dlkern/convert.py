@@ -1,8 +1,9 @@
 """``dlkern.convert``: put dlkern's kernels into an existing model without changing its module tree or its
 state_dict keys.
 
-Every Conv2d -> BatchNorm2d site is fused, with the activation after it (module or function) and a max pool after
-that where they can join, in the forward of the module calling it: ``dlkern.convert_forward`` gives that module a
+Every Conv2d -> BatchNorm2d site is fused, with what follows it where that can join (a residual add before or
+after the activation, the activation as a module or a function, a max pool after it; or a max pool between the
+conv and BatchNorm), in the forward of the module calling it: ``dlkern.convert_forward`` gives that module a
 forward (torch.fx's graph of its own) that runs each site (found and rewritten by ``dlkern.convert_graph``) as one
 fused call of ``dlkern.convert_graph.fused_conv_bn`` on the very same modules, read by name on every call. Nothing
 moves: module names, classes and objects, state_dict keys, ``named_parameters()`` names and order, attributes and
@@ -12,7 +13,7 @@ sites' activations and pools the stock ones too).
 
 Conv2d/BatchNorm2d subclasses that inherit ``forward`` count as the stock ops; a subclass overriding it, a run with
 a hook already registered on one of its modules, groups != 1 or a padding mode other than zeros is left alone,
-reported. A BatchNorm followed by no fusable activation (a residual add, a learnable PReLU, nothing) is fused as
+reported. A BatchNorm followed by nothing fusable (a learnable PReLU, an add of a scalar, nothing) is fused as
 conv -> BatchNorm, what follows staying stock. Standalone activations and ``nn.MaxPool2d`` become their dlkern
 twins, sharing the original's parameters. A forward torch.fx cannot trace keeps the class's own forward, unfused,
 the reason in the report (its children are still converted).
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 import dlkern.nn as dnn
+from dlkern import catalog
 from dlkern.convert_forward import fuse_forward, runs_children_in_order
 from dlkern.convert_graph import ACTIVATION_TYPES as _ACTIVATION_TYPES  # noqa: F401 (tests/test_catalog.py)
 from dlkern.convert_graph import FusedSite
@@ -36,25 +38,14 @@ __all__ = ["convert", "ConversionReport", "FusedSite"]
 
 log = logging.getLogger(__name__)
 
-# Stock module type -> its dlkern twin, built from the stock module's constructor arguments (parameters are
-# then shared, see _twin). Exact types only: a subclass may compute something else. Every stock module type of
-# the activation catalog has one (tests/test_catalog.py).
+# Stock module type -> its dlkern twin class, from the catalog: each entry's torch.nn module types map to the
+# dlkern.nn class named as the entry's first one (ReLU6, Hardtanh(0, 6), to dlkern's Hardtanh); and the max pool.
+# Exact types only: a subclass may compute something else. Every dlkern twin subclasses the stock class whose
+# attributes it takes over (_twin); tests/test_catalog.py checks every stock type has one.
 _TWINS = {
-    nn.Sigmoid: lambda m: dnn.Sigmoid(),
-    nn.Tanh: lambda m: dnn.Tanh(),
-    nn.ReLU: lambda m: dnn.ReLU(m.inplace),
-    nn.LeakyReLU: lambda m: dnn.LeakyReLU(m.negative_slope, m.inplace),
-    nn.PReLU: lambda m: dnn.PReLU(m.num_parameters, m.init),
-    nn.ELU: lambda m: dnn.ELU(m.alpha, m.inplace),
-    nn.Softplus: lambda m: dnn.Softplus(m.beta, m.threshold),
-    nn.SiLU: lambda m: dnn.SiLU(m.inplace),
-    nn.GELU: lambda m: dnn.GELU(m.approximate),
-    nn.Hardsigmoid: lambda m: dnn.Hardsigmoid(m.inplace),
-    nn.Hardswish: lambda m: dnn.Hardswish(m.inplace),
-    nn.Hardtanh: lambda m: dnn.Hardtanh(m.min_val, m.max_val, m.inplace),
-    nn.ReLU6: lambda m: dnn.Hardtanh(0.0, 6.0, m.inplace),  # ReLU6 is Hardtanh(0, 6); dlkern has no own class
-    nn.MaxPool2d: lambda m: dnn.MaxPool2d(m.kernel_size, m.stride, m.padding, m.dilation, m.return_indices,
-                                          m.ceil_mode),
+    **{cls: getattr(dnn, entry.modules[0].__name__) for entry in catalog.CATALOG.values() for cls in entry.modules
+       if isinstance(cls, type) and cls.__module__.startswith("torch.nn")},
+    nn.MaxPool2d: dnn.MaxPool2d,
 }
 _DLKERN_TYPES = {getattr(dnn, name) for name in dnn.__all__}
 
@@ -66,7 +57,8 @@ class ConversionReport:
     ``fused``: one :class:`FusedSite` per Conv2d -> BatchNorm2d site now fused: a tuple of the stock names (conv,
     batchnorm[, activation[, maxpool]]) (an activation function is named by its call, ``relu(inplace=True)``), with
     ``block`` (the converted forward computing it: ``"Sequential.forward of features"``, ``"BasicBlock.forward of
-    layer1.0"``), ``activation`` and ``note`` (what follows the BatchNorm and stays stock: a residual add, say). A
+    layer1.0"``), ``activation``, ``residual`` and ``pool_before_bn`` (what joined it) and ``note`` (what follows
+    and stays stock, and why: a learnable PReLU, a stem's overlapping max pool, say). A
     model converted again lists its fused sites again. ``unfused``: (conv, batchnorm, why) for each site left
     alone. ``replaced``: (name, stock type, dlkern type). ``skipped``: (name, why) for everything left as it was,
     the unfused convs included.
@@ -197,11 +189,11 @@ def _fuse_forward(module, name, report):
 
 
 def _twin(module):
-    """The dlkern twin of a stock module: same constructor arguments, same mode, the same Parameter and buffer
-    objects (so an optimizer holding them keeps working after an in-place conversion)."""
-    twin = _TWINS[type(module)](module)
-    for name, param in module.named_parameters(recurse=False):
-        setattr(twin, name, param)
-    for name, buf in module.named_buffers(recurse=False):
-        setattr(twin, name, buf)
-    return twin.train(module.training)
+    """The dlkern twin of a stock module: the stock module's attributes (its constructor arguments, mode, the very
+    Parameter and buffer objects, so an optimizer holding them keeps working after an in-place conversion), in
+    the twin class, a subclass of the stock one's (dlkern's Hardtanh for ReLU6: its attributes are Hardtanh's).
+    Twins are made only of modules without hooks, whose state is theirs alone."""
+    twin = _TWINS[type(module)].__new__(_TWINS[type(module)])
+    state = module.__dict__
+    twin.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in state.items()})
+    return twin

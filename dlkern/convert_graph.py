@@ -6,10 +6,11 @@ On the graph a site is a conv call whose only user is a BatchNorm2d call; then, 
 residual add (``+``, ``+=``, ``torch.add``, ``Tensor.add``/``add_`` of another tensor, on either side, ResNet's
 blocks), that too; then, when the only user is a fusable activation (a module, a function or a tensor method,
 mapped to dlkern's catalog), that too (and a residual add after it, when none came before); and when the
-activation's only user is a fusable ``nn.MaxPool2d``, that too (sites without a residual). Each site becomes one
-call of :func:`fused_conv_bn` on the very modules (read through ``get_attr``: nothing moves). A BatchNorm followed
-by anything else is fused as far as it can be and what follows stays stock, with a note saying so. The same checks serve the Sequential pass (``dlkern.convert``): :func:`why_not_site`,
-:func:`why_not_activation`, :func:`poolable`.
+activation's only user is an ``nn.MaxPool2d`` whose windows do not overlap, that too (sites without a residual).
+A conv whose only user is such a max pool, itself followed by a BatchNorm2d, is a site with the pool before
+BatchNorm. Each site becomes one call of :func:`fused_conv_bn` on the very modules (read through ``get_attr``:
+nothing moves). A BatchNorm followed by anything else is fused as far as it can be and what follows stays stock,
+with a note saying so. ``dlkern.convert_forward`` builds the graphs (a Sequential's from its children).
 """
 
 import operator
@@ -81,6 +82,12 @@ def poolable(pool):
     """Whether a max pool after a fused activation joins its site: an exact (stock or dlkern) MaxPool2d without
     hooks whose output is a tensor (return_indices=True gives a tuple)."""
     return type(pool) in (nn.MaxPool2d, dnn.MaxPool2d) and not pool.return_indices and not _has_hooks(pool)
+
+
+def fusable_windows(pool):
+    """Whether the max pool's windows fit the conv block's epilogue: they do not overlap, dilation 1."""
+    kernel = _pair(pool.kernel_size)
+    return pool_fusable(kernel, _pair(pool.stride if pool.stride else kernel), _pair(pool.dilation))
 
 
 def why_not_site(conv, bn):
@@ -216,9 +223,12 @@ def _spec_now(conv, bn, activation, pool):
         return "none", 0.0, 0.0
     if isinstance(activation, tuple):
         return activation[:3]
-    if why_not_activation(activation) is not None:
+    if type(activation) not in ACTIVATION_TYPES or _has_hooks(activation):  # why_not_activation, spec computed once
         return None
-    return activation_spec(activation)
+    try:
+        return activation_spec(activation, "dlkern.convert")
+    except NotImplementedError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------- the sites
@@ -296,8 +306,7 @@ def _why_not_pool_before_bn(root, conv, pool, bn):
     if module is None or not poolable(module):
         return ("the max pool between the conv and its BatchNorm2d is not an nn.MaxPool2d dlkern fuses (a function "
                 "call, return_indices, a hook)")
-    kernel, stride = _pair(module.kernel_size), _pair(module.stride if module.stride else module.kernel_size)
-    if not pool_fusable(kernel, stride, _pair(module.dilation)):
+    if not fusable_windows(module):
         return f"the max pool between the conv and its BatchNorm2d has overlapping windows or dilation: {module!r}"
     if len(pool.users) != 1 or len(bn.users) < 1:
         return f"the max pool's output is used {len(pool.users)} times"
@@ -357,13 +366,16 @@ def _site(root, conv, bn, q, pre_pool=None):
     after = _only_user(act)
     if add is None and (found := _residual_add(after, act)) is not None:  # act(bn(conv(x))) + r
         return _Site(conv, bn, act, arg, None, names, spec[0], "", *found, "after_act")
-    pool = None
+    pool, note = None, ""
     if add is None and after is not None and after.args == (act,) and not after.kwargs:
         module = _module_at(root, after, nn.Module)
         if module is not None and poolable(module):
-            pool = after
-            names += (q(pool.target),)
-    return _Site(conv, bn, act, arg, pool, names, spec[0], "", add, residual, residual_at)
+            if fusable_windows(module):
+                pool = after
+                names += (q(pool.target),)
+            else:  # ResNet's stem: 3x3 windows, stride 2
+                note = f"the max pool after it stays stock: {module!r} has overlapping windows or dilation"
+    return _Site(conv, bn, act, arg, pool, names, spec[0], note, add, residual, residual_at)
 
 
 def _call_name(node):

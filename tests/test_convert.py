@@ -292,16 +292,16 @@ def test_sequential_subclasses():
 
 
 def test_max_pool_joins_the_site():
-    """A MaxPool2d (stock or dlkern's) right after a fusable run joins its site; one with return_indices=True (a
-    tuple output), a hooked one or a subclass stays outside. The modules stay where they are, the very objects
-    (inplace)."""
+    """A MaxPool2d (stock or dlkern's) whose windows do not overlap, right after a fusable run, joins its site; one
+    with overlapping windows or dilation (noted), return_indices=True (a tuple output), a hooked one or a subclass
+    stays outside. The modules stay where they are, the very objects (inplace)."""
 
     class MyPool(nn.MaxPool2d):
         pass
 
     torch.manual_seed(8)
     stock = randomize_bn(nn.Sequential(
-        *cbr(2, 3, nn.ReLU()), nn.MaxPool2d(3, 2, padding=1, ceil_mode=True),
+        *cbr(2, 3, nn.ReLU()), nn.MaxPool2d(2, 2, padding=1, ceil_mode=True),
         *cbr(3, 3, nn.SiLU()), dlkern.nn.MaxPool2d(2, 1, dilation=2),
         *cbr(3, 3, nn.ReLU()), MyPool(1),
         *cbr(3, 3, nn.ELU()), nn.MaxPool2d(1),
@@ -314,10 +314,12 @@ def test_max_pool_joins_the_site():
         expected, expected_indices = stock.eval()(x)
     ours = dlkern.convert(stock, inplace=True)
     report = ours.dlkern_report
-    assert report.fused == [("0", "1", "2", "3"), ("4", "5", "6", "7"), ("8", "9", "10"), ("12", "13", "14"),
+    assert report.fused == [("0", "1", "2", "3"), ("4", "5", "6"), ("8", "9", "10"), ("12", "13", "14"),
                             ("16", "17", "18")]
-    assert [site.pooled for site in report.fused] == [True, True, False, False, False]
-    assert all(a is b for a, b in zip(modules[:19], ours, strict=False))  # nothing moved, nothing replaced
+    assert [site.pooled for site in report.fused] == [True, False, False, False, False]
+    assert "has overlapping windows or dilation" in report.fused[1].note
+    assert all(a is b for i, (a, b) in enumerate(zip(modules[:19], ours, strict=False)) if i != 7)  # nothing moved
+    assert type(ours[7]) is dlkern.nn.MaxPool2d  # dlkern's already: the same object
     assert type(ours[19]) is dlkern.nn.MaxPool2d and ours[19].return_indices  # standalone: its twin
     assert "hook" in dict(report.skipped)["15"]
     assert "0 + 1 + 2 + 3 into Sequential.forward of the model (relu, pooled)" in str(report)

@@ -94,7 +94,7 @@ class Net(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(4)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = nn.MaxPool2d(2, 2, 1)  # windows that do not overlap: it joins the stem's site
         self.branch = BasicConv2d(4, 4, kernel_size=1)
         self.layer = nn.Sequential(BasicBlock(4, 6, stride=2), BasicBlock(6, 6))
 
