@@ -193,9 +193,9 @@ def fused_conv_bn(input, conv, bn, activation, pool, residual=None, residual_at=
     forward's call for one site. ``activation``: None (none), an activation module, or a constant describing a
     function or method call (name, p0, p1, key in _FUNCTIONS, args, kwargs items); ``pool``: None or a MaxPool2d;
     ``residual``: a tensor added to the BatchNorm's output (``residual_at="before_act"``) or to the activation's
-    (``"after_act"``); ``pool_before_bn``: the pool sits between the conv and BatchNorm. While any of the modules has a hook (or a global module hook is registered), or a module
-    there no longer computes the stock op (replaced after conversion), it calls them one by one as the stock
-    forward does."""
+    (``"after_act"``); ``pool_before_bn``: the pool sits between the conv and BatchNorm. While any of the modules
+    has a hook (or a global module hook is registered), or a module there no longer computes the stock op
+    (replaced after conversion), it calls them one by one as the stock forward does."""
     spec = _spec_now(conv, bn, activation, pool)
     if spec is None:
         out = bn(pool(conv(input))) if pool_before_bn else bn(conv(input))

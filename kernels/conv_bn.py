@@ -111,8 +111,9 @@ def _tile_g_z(
     res_ptr, RESIDUAL: tl.constexpr,
 ):
     """The backward passes' tile: rows [m0, m0 + BLOCK_M) (below m_end) x channels c of dL/d(out), z and (with
-    RESIDUAL == 1) the residual, which has z's layout, in DTYPE (0 where masked), with z's offsets and the mask. With POOL, out is the max-pooled activation and g the pooled
-    gradient: the full-resolution gradient is g at its window where that window's maximum sat (pos, the tap
+    RESIDUAL == 1) the residual, which has z's layout, in DTYPE (0 where masked), with z's offsets and the mask.
+    With POOL, out is the max-pooled activation and g the pooled gradient: the full-resolution gradient is g at its
+    window where that window's maximum sat (pos, the tap
     kh*PKW + kw, one byte per pooled element), else 0 -- never materialized. Windows do not overlap (stride >=
     kernel): row oh belongs to window (oh + pad) // stride at most."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -316,8 +317,8 @@ def conv_fwd_kernel(
             count = tl.minimum(M // TAPS - pid_m * (BLOCK_M // TAPS), BLOCK_M // TAPS).to(ACC_DTYPE)
             _tile_stats(tl.where(g_mask, best, 0.0), g_mask, count, part_ptr, pid_m, offs_n, mask_n, C_out)
         else:  # inference: BatchNorm (eval) and the activation on the pooled values (0 past the last window)
-            v = _bn_eval(tl.where(g_mask, best, 0.0), mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_n, mask_n, eps_hi, eps_lo, HAS_GAMMA,
-                         HAS_BETA, ACC_DTYPE)
+            v = _bn_eval(tl.where(g_mask, best, 0.0), mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_n, mask_n,
+                         eps_hi, eps_lo, HAS_GAMMA, HAS_BETA, ACC_DTYPE)
             tl.store(out_ptr + pooled_offs, _act(v, ACT, p0, p1).to(out_ptr.dtype.element_ty), mask=g_mask)
     elif STATS:
         z = acc.to(z_ptr.dtype.element_ty)

@@ -125,7 +125,8 @@ def test_resnet_like():
     assert blocks["layer.1.conv1"].block == "BasicBlock.forward of layer.1"
     assert blocks["layer.1.conv2"].activation == "relu" and blocks["layer.1.conv2"].note == ""
     assert blocks["layer.1.conv2"].residual == "before_act" and blocks["layer.1.conv1"].residual == "none"
-    assert blocks["branch.conv"].activation == "relu" and blocks["layer.0.downsample.0"].block == "Sequential.forward of layer.0.downsample"
+    assert blocks["branch.conv"].activation == "relu"
+    assert blocks["layer.0.downsample.0"].block == "Sequential.forward of layer.0.downsample"
     assert "conv1 + bn1 + Tensor.relu() + maxpool into Net.forward of the model (relu, pooled)" in str(report)
     # Nothing moved: the same modules and names, classes that are still the stock ones for isinstance and repr.
     assert type(ours.layer[1].conv1) is nn.Conv2d and type(ours.layer[1].relu) is dlkern.nn.ReLU

@@ -108,7 +108,8 @@ def _check_batch_norm(dtype, z_shape, training, eps, running_mean, running_var, 
     check_bn_sizes(channels, running_mean, running_var, bn_weight, bn_bias)
     dtypes = [t.dtype for t in (bn_weight, bn_bias, running_mean, running_var) if t is not None]
     if dtypes and dtypes[0] != dtype:
-        check(all(d == torch.float32 for d in dtypes), "mixed dtype (CPU): expect parameter to have scalar type of Float")
+        check(all(d == torch.float32 for d in dtypes),
+              "mixed dtype (CPU): expect parameter to have scalar type of Float")
         check(dtype in (torch.float16, torch.bfloat16), "mixed dtype (CPU): all inputs must share same datatype.")
     for d in dtypes:
         expected, found = SCALAR_NAMES.get(dtypes[0]), SCALAR_NAMES.get(d)

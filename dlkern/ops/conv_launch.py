@@ -56,7 +56,8 @@ def conv_forward(input, weight, bias, out, z, part, geo, stride, padding, dilati
         *tiles.hi_lo(epi.p1), *tiles.hi_lo(eps), next_power_of_2(M), *pool_args, KH=KH, KW=KW,
         HAS_BIAS=bias is not None, STATS=stats, SAVE_Z=z is not None and not stats, BN_EVAL=bn_eval is not None,
         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, ACT="none" if stats else epi.activation,
-        RESIDUAL=0 if stats else epi.residual, POOL_BEFORE_BN=epi.pool_before_bn, **tiles.gemm_constants(input.dtype, allow_tf32, input, dst),
+        RESIDUAL=0 if stats else epi.residual, POOL_BEFORE_BN=epi.pool_before_bn,
+        **tiles.gemm_constants(input.dtype, allow_tf32, input, dst),
         **pool_flags, **blocks,
     ).meta["BLOCK_M"]
 
