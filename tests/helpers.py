@@ -37,3 +37,12 @@ def assert_state_dicts_cross(block, stock):
     block[0].weight.data.fill_(0.5)
     stock.load_state_dict(block.state_dict(), strict=True)
     assert torch.equal(stock[0].weight, block[0].weight)
+
+
+def assert_outputs_and_grads_close(ours, stock, leaves, rtol=1e-10, atol=1e-10):
+    """ours == stock (dlkern's tolerance for their dtype), and so are their gradients with respect to ``leaves``
+    for one random output gradient (rtol/atol: the gradients', float64 by default)."""
+    assert_close(ours, stock)
+    g = torch.randn_like(stock)
+    for a, b in zip(torch.autograd.grad(ours, leaves, g), torch.autograd.grad(stock, leaves, g), strict=True):
+        assert_close(a, b, rtol=rtol, atol=atol)

@@ -23,6 +23,7 @@ from dlkern.models import MnistCNN
 from dlkern.ops import triton_support
 from helpers import assert_close
 from test_convert import check_same_function, check_state_dicts_cross, check_state_dicts_equal, randomize_bn
+from test_convert_graph import Loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -344,25 +345,11 @@ def test_none_child_is_reported():
     assert "child 2 is None" in dict(ours.dlkern_report.skipped)["0"]
 
 
-class Loop(nn.Module):
-    """Convs and BatchNorms in ModuleLists, called in a loop."""
-
-    def __init__(self):
-        super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(2, 2, 3, padding=1) for _ in range(2))
-        self.bns = nn.ModuleList(nn.BatchNorm2d(2) for _ in range(2))
-
-    def forward(self, x):
-        for conv, bn in zip(self.convs, self.bns):
-            x = F.relu(bn(conv(x)))
-        return x
-
-
 def test_module_list_appended_after_conversion(fused_calls):
     """A forward looping over ModuleLists was traced with their lengths: one appended to runs the class's own
     forward (unfused), which loops over the new one too."""
     torch.manual_seed(5)
-    stock = randomize_bn(Loop()).double()
+    stock = randomize_bn(Loop(channels=2, stages=2, act=F.relu)).double()
     ours = dlkern.convert(stock)
     check_same_function(stock, ours, X)
     assert fused_calls[0] == 4

@@ -406,16 +406,17 @@ def test_module_replaced_after_conversion():
 
 
 class Loop(nn.Module):
-    """Convs and BatchNorms in ModuleLists, called in a loop."""
+    """Convs and BatchNorms in ModuleLists, called in a loop (test_convert_contract.py's too)."""
 
-    def __init__(self):
+    def __init__(self, channels=3, stages=3, act=F.elu):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(3, 3, 3, padding=1) for _ in range(3))
-        self.bns = nn.ModuleList(nn.BatchNorm2d(3) for _ in range(3))
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(stages))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(stages))
+        self.act = act
 
     def forward(self, x):
         for conv, bn in zip(self.convs, self.bns):
-            x = F.elu(bn(conv(x)))
+            x = self.act(bn(conv(x)))
         return x
 
 

@@ -71,6 +71,7 @@ ACTIVATIONS = {  # name: (dlkern, stock)
     "sigmoid": (F.sigmoid, torch.sigmoid),
     "tanh": (F.tanh, torch.tanh),
     "hardsigmoid": (F.hardsigmoid, _exact_hardsigmoid),
+    "hardswish": (F.hardswish, lambda x: x * TF.relu6(x + 3.0) / 6.0),
     "hardtanh": (lambda x: F.hardtanh(x, -0.5, 2.0), lambda x: TF.hardtanh(x, -0.5, 2.0)),
     "swish": (lambda x: F.swish(x, 1.5), lambda x: x * torch.sigmoid(1.5 * x)),
     "hard_logistic": (F.hard_logistic, lambda x: (0.25 * x + 0.5).clamp(0, 1)),
