@@ -103,6 +103,18 @@ def _bn_params(stats_ptr, gamma_ptr, beta_ptr, c, mask_c, C, HAS_AFFINE: tl.cons
 
 
 @triton.jit
+def _pooled_element(oh, ow, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw, PKH: tl.constexpr, PKW: tl.constexpr):
+    """(ph, pw, tap, inside): the pooled element whose window holds full-resolution (oh, ow) -- windows do not
+    overlap (stride >= kernel), so at most one: (oh + pad) // stride --, the tap kh*PKW + kw there, and whether
+    (oh, ow) is inside that window at all."""
+    ph = (oh + pool_ph) // pool_sh
+    pw = (ow + pool_pw) // pool_sw
+    kh = oh + pool_ph - ph * pool_sh
+    kw = ow + pool_pw - pw * pool_sw
+    return ph, pw, kh * PKW + kw, (kh < PKH) & (kw < PKW) & (ph < PH) & (pw < PW)
+
+
+@triton.jit
 def _tile_g_z(
     g_ptr, g_n_stride, g_c_stride, g_h_stride, g_w_stride, z_ptr, z_n_stride, z_c_stride, z_h_stride, z_w_stride,
     m0, m_end, c, mask_c, OH, OW,
@@ -114,23 +126,19 @@ def _tile_g_z(
     RESIDUAL == 1) the residual, which has z's layout, in DTYPE (0 where masked), with z's offsets and the mask.
     With POOL, out is the max-pooled activation and g the pooled gradient: the full-resolution gradient is g at its
     window where that window's maximum sat (pos, the tap
-    kh*PKW + kw, one byte per pooled element), else 0 -- never materialized. Windows do not overlap (stride >=
-    kernel): row oh belongs to window (oh + pad) // stride at most."""
+    kh*PKW + kw, one byte per pooled element), else 0 -- never materialized."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     n, oh, ow = _rows(offs_m, OH, OW)
     mask = (offs_m < m_end)[:, None] & mask_c[None, :]
     z_offs = (n * z_n_stride + oh * z_h_stride + ow * z_w_stride)[:, None] + c[None, :] * z_c_stride
     if POOL:
-        ph = (oh + pool_ph) // pool_sh
-        pw = (ow + pool_pw) // pool_sw
-        kh = oh + pool_ph - ph * pool_sh
-        kw = ow + pool_pw - pw * pool_sw
-        m = mask & ((kh < PKH) & (kw < PKW) & (ph < PH) & (pw < PW))[:, None]
+        ph, pw, tap, inside = _pooled_element(oh, ow, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw, PKH, PKW)
+        m = mask & inside[:, None]
         g = tl.load(g_ptr + (n * g_n_stride + ph * g_h_stride + pw * g_w_stride)[:, None] + c[None, :] * g_c_stride,
                     mask=m, other=0.0)
         pos = tl.load(pos_ptr + (n * pos_n_stride + ph * pos_h_stride + pw * pos_w_stride)[:, None]
                       + c[None, :] * pos_c_stride, mask=m, other=0)
-        g = tl.where(m & (pos.to(tl.int32) == (kh * PKW + kw)[:, None]), g, 0.0)
+        g = tl.where(m & (pos.to(tl.int32) == tap[:, None]), g, 0.0)
     else:
         g = tl.load(g_ptr + (n * g_n_stride + oh * g_h_stride + ow * g_w_stride)[:, None] + c[None, :] * g_c_stride,
                     mask=mask, other=0.0)
@@ -150,23 +158,19 @@ def _tile_pooled(
 ):
     """The dL/dz tile of a pool before BatchNorm: full-resolution rows [m0, m0 + BLOCK_M) (below m_end) x channels
     c, with g and z (the pooled conv output) of each row's pooled element, whether the row was its window's
-    maximum (sel), dL/dz's offsets and the mask. Windows do not overlap: row oh belongs to window
-    (oh + pad) // stride at most."""
+    maximum (sel), dL/dz's offsets and the mask."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     n, oh, ow = _rows(offs_m, OH, OW)
     mask = (offs_m < m_end)[:, None] & mask_c[None, :]
-    ph = (oh + pool_ph) // pool_sh
-    pw = (ow + pool_pw) // pool_sw
-    kh = oh + pool_ph - ph * pool_sh
-    kw = ow + pool_pw - pw * pool_sw
-    m = mask & ((kh < PKH) & (kw < PKW) & (ph < PH) & (pw < PW))[:, None]
+    ph, pw, tap, inside = _pooled_element(oh, ow, PH, PW, pool_sh, pool_sw, pool_ph, pool_pw, PKH, PKW)
+    m = mask & inside[:, None]
     g = tl.load(g_ptr + (n * g_n_stride + ph * g_h_stride + pw * g_w_stride)[:, None] + c[None, :] * g_c_stride,
                 mask=m, other=0.0)
     z = tl.load(z_ptr + (n * z_n_stride + ph * z_h_stride + pw * z_w_stride)[:, None] + c[None, :] * z_c_stride,
                 mask=m, other=0.0)
     pos = tl.load(pos_ptr + (n * pos_n_stride + ph * pos_h_stride + pw * pos_w_stride)[:, None]
                   + c[None, :] * pos_c_stride, mask=m, other=0)
-    sel = m & (pos.to(tl.int32) == (kh * PKW + kw)[:, None])
+    sel = m & (pos.to(tl.int32) == tap[:, None])
     gz_offs = (n * gz_n_stride + oh * gz_h_stride + ow * gz_w_stride)[:, None] + c[None, :] * gz_c_stride
     return g.to(DTYPE), z.to(DTYPE), sel, gz_offs, mask
 
