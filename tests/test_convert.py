@@ -67,12 +67,14 @@ def randomize_bn(model):
     return model
 
 
-def check_same_function(stock, ours, x, steps=(True, False)):
-    """Outputs, input and parameter gradients, and (training) the updated running statistics agree."""
+def check_same_function(stock, ours, x, steps=(True, False), call=None):
+    """Outputs, input and parameter gradients, and (training) the updated running statistics agree, a step in
+    each mode of ``steps`` (None: the modes as they are). ``call`` computes ours (a compiled form, say)."""
     for training in steps:
-        stock.train(training), ours.train(training)
+        if training is not None:
+            stock.train(training), ours.train(training)
         xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out_s, out_o = stock(xs), ours(xo)
+        out_s, out_o = stock(xs), (ours if call is None else call)(xo)
         assert_close(out_o, out_s)
         g = torch.randn_like(out_s)
         out_s.backward(g), out_o.backward(g)

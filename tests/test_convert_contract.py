@@ -259,14 +259,7 @@ def test_train_eval_switching():
     for model in (stock, ours):  # a BatchNorm in eval inside a Sequential in training (frozen statistics)
         model.train()
         model[5].eval()
-    xs, xo = X.clone().requires_grad_(), X.clone().requires_grad_()
-    out_s, out_o = stock(xs), ours(xo)
-    assert_close(out_o, out_s)
-    out_s.sum().backward(), out_o.sum().backward()
-    assert_close(xo.grad, xs.grad)
-    for (name, ps), po in zip(stock.named_parameters(), ours.parameters(), strict=True):
-        assert_close(po.grad, ps.grad, msg=lambda m, name=name: f"{name}: {m}")
-    check_state_dicts_equal(stock, ours)
+    check_same_function(stock, ours, X, steps=(None,))
 
 
 def test_convert_twice_changes_nothing():
@@ -366,13 +359,4 @@ def test_compile_fullgraph():
     stock = stages()
     ours = dlkern.convert(stock)
     compiled = torch.compile(ours, fullgraph=True, backend="eager")
-    for training in (True, False):
-        stock.train(training), ours.train(training)
-        xs, xo = X.clone().requires_grad_(), X.clone().requires_grad_()
-        out_s, out_o = stock(xs), compiled(xo)
-        assert_close(out_o, out_s)
-        out_s.sum().backward(), out_o.sum().backward()
-        assert_close(xo.grad, xs.grad)
-        for (name, ps), po in zip(stock.named_parameters(), ours.parameters(), strict=True):
-            assert_close(po.grad, ps.grad, msg=lambda m, name=name: f"{name}: {m}")
-        check_state_dicts_equal(stock, ours)
+    check_same_function(stock, ours, X, call=compiled)
