@@ -46,3 +46,18 @@ def assert_outputs_and_grads_close(ours, stock, leaves, rtol=1e-10, atol=1e-10):
     g = torch.randn_like(stock)
     for a, b in zip(torch.autograd.grad(ours, leaves, g), torch.autograd.grad(stock, leaves, g), strict=True):
         assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def check_block_against_stock(ours, stock, leaves, running, grad):
+    """ours(running) and stock(running) (functions of the BatchNorm buffers they update, called with copies of
+    ``running`` and ``running`` itself), with autograd when ``grad``: outputs, gradients with respect to ``leaves``
+    and the updated buffers agree."""
+    ours_running = [t.clone() for t in running]
+    with torch.set_grad_enabled(grad):
+        out_ours, out_stock = ours(ours_running), stock(running)
+    for a, b in zip(ours_running, running, strict=True):
+        assert_close(a, b)
+    if grad:
+        assert_outputs_and_grads_close(out_ours, out_stock, leaves)
+    else:
+        assert_close(out_ours, out_stock)

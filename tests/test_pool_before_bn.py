@@ -13,7 +13,7 @@ from dlkern.ops import conv_bn as ops
 from dlkern.ops import triton_support
 from dlkern.ops.conv_block import conv_bn_block
 from dlkern.ops.conv_epilogue import window_taps
-from helpers import assert_close, assert_outputs_and_grads_close
+from helpers import assert_close, assert_outputs_and_grads_close, check_block_against_stock
 
 F64 = dict(dtype=torch.float64)
 POOLS = [((2, 2), (2, 2), (0, 0), False), ((2, 2), (2, 2), (1, 1), True), ((3, 2), (3, 2), (1, 0), False),
@@ -57,16 +57,8 @@ def test_matches_stock(path, mode, act, pool):
     training, grad = mode != "inference", mode == "train"
     leaves = _leaves(grad)
     running = (torch.randn(4, **F64), torch.rand(4, **F64) + 0.5)
-    ours_running = [t.clone() for t in running]
-    with torch.set_grad_enabled(grad):
-        ours = _ours(*leaves, ours_running, training, act, pool)
-        stock = _stock(*leaves, running, training, act, pool)
-    for a, b in zip(ours_running, running):
-        assert_close(a, b)
-    if grad:
-        assert_outputs_and_grads_close(ours, stock, leaves)
-    else:
-        assert_close(ours, stock)
+    check_block_against_stock(lambda r: _ours(*leaves, r, training, act, pool),
+                              lambda r: _stock(*leaves, r, training, act, pool), leaves, running, grad)
 
 
 def test_launches_and_pooled_z():

@@ -12,7 +12,7 @@ import dlkern.functional as DF
 from dlkern.ops import conv_bn as ops
 from dlkern.ops import triton_support
 from dlkern.ops.conv_block import conv_bn_block
-from helpers import assert_close, assert_outputs_and_grads_close
+from helpers import assert_close, assert_outputs_and_grads_close, check_block_against_stock
 
 F64 = dict(dtype=torch.float64)
 ACTS = {"relu": F.relu, "gelu": F.gelu, "none": lambda u: u}
@@ -58,16 +58,8 @@ def test_matches_stock(path, mode, act, at):
     training, grad = mode == "train", mode != "inference"
     leaves, running = _tensors(grad=grad, stride=2 if act == "gelu" else 1)
     stride = 2 if act == "gelu" else 1  # ResNet's first block of a stage: stride 2
-    ours_running = [t.clone() for t in running]
-    with torch.set_grad_enabled(grad):
-        ours = _ours(*leaves, ours_running, training, act, at, stride)
-        stock = _stock(*leaves, running, training, act, at, stride)
-    for a, b in zip(ours_running, running):
-        assert_close(a, b)
-    if grad:
-        assert_outputs_and_grads_close(ours, stock, leaves)
-    else:
-        assert_close(ours, stock)
+    check_block_against_stock(lambda r: _ours(*leaves, r, training, act, at, stride),
+                              lambda r: _stock(*leaves, r, training, act, at, stride), leaves, running, grad)
 
 
 def test_no_extra_launch():
