@@ -9,23 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlkern.ops import conv_bn as ops
 from dlkern.ops import triton_support
 from dlkern.ops.conv_block import conv_bn_block
 from dlkern.ops.conv_epilogue import window_taps
 from helpers import assert_close, assert_outputs_and_grads_close, check_block_against_stock
+from test_conv_bn import path  # noqa: F401 (the fixture: Triton's interpreter, the composite)
 
 F64 = dict(dtype=torch.float64)
 POOLS = [((2, 2), (2, 2), (0, 0), False), ((2, 2), (2, 2), (1, 1), True), ((3, 2), (3, 2), (1, 0), False),
          ((2, 2), (3, 3), (0, 0), True)]
-
-
-@pytest.fixture(params=["triton", "composite"])
-def path(request, monkeypatch):
-    if request.param == "composite":
-        monkeypatch.setattr(triton_support, "INTERPRETING", False)
-        monkeypatch.setattr(triton_support, "_warned", {ops.OP})
-    return request.param
 
 
 def _leaves(grad, seed=0, shape=(2, 3, 8, 7)):

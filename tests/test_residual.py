@@ -9,21 +9,13 @@ import torch
 import torch.nn.functional as F
 
 import dlkern.functional as DF
-from dlkern.ops import conv_bn as ops
 from dlkern.ops import triton_support
 from dlkern.ops.conv_block import conv_bn_block
 from helpers import assert_close, assert_outputs_and_grads_close, check_block_against_stock
+from test_conv_bn import path  # noqa: F401 (the fixture: Triton's interpreter, the composite)
 
 F64 = dict(dtype=torch.float64)
 ACTS = {"relu": F.relu, "gelu": F.gelu, "none": lambda u: u}
-
-
-@pytest.fixture(params=["triton", "composite"])
-def path(request, monkeypatch):
-    if request.param == "composite":
-        monkeypatch.setattr(triton_support, "INTERPRETING", False)
-        monkeypatch.setattr(triton_support, "_warned", {ops.OP})
-    return request.param
 
 
 def _tensors(seed=0, grad=True, shape=(2, 3, 6, 5), c_out=4, stride=1):
