@@ -208,7 +208,7 @@ def block_backward(grad_out, input, weight, z, stats, bn_weight, bn_bias, residu
     residual_bn = bn and epi.residual == 1  # the passes read the residual and write its gradient
     residual = like_z(residual, z) if residual_bn else z
     grad_residual = torch.empty_like(z) if residual_bn else z
-    rows_tile = tiles.backward_rows(window is not None, block_c)
+    rows_tile = tiles.backward_rows(window is not None, block_c, residual_bn)
     if bn:  # per split and channel: sum g_u and sum g_u*x_hat
         launch(
             kernels.bn_act_bwd_reduce_kernel, (splits, cdiv(C_out, block_c)),

@@ -56,15 +56,17 @@ NORMALIZE_POOL_BLOCK = 256
 SUM_SPLITS_BLOCK = 1024 if INTERPRETING else 512  # (16 x 1024 tiles took 78 registers a thread, or spilled)
 
 
-def backward_rows(pooled, block_c):
+def backward_rows(pooled, block_c, residual=False):
     """Row tile of the backward's reduction and dL/dz passes (BLOCK_C channels wide): 256 elements a tile, 8 rows
     at least (under Triton 3.7.1, sm_90: 32 x 64 took 94-157 registers a thread in bn_act_bwd_reduce_kernel, more
     with GELU and in bf16, and 16 x 32 68 in grad_z_kernel (bf16): < 50% occupancy). Reading through the pool's
     argmax takes registers too: 8 rows (16: up to 72 registers a thread under Triton 3.6; 8: 40-48 under
-    3.6-3.8)."""
+    3.6-3.8). A residual read too: half the rows (8 x 64 with RESIDUAL took 43.8% occupancy in fp32 and 37.5% in
+    bf16 under Triton 3.6)."""
     if INTERPRETING:
         return 128
-    return 8 if pooled else max(8, 256 // block_c)
+    rows = 8 if pooled else max(8, 256 // block_c)
+    return max(4, rows // 2) if residual else rows
 
 
 # grad_z's split sums take 16 splits a step (64 took 64-72 registers a thread under Triton 3.8; 16: 40-44)
